@@ -1,0 +1,142 @@
+"""The `gateway` command; a GatewayError becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway import config as config_mod
+from gateway import status as status_mod
+from gateway import store as store_mod
+from gateway.errors import ConfigError, GatewayError
+
+DEFAULT_CONFIG = "/etc/edge-gateway/gateway.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="IoT edge gateway")
+    p.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
+
+    with_config(sub.add_parser("run", help="run the gateway"))
+    with_config(sub.add_parser("check-config", help="validate and print the effective config"))
+    s = sub.add_parser("status", help="packet and webhook figures from the store")
+    with_config(s)
+    s.add_argument("--json", action="store_true")
+
+    dlq = sub.add_parser("dlq", help="dead letters")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dl = dsub.add_parser("list", help="list dead letters")
+    with_config(dl)
+    dl.add_argument("--webhook")
+    dl.add_argument("--json", action="store_true")
+    dr = dsub.add_parser("replay", help="re-queue dead letters for delivery")
+    with_config(dr)
+    dr.add_argument("--webhook")
+    dr.add_argument("--id", type=int, action="append", default=[])
+    return p
+
+
+def _load(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.load(args.config)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _print_status(snap: dict[str, Any]) -> None:
+    p = snap["packets"]
+    print("packets  " + "  ".join(f"{k}={v}" for k, v in p.items()))
+    b = snap["buffer"]
+    if b.get("max_bytes"):
+        print(f"buffer   {b['bytes'] / 1e6:.1f} MB of {b['max_bytes'] / 1e6:.0f} MB")
+    hooks = snap["webhooks"]
+    if not hooks:
+        print("webhooks (none configured: packets are stored and wait)")
+        return
+    cols = ("name", "hits", "delivered", "requests_ok", "requests_failed", "queue_depth",
+            "dead_letters", "last_success", "last_error")
+    rows = [[str(h[c]) if c != "name" or not h["disabled"] else h["name"] + " (disabled)"
+             for c in cols] for h in hooks]
+    rows = [[r[i][:60] for i in range(len(cols))] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.command == "check-config":
+        cfg = _load(args)
+        print(json.dumps(config_mod.masked(cfg), indent=2, default=str))
+        return 0
+    if args.command == "run":
+        cfg = _load(args)
+        _setup_logging(args.log_level or cfg.gateway.log_level)
+        from gateway import service
+
+        return service.main(cfg)
+    if args.command == "status":
+        cfg = _load(args)
+        snap = status_mod.read(cfg.db_path, cfg)
+        if args.json:
+            print(json.dumps(snap, indent=2))
+        else:
+            _print_status(snap)
+        return 0
+    if args.command == "dlq":
+        cfg = _load(args)
+        if args.dlq_command == "list":
+            conn = store_mod.connect(cfg.db_path, readonly=True) if cfg.db_path.exists() else None
+            rows = store_mod.list_dead_letters(conn, args.webhook) if conn else []
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for r in rows:
+                    print(f"{r['id']:>6}  {r['webhook'] or '(ingest)':<12} {r['reason']:<16} "
+                          f"records={r['records']} status={r['status']} {r['excerpt'] or ''}"[:160])
+                print(f"{len(rows)} dead letter(s)")
+            return 0
+        conn = store_mod.connect(cfg.db_path)
+        store_mod.migrate(conn)
+        n = store_mod.replay_dead_letters(conn, args.webhook, args.id)
+        conn.close()
+        print(f"re-queued {n} dead letter(s)")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gateway` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return _cmd(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"gateway: config error: {exc.source + ': ' if exc.source else ''}{problem}",
+                  file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

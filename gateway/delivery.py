@@ -1,0 +1,416 @@
+"""Webhook delivery: batches from the store, POSTed with auth, signing and retries.
+
+Each webhook is a Route with its own task, cursor and in-flight limit, so one failing
+receiver never slows another. A batch is persisted (with its webhook-id) before the
+first attempt; it leaves the batches table only when the receiver accepted it or it was
+dead-lettered, so after a crash every unfinished batch is sent again with the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import gzip
+import logging
+import random
+import secrets
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from gateway import __version__, formats, signing
+from gateway import store as st
+from gateway.config import RetryPolicy, WebhookConfig
+from gateway.formats import PayloadOptions
+from gateway.routes import MISSING, Filter, lookup
+from gateway.store import Batch, PacketRow, Store
+
+log = logging.getLogger("gateway.delivery")
+
+EXCERPT_BYTES = 200
+MAX_RESPONSE_READ = 64 * 1024
+MAX_RETRY_AFTER_S = 24 * 3600.0
+
+
+def new_webhook_id() -> str:
+    """msg_ + 26 random base32 characters, as Standard Webhooks ids look."""
+    return "msg_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one POST came to."""
+
+    status: int | None  # None: no response (timeout, connection error)
+    error: str  # "" on success
+    excerpt: str = ""
+    retry_after_s: float | None = None
+    latency_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP-date; None when absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    delta = when.timestamp() - (time.time() if now is None else now)
+    return min(max(delta, 0.0), MAX_RETRY_AFTER_S)
+
+
+def next_delay(policy: RetryPolicy, attempts: int, retry_after: float | None) -> float:
+    """Full-jitter exponential backoff; a Retry-After, when honoured, is a lower bound."""
+    cap = min(policy.backoff_max_s, policy.backoff_min_s * (2 ** min(attempts - 1, 30)))
+    delay = random.uniform(0, cap) if cap > 0 else 0.0
+    if retry_after is not None and policy.honour_retry_after:
+        delay = max(delay, retry_after)
+    return delay
+
+
+def classify(policy: RetryPolicy, outcome: Outcome) -> str:
+    """'ok', 'retry', 'dead' or 'gone' for an outcome under a retry policy."""
+    if outcome.ok:
+        return "ok"
+    if outcome.status == 410:
+        return "gone"
+    if outcome.status is None:
+        return "retry"
+    if outcome.status in policy.retry_on_status or (
+        policy.retry_any_5xx and 500 <= outcome.status < 600
+    ):
+        return "retry"
+    return "dead"
+
+
+class Sender:
+    """Turns a body into a signed, authenticated POST to one webhook."""
+
+    def __init__(self, cfg: WebhookConfig, session: aiohttp.ClientSession) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.ssl: ssl.SSLContext | bool = True
+        if cfg.ca_file:
+            self.ssl = ssl.create_default_context(cafile=cfg.ca_file)
+        self.timeout = aiohttp.ClientTimeout(total=cfg.retry.timeout_s)
+        self.base_headers = self._base_headers()
+
+    def _base_headers(self) -> dict[str, str]:
+        h = {"Content-Type": formats.CONTENT_TYPE, "User-Agent": f"edge-gateway/{__version__}"}
+        a = self.cfg.auth
+        if a.type == "basic":
+            token = base64.b64encode(f"{a.username}:{a.password}".encode()).decode()
+            h["Authorization"] = f"Basic {token}"
+        elif a.type == "bearer":
+            h["Authorization"] = f"Bearer {a.token}"
+        elif a.type == "api_key":
+            h[a.header] = a.key
+        if self.cfg.gzip:
+            h["Content-Encoding"] = "gzip"
+        h.update(dict(self.cfg.headers))
+        return h
+
+    def headers(self, body: bytes, webhook_id: str) -> dict[str, str]:
+        """All request headers for `body`, including signatures and the webhook-id."""
+        h = dict(self.base_headers)
+        h["webhook-id"] = webhook_id
+        s = self.cfg.signing
+        if s.scheme == "cdr-manager":
+            h["X-CDR-Signature"] = signing.cdr_manager(s.secret, body)
+        elif s.scheme == "standard-webhooks":
+            ts = int(time.time())
+            h["webhook-timestamp"] = str(ts)
+            h["webhook-signature"] = signing.standard_webhooks(s.secret, webhook_id, ts, body)
+        return h
+
+    async def post(self, body: bytes, webhook_id: str) -> Outcome:
+        """One attempt; never raises for network or HTTP errors."""
+        headers = self.headers(body, webhook_id)
+        data = gzip.compress(body, compresslevel=5) if self.cfg.gzip else body
+        began = time.monotonic()
+        try:
+            async with self.session.post(
+                self.cfg.url, data=data, headers=headers, ssl=self.ssl, timeout=self.timeout,
+                allow_redirects=False,
+            ) as resp:
+                raw = await resp.content.read(MAX_RESPONSE_READ)
+                excerpt = raw[:EXCERPT_BYTES].decode("utf-8", "replace")
+                latency = time.monotonic() - began
+                if 200 <= resp.status < 300:
+                    return Outcome(resp.status, "", excerpt, latency_s=latency)
+                return Outcome(
+                    resp.status,
+                    f"HTTP {resp.status}",
+                    excerpt,
+                    parse_retry_after(resp.headers.get("Retry-After")),
+                    latency,
+                )
+        except TimeoutError:
+            return Outcome(None, f"no response within {self.cfg.retry.timeout_s:g} s",
+                           latency_s=time.monotonic() - began)
+        except aiohttp.ClientError as exc:
+            return Outcome(None, f"{exc.__class__.__name__}: {exc}"[:300],
+                           latency_s=time.monotonic() - began)
+        except (OSError, ValueError) as exc:
+            return Outcome(None, f"{exc.__class__.__name__}: {exc}"[:300],
+                           latency_s=time.monotonic() - began)
+
+
+class PacketRoute:
+    """Packets → one webhook: window batching, persistence, sending, retries."""
+
+    FETCH_LIMIT = 5000
+
+    def __init__(self, cfg: WebhookConfig, store: Store, sender: Sender,
+                 payload_encoding: str, wake: asyncio.Event,
+                 on_result: Callable[[str, Outcome], None] | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.sender = sender
+        self.wake = wake
+        self.opts = PayloadOptions(payload_encoding, cfg.id_field, cfg.iccid_as)
+        self.filter = Filter(cfg.when)
+        self.max_open = max(cfg.concurrency * 4, 8)
+        self.open: dict[str, asyncio.Task[None]] = {}
+        self.slots = asyncio.Semaphore(cfg.concurrency)
+        self.disabled = ""
+        self.on_result = on_result
+        self._slot_freed = asyncio.Event()
+        self._continuing_window = False
+
+    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self.store.call(fn, *args))
+
+    # -- filling ----------------------------------------------------------------------
+
+    def _wants(self, row: PacketRow) -> bool:
+        if self.filter.empty:
+            return True
+        decoded: Any = MISSING
+
+        def get(name: str) -> Any:
+            nonlocal decoded
+            if name == "topic":
+                return row.topic
+            if name == "iccid":
+                return row.iccid
+            if name == "size":
+                return len(row.payload)
+            if name == "payload":
+                return formats.encode_payload(row.payload, self.opts.encoding)[0]
+            if name.startswith("payload."):
+                if decoded is MISSING:
+                    decoded = formats.decoded_payload(row.payload, self.opts.encoding)
+                return lookup(decoded, name[8:]) if decoded is not None else MISSING
+            return MISSING
+
+        return self.filter(get)
+
+    async def run(self) -> None:
+        """Resume unfinished batches, then keep turning new packets into batches."""
+        cursor: int = await self._db(st.ensure_route, self.cfg.name, "packets")
+        for b in await self._db(st.load_batches, self.cfg.name):
+            self._spawn(b, None)
+        window_ns = self.cfg.batch.window_ms * 1_000_000
+        last_rescan = time.monotonic()
+        while True:
+            if self.disabled:
+                await asyncio.sleep(3600)
+                continue
+            if time.monotonic() - last_rescan > 2.0:
+                last_rescan = time.monotonic()
+                for b in await self._db(st.load_batches, self.cfg.name, list(self.open)):
+                    self._spawn(b, None)  # re-queued by `gateway dlq replay`
+            room = self.max_open - len(self.open)
+            if room <= 0:
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), 1.0)
+                continue
+            limit = min(self.FETCH_LIMIT, room * self.cfg.batch.max_items)
+            rows: list[PacketRow] = await self._db(st.fetch_packets, cursor, limit)
+            if not rows:
+                self.wake.clear()
+                rows = await self._db(st.fetch_packets, cursor, limit)
+                if not rows:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), 1.0)
+                    continue
+            if window_ns:
+                end = rows[0].recv_ns + window_ns
+                wait_ns = min(end - time.time_ns(), window_ns)
+                if wait_ns > 0 and not self._continuing_window:
+                    await asyncio.sleep(wait_ns / 1e9)
+                    continue
+                taken = [r for r in rows if r.recv_ns < end]
+                # The window holds more than one fetch: every request of it is an array.
+                more_in_window = len(taken) == len(rows) == limit
+            else:
+                taken = rows
+                more_in_window = False
+            cursor = await self._take(taken, cursor, more_in_window)
+
+    async def _take(self, rows: Sequence[PacketRow], cursor: int, more: bool) -> int:
+        matched = [r for r in rows if self._wants(r)]
+        new_cursor = rows[-1].id
+        if not matched:
+            await self._db(st.advance_cursor, self.store, self.cfg.name, new_cursor)
+            self._continuing_window = more
+            return new_cursor
+        single = len(matched) == 1 and not more and not self._continuing_window
+        self._continuing_window = more
+        n = self.cfg.batch.max_items
+        now = time.time_ns()
+        batches = [
+            Batch(new_webhook_id(), self.cfg.name, tuple(r.id for r in matched[i : i + n]),
+                  single, None, 0, now, 0)
+            for i in range(0, len(matched), n)
+        ]
+        await self._db(st.create_batches, self.cfg.name, "packets", batches, new_cursor,
+                       len(matched))
+        for i, b in enumerate(batches):
+            self._spawn(b, matched[i * n : (i + 1) * n])
+        return new_cursor
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _spawn(self, batch: Batch, rows: Sequence[PacketRow] | None) -> None:
+        task = asyncio.create_task(self._deliver(batch, rows), name=f"deliver:{batch.id}")
+        self.open[batch.id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.open.pop(batch.id, None)
+            self._slot_freed.set()
+            if not t.cancelled() and t.exception() is not None:
+                log.error("webhook %s: batch %s failed: %r", self.cfg.name, batch.id,
+                          t.exception())
+
+        task.add_done_callback(done)
+
+    async def _body(self, batch: Batch, rows: Sequence[PacketRow] | None) -> tuple[bytes, int, int]:
+        """(body, records, decode failures) for a batch; rebuilt identically after a restart."""
+        if batch.body is not None:
+            return batch.body, 0, 0
+        if rows is None:
+            rows = await self._db(st.packets_by_ids, list(batch.item_ids))
+        if not rows:
+            return b"", 0, 0
+        if self.cfg.format == "monoz":
+            body, failed = formats.monoz(rows, self.opts, single=batch.single)
+            return body, len(rows), failed
+        rec, failed = formats.packet_record(rows[0], self.opts)
+        if self.cfg.format == "envelope":
+            return formats.envelope(rec, self.cfg.meta, self.cfg.name, "packet"), 1, int(failed)
+        return formats.flat(rec), 1, int(failed)
+
+    async def _deliver(self, batch: Batch, rows: Sequence[PacketRow] | None) -> None:
+        body, records, failed = await self._body(batch, rows)
+        if batch.body is not None:
+            records = max(1, body.count(b'"Timestamp"')) if body else 0
+        if not body:
+            # Every packet of this batch was evicted by drop_oldest; nothing to send.
+            await self._db(st.complete_batch, self.store, self.cfg.name, "packets", batch.id, 0)
+            return
+        policy = self.cfg.retry
+        attempts = batch.attempts
+        next_at = batch.next_at_ns
+        while True:
+            if next_at:
+                await asyncio.sleep(max(0.0, (next_at - time.time_ns()) / 1e9))
+            while self.disabled:
+                await asyncio.sleep(3600)
+            async with self.slots:
+                outcome = await self.sender.post(body, batch.id)
+            attempts += 1
+            if self.on_result is not None:
+                self.on_result(self.cfg.name, outcome)
+            verdict = classify(policy, outcome)
+            if verdict == "ok":
+                await self._db(st.complete_batch, self.store, self.cfg.name, "packets", batch.id,
+                               records, failed if attempts == 1 else 0)
+                return
+            error = _describe(outcome)
+            if verdict == "gone":
+                self.disabled = f"receiver answered 410 Gone at {formats.iso_ms(time.time_ns())}"
+                log.error("webhook %s disabled: %s", self.cfg.name, self.disabled)
+                await self._db(st.set_disabled, self.cfg.name, self.disabled)
+            age_s = (time.time_ns() - batch.created_ns) / 1e9
+            delay = next_delay(policy, attempts, outcome.retry_after_s)
+            reason = ""
+            if verdict in ("dead", "gone"):
+                reason = "gone" if verdict == "gone" else f"http_{outcome.status}"
+            elif policy.max_attempts and attempts >= policy.max_attempts:
+                reason = "no_response" if outcome.status is None else "attempts_exhausted"
+            elif age_s + delay > policy.max_age_s:
+                reason = "expired"
+            if reason:
+                await self._db(st.record_failure, self.cfg.name, batch.id, attempts, 0,
+                               outcome.status, error)
+                log.warning("webhook %s: batch %s (%d records) dead-lettered: %s (%s)",
+                            self.cfg.name, batch.id, records, reason, error)
+                done = Batch(batch.id, batch.route, batch.item_ids, batch.single, batch.body,
+                             attempts, batch.created_ns, 0)
+                await self._db(st.dead_letter, self.store, self.cfg.name, "packets", done, body,
+                               records, reason, outcome.status, outcome.excerpt or error)
+                return
+            next_at = time.time_ns() + int(delay * 1e9)
+            await self._db(st.record_failure, self.cfg.name, batch.id, attempts, next_at,
+                           outcome.status, error)
+            log.info("webhook %s: attempt %d of batch %s failed (%s); retry in %.1f s",
+                     self.cfg.name, attempts, batch.id, error, delay)
+
+
+def _describe(o: Outcome) -> str:
+    if o.status is None:
+        return o.error
+    text = o.excerpt.strip().replace("\n", " ")
+    return f"HTTP {o.status}: {text}" if text else f"HTTP {o.status}"
+
+
+@contextlib.asynccontextmanager
+async def client_session() -> AsyncIterator[aiohttp.ClientSession]:
+    """One keep-alive session for every webhook."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
+        yield session
+
+
+async def run(webhooks: Sequence[WebhookConfig], store: Store, session: aiohttp.ClientSession,
+              payload_encoding: str, wake: asyncio.Event,
+              on_result: Callable[[str, Outcome], None] | None = None) -> None:
+    """Deliver packets to every packet webhook until cancelled."""
+    routes = [
+        PacketRoute(w, store, Sender(w, session), payload_encoding, wake, on_result)
+        for w in webhooks
+        if w.source == "packets"
+    ]
+    store.set_packet_routes(r.cfg.name for r in routes)
+    if not routes:
+        await asyncio.Event().wait()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for r in routes:
+                tg.create_task(r.run(), name=f"route:{r.cfg.name}")
+    finally:
+        for r in routes:
+            for t in list(r.open.values()):
+                t.cancel()
+            if r.open:
+                await asyncio.gather(*r.open.values(), return_exceptions=True)
+

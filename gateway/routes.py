@@ -1,0 +1,98 @@
+"""Which records a webhook wants: `when` conditions (AND) over record fields."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gateway.config import Condition
+
+_MISSING = object()
+
+
+def lookup(record: Any, path: str) -> Any:
+    """Follow a dotted path through dicts and lists; _MISSING when absent."""
+    value = record
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _cmp(op: str, a: Any, b: Any) -> bool:
+    na, nb = _num(a), _num(b)
+    if na is not None and nb is not None:
+        x: Any = na
+        y: Any = nb
+    elif op in ("==", "!="):
+        x, y = a if isinstance(a, str | bool) or a is None else str(a), b
+        if isinstance(y, str) and not isinstance(x, str):
+            x = str(x)
+    else:
+        x, y = str(a), str(b)
+    if op == "==":
+        return bool(x == y)
+    if op == "!=":
+        return bool(x != y)
+    if op == ">":
+        return bool(x > y)
+    if op == ">=":
+        return bool(x >= y)
+    if op == "<":
+        return bool(x < y)
+    return bool(x <= y)
+
+
+def compile_condition(cond: Condition) -> Callable[[Callable[[str], Any]], bool]:
+    """A predicate over a field getter; a missing field never matches (not even !=)."""
+    op, want, name = cond.op, cond.value, cond.field
+    pattern = re.compile(str(want)) if op == "regex" else None
+
+    def check(get: Callable[[str], Any]) -> bool:
+        have = get(name)
+        if have is _MISSING:
+            return False
+        if op == "contains":
+            return str(want) in have if not isinstance(have, list) else want in have
+        if op == "startswith":
+            return str(have).startswith(str(want))
+        if op == "regex":
+            assert pattern is not None
+            return pattern.search(str(have)) is not None
+        if op == "in":
+            return any(_cmp("==", have, w) for w in want)
+        return _cmp(op, have, want)
+
+    return check
+
+
+class Filter:
+    """AND of compiled conditions; an empty filter matches everything."""
+
+    def __init__(self, conditions: Sequence[Condition]) -> None:
+        self._checks = [compile_condition(c) for c in conditions]
+        self.empty = not self._checks
+
+    def __call__(self, get: Callable[[str], Any]) -> bool:
+        return all(check(get) for check in self._checks)
+
+
+MISSING = _MISSING

@@ -1,0 +1,761 @@
+"""SQLite store: schema, one writer thread with group commit, cursors, retries, dead letters.
+
+Every write goes through one thread (`Store.call`, `Store.submit_packet`), so SQLite never
+sees two writers and the asyncio loop never blocks on disk. Packets are committed with
+`synchronous=FULL` before the ingest is told to acknowledge them; bookkeeping writes use
+`NORMAL` (a power cut can only make them redo work, i.e. resend, never lose a packet).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import sqlite_utils
+
+from gateway.errors import StoreError
+
+log = logging.getLogger("gateway.store")
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+COUNTERS = (
+    "packets_received",
+    "packets_redelivered",
+    "packets_too_large",
+    "packets_dropped",
+    "packets_delivered",
+    "packets_dead",
+    "decode_failed",
+)
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A packet as handed over by the MQTT thread, not yet committed."""
+
+    topic: str
+    payload: bytes
+    iccid: str
+    mid: int
+    dup: bool
+    epoch: int
+    recv_ns: int = field(default_factory=time.time_ns)
+    too_large: bool = False
+    # Set by the writer: "stored", "redelivery", "too_large" or "dropped".
+    outcome: str = ""
+
+    def digest(self) -> bytes:
+        h = hashlib.blake2b(self.topic.encode(), digest_size=16)
+        h.update(b"\0")
+        h.update(self.payload)
+        return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class PacketRow:
+    id: int
+    recv_ns: int
+    topic: str
+    iccid: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A request-to-be: its webhook-id is fixed when it is created and kept across retries."""
+
+    id: str
+    route: str
+    item_ids: tuple[int, ...]
+    single: bool
+    body: bytes | None
+    attempts: int
+    created_ns: int
+    next_at_ns: int
+
+
+def _migrate_v1(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    # AUTOINCREMENT: an emptied table must never hand out an id below a route's cursor.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS packets (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " recv_ns INTEGER NOT NULL, topic TEXT NOT NULL, iccid TEXT NOT NULL DEFAULT '',"
+        " payload BLOB NOT NULL, size INTEGER NOT NULL)"
+    )
+    # The latest committed packet per MQTT packet id, to recognise a broker redelivery
+    # (DUP=1) of a packet whose PUBACK may have been lost. At most 65535 rows.
+    db["inflight"].create(
+        {"mid": int, "digest": bytes, "epoch": int}, pk="mid", if_not_exists=True
+    )
+    db["counters"].create({"name": str, "value": int}, pk="name", if_not_exists=True)
+    db["routes"].create(
+        {"name": str, "source": str, "cursor": int}, pk="name", if_not_exists=True
+    )
+    db["batches"].create(
+        {
+            "id": str,
+            "route": str,
+            "source": str,
+            "item_ids": str,
+            "first_id": int,
+            "count": int,
+            "single": int,
+            "body": bytes,
+            "attempts": int,
+            "created_ns": int,
+            "next_at_ns": int,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db["batches"].create_index(["route"], if_not_exists=True)
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " webhook TEXT NOT NULL, source TEXT NOT NULL, webhook_id TEXT NOT NULL, body BLOB,"
+        " count INTEGER NOT NULL, single INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL,"
+        " status INTEGER, excerpt TEXT, attempts INTEGER NOT NULL DEFAULT 0,"
+        " created_ns INTEGER NOT NULL, topic TEXT, iccid TEXT, recv_ns INTEGER)"
+    )
+    db["webhook_stats"].create(
+        {
+            "name": str,
+            "hits": int,
+            "requests_ok": int,
+            "requests_failed": int,
+            "retried": int,
+            "delivered": int,
+            "dead": int,
+            "last_hit_ns": int,
+            "last_success_ns": int,
+            "last_error_ns": int,
+            "last_error_status": int,
+            "last_error": str,
+            "disabled": int,
+            "disabled_reason": str,
+        },
+        pk="name",
+        if_not_exists=True,
+    )
+    db["events"].create(
+        {"id": int, "ts_ns": int, "kind": str, "data": str}, pk="id", if_not_exists=True
+    )
+    # Modem readings (identity, signal, registration, byte counters) as JSON, newest last.
+    db["modem_snapshots"].create(
+        {"id": int, "ts_ns": int, "state": str, "data": str}, pk="id", if_not_exists=True
+    )
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1}
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the store's pragmas (WAL, busy timeout)."""
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+    except (sqlite3.Error, OSError) as exc:
+        raise StoreError(f"cannot open store {path}: {exc}") from exc
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to SCHEMA_VERSION with forward migrations; returns the version."""
+    db = sqlite_utils.Database(conn)
+    version = 0
+    if db["meta"].exists():
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"store schema version {version} is newer than this gateway ({SCHEMA_VERSION}); "
+            "upgrade the gateway"
+        )
+    for v in range(version + 1, SCHEMA_VERSION + 1):
+        with transaction(conn):
+            MIGRATIONS[v](db)
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(v),)
+            )
+        log.info("store migrated to schema version %d", v)
+    return SCHEMA_VERSION
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+_STOP = object()
+
+
+class _Call:
+    __slots__ = ("args", "fn", "future")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+
+class Store:
+    """The gateway's one SQLite database, written by one thread."""
+
+    def __init__(self, path: Path, *, max_buffer_bytes: int = 512 << 20,
+                 on_full: str = "backpressure", commit_max_packets: int = 2000) -> None:
+        self.path = path
+        self.max_buffer_bytes = max_buffer_bytes
+        self.on_full = on_full
+        self.commit_max_packets = commit_max_packets
+        self.conn = connect(path)
+        migrate(self.conn)
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._held: list[Incoming] = []
+        self._packet_routes: tuple[str, ...] = ()
+        self.on_committed: Callable[[list[Incoming]], None] | None = None
+        self.on_change: Callable[[], None] | None = None
+        self.buffer_bytes = self._scalar("SELECT COALESCE(SUM(size), 0) FROM packets")
+        self.write_error = ""
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    # -- public API, any thread -------------------------------------------------------
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, state_dir: Path, **kwargs: Any) -> Iterator[Store]:
+        """Open (creating and migrating) state_dir/gateway.db; flush and close on exit."""
+        store = cls(Path(state_dir) / "gateway.db", **kwargs)
+        try:
+            yield store
+        finally:
+            store.close()
+
+    def submit_packet(self, pkt: Incoming) -> None:
+        """Queue a packet for the next group commit (called from the MQTT thread)."""
+        self._q.put(pkt)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Run fn(conn, *args) on the writer thread."""
+        c = _Call(fn, args)
+        if self._closed:
+            c.future.set_exception(StoreError("store is closed"))
+        else:
+            self._q.put(c)
+        return c.future
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(conn, *args) on the writer thread and wait for it."""
+        return self.call(fn, *args).result()
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer and close the database; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(_STOP)
+        self._thread.join()
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.close()
+
+    @property
+    def full(self) -> bool:
+        return self.buffer_bytes >= self.max_buffer_bytes
+
+    def set_packet_routes(self, names: Iterable[str]) -> None:
+        """The webhooks that consume packets; a packet is kept until all of them are done."""
+        self._packet_routes = tuple(names)
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _scalar(self, sql: str, args: Sequence[Any] = ()) -> int:
+        row = self.conn.execute(sql, args).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def _run(self) -> None:
+        while True:
+            timeout = 0.2 if self._held else None
+            try:
+                first = self._q.get(timeout=timeout)
+            except queue.Empty:
+                first = None
+            packets = list(self._held)
+            self._held.clear()
+            calls: list[_Call] = []
+            stop = False
+            item = first
+            while item is not None:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, Incoming):
+                    packets.append(item)
+                else:
+                    calls.append(item)
+                if len(packets) >= self.commit_max_packets or len(calls) >= 256:
+                    break
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    item = None
+            if packets:
+                self._commit_packets(packets)
+            for c in calls:
+                self._run_call(c)
+            if stop:
+                # Drain anything that raced with close so no caller waits forever.
+                while True:
+                    try:
+                        item = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(item, Incoming):
+                        self._held.append(item)
+                    elif isinstance(item, _Call):
+                        self._run_call(item)
+                if self._held:
+                    held, self._held = self._held, []
+                    self._commit_packets(held)
+                return
+
+    def _run_call(self, c: _Call) -> None:
+        if not c.future.set_running_or_notify_cancel():
+            return
+        try:
+            c.future.set_result(c.fn(self.conn, *c.args))
+        except BaseException as exc:
+            if self.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+            c.future.set_exception(exc)
+
+    def _commit_packets(self, packets: list[Incoming]) -> None:
+        conn = self.conn
+        store_rows: list[tuple[int, str, str, bytes, int]] = []
+        inflight: list[tuple[int, bytes, int]] = []
+        too_large: list[Incoming] = []
+        redelivered = 0
+        accepted: list[Incoming] = []
+        incoming_bytes = sum(len(p.payload) for p in packets if not p.too_large)
+        if self.buffer_bytes + incoming_bytes > self.max_buffer_bytes and self.on_full == "backpressure":
+            # Stop acknowledging: keep them in memory (bounded by the broker's receive
+            # maximum) and try again when delivery frees space.
+            room = self.max_buffer_bytes - self.buffer_bytes
+            fit: list[Incoming] = []
+            for p in packets:
+                size = 0 if p.too_large else len(p.payload)
+                if size <= room or p.too_large:
+                    fit.append(p)
+                    room -= size
+                else:
+                    break
+            self._held = packets[len(fit):]
+            packets = fit
+            if not packets:
+                return
+        try:
+            with transaction(conn):
+                for p in packets:
+                    digest = p.digest()
+                    if p.dup:
+                        row = conn.execute(
+                            "SELECT digest, epoch FROM inflight WHERE mid = ?", (p.mid,)
+                        ).fetchone()
+                        if row is not None and row[0] == digest and row[1] < p.epoch:
+                            p.outcome = "redelivery"
+                            redelivered += 1
+                            accepted.append(p)
+                            continue
+                    inflight.append((p.mid, digest, p.epoch))
+                    if p.too_large:
+                        p.outcome = "too_large"
+                        too_large.append(p)
+                    else:
+                        p.outcome = "stored"
+                        store_rows.append((p.recv_ns, p.topic, p.iccid, p.payload, len(p.payload)))
+                    accepted.append(p)
+                conn.executemany(
+                    "INSERT INTO packets(recv_ns, topic, iccid, payload, size) VALUES (?,?,?,?,?)",
+                    store_rows,
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO inflight(mid, digest, epoch) VALUES (?,?,?)", inflight
+                )
+                for p in too_large:
+                    conn.execute(
+                        "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, reason,"
+                        " status, excerpt, attempts, created_ns, topic, iccid, recv_ns)"
+                        " VALUES ('', 'packets', '', ?, 1, 'too_large', 0, ?, 0, ?, ?, ?, ?)",
+                        (
+                            p.payload,
+                            f"payload of {len(p.payload)} bytes exceeds mqtt.max_payload_bytes",
+                            time.time_ns(),
+                            p.topic,
+                            p.iccid,
+                            p.recv_ns,
+                        ),
+                    )
+                added = sum(r[4] for r in store_rows)
+                if self.on_full == "drop_oldest" and self.buffer_bytes + added > self.max_buffer_bytes:
+                    self._evict_oldest(self.buffer_bytes + added - self.max_buffer_bytes)
+                _bump(conn, "packets_received", len(store_rows))
+                _bump(conn, "packets_redelivered", redelivered)
+                _bump(conn, "packets_too_large", len(too_large))
+                _bump(conn, "packets_dead", len(too_large))
+            self.buffer_bytes += added
+            if self.write_error:
+                log.warning("store writable again after: %s", self.write_error)
+            self.write_error = ""
+        except sqlite3.Error as exc:
+            # Disk full, read-only file system, I/O error: acknowledge nothing, keep the
+            # packets in memory and try again; the broker still holds them.
+            if exc.__class__.__name__ != self.write_error.split(":", 1)[0]:
+                log.error("store write failed, not acknowledging packets: %s", exc)
+            self.write_error = f"{exc.__class__.__name__}: {exc}"
+            for p in packets:
+                p.outcome = ""
+            self._held = packets + self._held
+            time.sleep(0.2)
+            return
+        if self.on_committed is not None:
+            self.on_committed(accepted)
+        if self.on_change is not None and store_rows:
+            self.on_change()
+
+    def _evict_oldest(self, excess: int) -> None:
+        """drop_oldest: delete the oldest packets until `excess` bytes are freed."""
+        freed = 0
+        dropped = 0
+        while freed < excess:
+            rows = self.conn.execute(
+                "SELECT id, size FROM packets ORDER BY id LIMIT 500"
+            ).fetchall()
+            if not rows:
+                break
+            last = rows[-1][0]
+            for rid, size in rows:
+                freed += size
+                dropped += 1
+                if freed >= excess:
+                    last = rid
+                    break
+            self.conn.execute("DELETE FROM packets WHERE id <= ?", (last,))
+        self.buffer_bytes -= freed
+        _bump(self.conn, "packets_dropped", dropped)
+        log.warning("buffer full: dropped %d oldest packets (%d bytes)", dropped, freed)
+
+    def release_packets(self, conn: sqlite3.Connection) -> int:
+        """Delete packets every packet route has finished with; returns how many."""
+        if not self._packet_routes:
+            return 0
+        marks = ",".join("?" * len(self._packet_routes))
+        low = conn.execute(
+            f"SELECT MIN(cursor), COUNT(*) FROM routes WHERE name IN ({marks})",
+            self._packet_routes,
+        ).fetchone()
+        if low is None or low[1] < len(self._packet_routes):
+            return 0
+        bound = int(low[0])
+        open_first = conn.execute(
+            "SELECT MIN(first_id) FROM batches WHERE source = 'packets' AND first_id IS NOT NULL"
+        ).fetchone()[0]
+        if open_first is not None:
+            bound = min(bound, int(open_first) - 1)
+        freed, n = conn.execute(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM packets WHERE id <= ?", (bound,)
+        ).fetchone()
+        if n:
+            conn.execute("DELETE FROM packets WHERE id <= ?", (bound,))
+            self.buffer_bytes -= int(freed)
+        return int(n)
+
+
+def _bump(conn: sqlite3.Connection, name: str, n: int) -> None:
+    if n:
+        conn.execute(
+            "INSERT INTO counters(name, value) VALUES (?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, n),
+        )
+
+
+def bump(conn: sqlite3.Connection, name: str, n: int = 1) -> None:
+    """Add n to a persistent counter (inside the caller's transaction)."""
+    _bump(conn, name, n)
+
+
+def counters(conn: sqlite3.Connection) -> dict[str, int]:
+    """All persistent counters, zero for those never bumped."""
+    out = dict.fromkeys(COUNTERS, 0)
+    out.update({k: int(v) for k, v in conn.execute("SELECT name, value FROM counters")})
+    return out
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text (for JSON columns)."""
+    return orjson.dumps(value).decode()
+
+
+# -- delivery bookkeeping: each function runs on the writer thread via Store.call ---------
+
+_PACKET_COLS = "id, recv_ns, topic, iccid, payload"
+
+
+def ensure_route(conn: sqlite3.Connection, name: str, source: str) -> int:
+    """The route's cursor (last record id it has taken), creating the route at 0."""
+    with transaction(conn):
+        conn.execute(
+            "INSERT OR IGNORE INTO routes(name, source, cursor) VALUES (?, ?, 0)", (name, source)
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO webhook_stats(name, hits, requests_ok, requests_failed,"
+            " retried, delivered, dead, disabled) VALUES (?, 0, 0, 0, 0, 0, 0, 0)",
+            (name,),
+        )
+        conn.execute("UPDATE webhook_stats SET disabled = 0, disabled_reason = '' WHERE name = ?",
+                     (name,))
+    return int(conn.execute("SELECT cursor FROM routes WHERE name = ?", (name,)).fetchone()[0])
+
+
+def fetch_packets(conn: sqlite3.Connection, after: int, limit: int) -> list[PacketRow]:
+    """Packets with id > after, oldest first."""
+    return [
+        PacketRow(*r)
+        for r in conn.execute(
+            f"SELECT {_PACKET_COLS} FROM packets WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+    ]
+
+
+def packets_by_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> list[PacketRow]:
+    """The packets still stored among `ids` (drop_oldest may have evicted some)."""
+    out: list[PacketRow] = []
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        out.extend(
+            PacketRow(*r)
+            for r in conn.execute(
+                f"SELECT {_PACKET_COLS} FROM packets WHERE id IN ({marks}) ORDER BY id", chunk
+            )
+        )
+    return out
+
+
+def create_batches(
+    conn: sqlite3.Connection,
+    route: str,
+    source: str,
+    batches: Sequence[Batch],
+    cursor: int,
+    hits: int,
+) -> None:
+    """Persist new batches and advance the route's cursor past what they cover."""
+    now = time.time_ns()
+    with transaction(conn):
+        conn.executemany(
+            "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
+            " attempts, created_ns, next_at_ns) VALUES (?,?,?,?,?,?,?,NULL,0,?,0)",
+            [
+                (b.id, route, source, dumps(list(b.item_ids)), b.item_ids[0], len(b.item_ids),
+                 int(b.single), b.created_ns)
+                for b in batches
+            ],
+        )
+        conn.execute("UPDATE routes SET cursor = ? WHERE name = ?", (cursor, route))
+        if hits:
+            conn.execute(
+                "UPDATE webhook_stats SET hits = hits + ?, last_hit_ns = ? WHERE name = ?",
+                (hits, now, route),
+            )
+
+
+def advance_cursor(conn: sqlite3.Connection, store: Store, route: str, cursor: int) -> None:
+    """Move the cursor past records the route's filter did not want."""
+    with transaction(conn):
+        conn.execute("UPDATE routes SET cursor = ? WHERE name = ?", (cursor, route))
+        store.release_packets(conn)
+
+
+def load_batches(conn: sqlite3.Connection, route: str, exclude: Sequence[str] = ()) -> list[Batch]:
+    """Open batches of a route (after a restart, or re-queued by `dlq replay`)."""
+    skip = set(exclude)
+    out = []
+    for r in conn.execute(
+        "SELECT id, route, item_ids, single, body, attempts, created_ns, next_at_ns FROM batches"
+        " WHERE route = ? ORDER BY rowid",
+        (route,),
+    ):
+        if r[0] in skip:
+            continue
+        ids = tuple(orjson.loads(r[2])) if r[2] else ()
+        out.append(Batch(r[0], r[1], ids, bool(r[3]), r[4], r[5], r[6], r[7]))
+    return out
+
+
+def complete_batch(
+    conn: sqlite3.Connection, store: Store, route: str, source: str, batch_id: str, records: int,
+    decode_failed: int = 0,
+) -> None:
+    """The receiver accepted a batch: forget it, count it, release finished packets."""
+    now = time.time_ns()
+    with transaction(conn):
+        conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+        conn.execute(
+            "UPDATE webhook_stats SET requests_ok = requests_ok + 1, delivered = delivered + ?,"
+            " last_success_ns = ? WHERE name = ?",
+            (records, now, route),
+        )
+        if source == "packets":
+            _bump(conn, "packets_delivered", records)
+        _bump(conn, "decode_failed", decode_failed)
+        store.release_packets(conn)
+
+
+def record_failure(
+    conn: sqlite3.Connection,
+    route: str,
+    batch_id: str,
+    attempts: int,
+    next_at_ns: int,
+    status: int | None,
+    error: str,
+) -> None:
+    """One failed attempt: persist the attempt count and when to try again."""
+    now = time.time_ns()
+    with transaction(conn):
+        conn.execute(
+            "UPDATE batches SET attempts = ?, next_at_ns = ? WHERE id = ?",
+            (attempts, next_at_ns, batch_id),
+        )
+        conn.execute(
+            "UPDATE webhook_stats SET requests_failed = requests_failed + 1,"
+            " retried = retried + ?, last_error_ns = ?, last_error_status = ?, last_error = ?"
+            " WHERE name = ?",
+            (1 if next_at_ns else 0, now, status, error[:300], route),
+        )
+
+
+def dead_letter(
+    conn: sqlite3.Connection,
+    store: Store,
+    route: str,
+    source: str,
+    batch: Batch,
+    body: bytes,
+    records: int,
+    reason: str,
+    status: int | None,
+    excerpt: str,
+) -> None:
+    """Move a batch that cannot be delivered to the dead-letter table, body and all."""
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, single, reason,"
+            " status, excerpt, attempts, created_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (route, source, batch.id, body, records, int(batch.single), reason, status,
+             excerpt[:300], batch.attempts, time.time_ns()),
+        )
+        conn.execute("DELETE FROM batches WHERE id = ?", (batch.id,))
+        conn.execute(
+            "UPDATE webhook_stats SET dead = dead + ? WHERE name = ?", (records, route)
+        )
+        if source == "packets":
+            _bump(conn, "packets_dead", records)
+        store.release_packets(conn)
+
+
+def set_disabled(conn: sqlite3.Connection, route: str, reason: str) -> None:
+    """Mark a webhook disabled (410 Gone) until the gateway restarts."""
+    with transaction(conn):
+        conn.execute(
+            "UPDATE webhook_stats SET disabled = 1, disabled_reason = ? WHERE name = ?",
+            (reason, route),
+        )
+
+
+def list_dead_letters(
+    conn: sqlite3.Connection, webhook: str | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """Dead letters, newest first, without their bodies."""
+    sql = (
+        "SELECT id, webhook, source, webhook_id, count, reason, status, excerpt, attempts,"
+        " created_ns, topic, iccid, length(body) FROM dead_letters"
+    )
+    args: list[Any] = []
+    if webhook is not None:
+        sql += " WHERE webhook = ?"
+        args.append(webhook)
+    sql += " ORDER BY id DESC LIMIT ?"
+    args.append(limit)
+    keys = ("id", "webhook", "source", "webhook_id", "records", "reason", "status", "excerpt",
+            "attempts", "created_ns", "topic", "iccid", "bytes")
+    return [dict(zip(keys, r, strict=True)) for r in conn.execute(sql, args)]
+
+
+def replay_dead_letters(
+    conn: sqlite3.Connection, webhook: str | None = None, ids: Sequence[int] = ()
+) -> int:
+    """Re-queue dead letters: webhook ones as batches (same body and webhook-id), rejected
+    packets (too_large) back into the packets table. Returns how many were re-queued."""
+    sql = "SELECT id, webhook, source, webhook_id, body, count, single, topic, iccid, recv_ns" \
+          " FROM dead_letters WHERE 1=1"
+    args: list[Any] = []
+    if webhook is not None:
+        sql += " AND webhook = ?"
+        args.append(webhook)
+    if ids:
+        sql += f" AND id IN ({','.join('?' * len(ids))})"
+        args.extend(ids)
+    now = time.time_ns()
+    n = 0
+    with transaction(conn):
+        for (dl_id, hook, source, wid, body, count, single, topic, iccid, recv_ns) in \
+                conn.execute(sql, args).fetchall():
+            if hook:
+                conn.execute(
+                    "INSERT OR REPLACE INTO batches(id, route, source, item_ids, first_id, count,"
+                    " single, body, attempts, created_ns, next_at_ns)"
+                    " VALUES (?,?,?,'[]',NULL,?,?,?,0,?,0)",
+                    (wid, hook, source, count, single, body, now),
+                )
+                conn.execute(
+                    "UPDATE webhook_stats SET dead = MAX(dead - ?, 0) WHERE name = ?", (count, hook)
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO packets(recv_ns, topic, iccid, payload, size) VALUES (?,?,?,?,?)",
+                    (recv_ns or now, topic or "", iccid or "", body, len(body or b"")),
+                )
+            conn.execute("DELETE FROM dead_letters WHERE id = ?", (dl_id,))
+            n += 1
+    return n

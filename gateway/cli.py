@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from gateway import __version__
@@ -69,10 +68,21 @@ def _print_status(snap: dict[str, Any]) -> None:
     if not hooks:
         print("webhooks (none configured: packets are stored and wait)")
         return
-    cols = ("name", "hits", "delivered", "requests_ok", "requests_failed", "queue_depth",
-            "dead_letters", "last_success", "last_error")
-    rows = [[str(h[c]) if c != "name" or not h["disabled"] else h["name"] + " (disabled)"
-             for c in cols] for h in hooks]
+    cols = (
+        "name",
+        "hits",
+        "delivered",
+        "requests_ok",
+        "requests_failed",
+        "queue_depth",
+        "dead_letters",
+        "last_success",
+        "last_error",
+    )
+    rows = [
+        [str(h[c]) if c != "name" or not h["disabled"] else h["name"] + " (disabled)" for c in cols]
+        for h in hooks
+    ]
     rows = [[r[i][:60] for i in range(len(cols))] for r in rows]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
@@ -108,8 +118,10 @@ def _cmd(args: argparse.Namespace) -> int:
                 print(json.dumps(rows, indent=2))
             else:
                 for r in rows:
-                    print(f"{r['id']:>6}  {r['webhook'] or '(ingest)':<12} {r['reason']:<16} "
-                          f"records={r['records']} status={r['status']} {r['excerpt'] or ''}"[:160])
+                    print(
+                        f"{r['id']:>6}  {r['webhook'] or '(ingest)':<12} {r['reason']:<16} "
+                        f"records={r['records']} status={r['status']} {r['excerpt'] or ''}"[:160]
+                    )
                 print(f"{len(rows)} dead letter(s)")
             return 0
         conn = store_mod.connect(cfg.db_path)
@@ -128,8 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"gateway: config error: {exc.source + ': ' if exc.source else ''}{problem}",
-                  file=sys.stderr)
+            print(
+                f"gateway: config error: {exc.source + ': ' if exc.source else ''}{problem}",
+                file=sys.stderr,
+            )
         return 2
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)

@@ -146,7 +146,11 @@ class Sender:
         began = time.monotonic()
         try:
             async with self.session.post(
-                self.cfg.url, data=data, headers=headers, ssl=self.ssl, timeout=self.timeout,
+                self.cfg.url,
+                data=data,
+                headers=headers,
+                ssl=self.ssl,
+                timeout=self.timeout,
                 allow_redirects=False,
             ) as resp:
                 raw = await resp.content.read(MAX_RESPONSE_READ)
@@ -162,14 +166,19 @@ class Sender:
                     latency,
                 )
         except TimeoutError:
-            return Outcome(None, f"no response within {self.cfg.retry.timeout_s:g} s",
-                           latency_s=time.monotonic() - began)
+            return Outcome(
+                None,
+                f"no response within {self.cfg.retry.timeout_s:g} s",
+                latency_s=time.monotonic() - began,
+            )
         except aiohttp.ClientError as exc:
-            return Outcome(None, f"{exc.__class__.__name__}: {exc}"[:300],
-                           latency_s=time.monotonic() - began)
+            return Outcome(
+                None, f"{exc.__class__.__name__}: {exc}"[:300], latency_s=time.monotonic() - began
+            )
         except (OSError, ValueError) as exc:
-            return Outcome(None, f"{exc.__class__.__name__}: {exc}"[:300],
-                           latency_s=time.monotonic() - began)
+            return Outcome(
+                None, f"{exc.__class__.__name__}: {exc}"[:300], latency_s=time.monotonic() - began
+            )
 
 
 class PacketRoute:
@@ -177,9 +186,15 @@ class PacketRoute:
 
     FETCH_LIMIT = 5000
 
-    def __init__(self, cfg: WebhookConfig, store: Store, sender: Sender,
-                 payload_encoding: str, wake: asyncio.Event,
-                 on_result: Callable[[str, Outcome], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: WebhookConfig,
+        store: Store,
+        sender: Sender,
+        payload_encoding: str,
+        wake: asyncio.Event,
+        on_result: Callable[[str, Outcome], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.sender = sender
@@ -231,8 +246,7 @@ class PacketRoute:
         last_rescan = time.monotonic()
         while True:
             if self.disabled:
-                await asyncio.sleep(3600)
-                continue
+                await asyncio.Event().wait()
             if time.monotonic() - last_rescan > 2.0:
                 last_rescan = time.monotonic()
                 for b in await self._db(st.load_batches, self.cfg.name, list(self.open)):
@@ -278,12 +292,21 @@ class PacketRoute:
         n = self.cfg.batch.max_items
         now = time.time_ns()
         batches = [
-            Batch(new_webhook_id(), self.cfg.name, tuple(r.id for r in matched[i : i + n]),
-                  single, None, 0, now, 0)
+            Batch(
+                new_webhook_id(),
+                self.cfg.name,
+                tuple(r.id for r in matched[i : i + n]),
+                single,
+                None,
+                0,
+                now,
+                0,
+            )
             for i in range(0, len(matched), n)
         ]
-        await self._db(st.create_batches, self.cfg.name, "packets", batches, new_cursor,
-                       len(matched))
+        await self._db(
+            st.create_batches, self.cfg.name, "packets", batches, new_cursor, len(matched)
+        )
         for i, b in enumerate(batches):
             self._spawn(b, matched[i * n : (i + 1) * n])
         return new_cursor
@@ -298,8 +321,7 @@ class PacketRoute:
             self.open.pop(batch.id, None)
             self._slot_freed.set()
             if not t.cancelled() and t.exception() is not None:
-                log.error("webhook %s: batch %s failed: %r", self.cfg.name, batch.id,
-                          t.exception())
+                log.error("webhook %s: batch %s failed: %r", self.cfg.name, batch.id, t.exception())
 
         task.add_done_callback(done)
 
@@ -333,8 +355,9 @@ class PacketRoute:
         while True:
             if next_at:
                 await asyncio.sleep(max(0.0, (next_at - time.time_ns()) / 1e9))
-            while self.disabled:
-                await asyncio.sleep(3600)
+            if self.disabled:
+                # Disabled by a 410 until the gateway restarts: hold the batch, send nothing.
+                await asyncio.Event().wait()
             async with self.slots:
                 outcome = await self.sender.post(body, batch.id)
             attempts += 1
@@ -342,8 +365,15 @@ class PacketRoute:
                 self.on_result(self.cfg.name, outcome)
             verdict = classify(policy, outcome)
             if verdict == "ok":
-                await self._db(st.complete_batch, self.store, self.cfg.name, "packets", batch.id,
-                               records, failed if attempts == 1 else 0)
+                await self._db(
+                    st.complete_batch,
+                    self.store,
+                    self.cfg.name,
+                    "packets",
+                    batch.id,
+                    records,
+                    failed if attempts == 1 else 0,
+                )
                 return
             error = _describe(outcome)
             if verdict == "gone":
@@ -360,20 +390,52 @@ class PacketRoute:
             elif age_s + delay > policy.max_age_s:
                 reason = "expired"
             if reason:
-                await self._db(st.record_failure, self.cfg.name, batch.id, attempts, 0,
-                               outcome.status, error)
-                log.warning("webhook %s: batch %s (%d records) dead-lettered: %s (%s)",
-                            self.cfg.name, batch.id, records, reason, error)
-                done = Batch(batch.id, batch.route, batch.item_ids, batch.single, batch.body,
-                             attempts, batch.created_ns, 0)
-                await self._db(st.dead_letter, self.store, self.cfg.name, "packets", done, body,
-                               records, reason, outcome.status, outcome.excerpt or error)
+                await self._db(
+                    st.record_failure, self.cfg.name, batch.id, attempts, 0, outcome.status, error
+                )
+                log.warning(
+                    "webhook %s: batch %s (%d records) dead-lettered: %s (%s)",
+                    self.cfg.name,
+                    batch.id,
+                    records,
+                    reason,
+                    error,
+                )
+                done = Batch(
+                    batch.id,
+                    batch.route,
+                    batch.item_ids,
+                    batch.single,
+                    batch.body,
+                    attempts,
+                    batch.created_ns,
+                    0,
+                )
+                await self._db(
+                    st.dead_letter,
+                    self.store,
+                    self.cfg.name,
+                    "packets",
+                    done,
+                    body,
+                    records,
+                    reason,
+                    outcome.status,
+                    outcome.excerpt or error,
+                )
                 return
             next_at = time.time_ns() + int(delay * 1e9)
-            await self._db(st.record_failure, self.cfg.name, batch.id, attempts, next_at,
-                           outcome.status, error)
-            log.info("webhook %s: attempt %d of batch %s failed (%s); retry in %.1f s",
-                     self.cfg.name, attempts, batch.id, error, delay)
+            await self._db(
+                st.record_failure, self.cfg.name, batch.id, attempts, next_at, outcome.status, error
+            )
+            log.info(
+                "webhook %s: attempt %d of batch %s failed (%s); retry in %.1f s",
+                self.cfg.name,
+                attempts,
+                batch.id,
+                error,
+                delay,
+            )
 
 
 def _describe(o: Outcome) -> str:
@@ -391,9 +453,14 @@ async def client_session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def run(webhooks: Sequence[WebhookConfig], store: Store, session: aiohttp.ClientSession,
-              payload_encoding: str, wake: asyncio.Event,
-              on_result: Callable[[str, Outcome], None] | None = None) -> None:
+async def run(
+    webhooks: Sequence[WebhookConfig],
+    store: Store,
+    session: aiohttp.ClientSession,
+    payload_encoding: str,
+    wake: asyncio.Event,
+    on_result: Callable[[str, Outcome], None] | None = None,
+) -> None:
     """Deliver packets to every packet webhook until cancelled."""
     routes = [
         PacketRoute(w, store, Sender(w, session), payload_encoding, wake, on_result)
@@ -413,4 +480,3 @@ async def run(webhooks: Sequence[WebhookConfig], store: Store, session: aiohttp.
                 t.cancel()
             if r.open:
                 await asyncio.gather(*r.open.values(), return_exceptions=True)
-

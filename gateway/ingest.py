@@ -16,10 +16,11 @@ import ssl
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -69,7 +70,7 @@ class Ingest:
     def _make_client(self) -> mqtt.Client:
         v5 = self.cfg.protocol == "5"
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self.cfg.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else False,
@@ -92,8 +93,9 @@ class Ingest:
 
     # -- paho thread ----------------------------------------------------------------------
 
-    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object,
-                    props: object = None) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _u: object, _f: object, rc: object, props: object = None
+    ) -> None:
         if getattr(rc, "is_failure", False):
             self.stats.last_error = f"broker refused connection: {rc}"
             self.first_attempt.set()
@@ -104,8 +106,12 @@ class Ingest:
         self.stats.connects += 1
         self.stats.last_connect_ns = time.time_ns()
         self.stats.last_error = ""
-        log.info("connected to %s:%s (session present: %s)", self.cfg.host, self.cfg.port,
-                 getattr(_f, "session_present", "?"))
+        log.info(
+            "connected to %s:%s (session present: %s)",
+            self.cfg.host,
+            self.cfg.port,
+            getattr(_f, "session_present", "?"),
+        )
         self.first_attempt.set()
         client.subscribe([(t, self.cfg.qos) for t in self.cfg.subscriptions()])
 
@@ -114,15 +120,17 @@ class Ingest:
         log.warning("%s; retrying", self.stats.last_error)
         self.first_attempt.set()
 
-    def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list[object],
-                      _p: object = None) -> None:
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: Any, _mid: int, codes: list[ReasonCode], _p: Properties
+    ) -> None:
         for code, topic in zip(codes, self.cfg.subscriptions(), strict=False):
             if getattr(code, "is_failure", False):
                 self.stats.last_error = f"subscription to {topic!r} refused: {code}"
                 log.error("subscription to %r refused: %s", topic, code)
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: object,
-                       _p: object = None) -> None:
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None
+    ) -> None:
         self.stats.connected = False
         if not self._stop.is_set():
             self.stats.last_error = f"disconnected: {rc}"
@@ -138,7 +146,7 @@ class Ingest:
         self.store.submit_packet(
             Incoming(
                 topic=topic,
-                payload=payload,
+                payload=bytes(payload),
                 iccid=m.group("iccid") if m else "",
                 mid=msg.mid if msg.qos else 0,
                 dup=bool(msg.dup),
@@ -163,7 +171,7 @@ class Ingest:
     def _connect_props(self) -> Properties | None:
         if self.cfg.protocol != "5":
             return None
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.cfg.session_expiry_s
         # Without this Mosquitto caps a manual-ack subscriber at 20 unacknowledged packets.
         props.ReceiveMaximum = self.cfg.receive_maximum

@@ -27,7 +27,11 @@ async def run(cfg: Config) -> None:
                 commit_max_packets=cfg.gateway.commit_max_packets,
             )
         )
-        store.on_change = lambda: loop.call_soon_threadsafe(wake.set)
+
+        def wake_delivery() -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        store.on_change = wake_delivery
         http = await stack.enter_async_context(delivery.client_session())
         await stack.enter_async_context(ingest.running(cfg.mqtt, store))
         log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))

@@ -27,7 +27,9 @@ def standard_webhooks(secrets: str, msg_id: str, timestamp: int, body: bytes) ->
     return " ".join(sigs)
 
 
-def verify_standard_webhooks(secret: str, msg_id: str, timestamp: int, body: bytes, header: str) -> bool:
+def verify_standard_webhooks(
+    secret: str, msg_id: str, timestamp: int, body: bytes, header: str
+) -> bool:
     """True when any v1 signature in `header` matches `secret` (for the sink and tests)."""
     want = standard_webhooks(secret, msg_id, timestamp, body).split(",", 1)[1]
     return any(

@@ -19,15 +19,24 @@ def _iso(ns: int | None) -> str:
 
 def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str, Any]]:
     """Per-webhook stats: hits, requests, delivered, last hit/success/error, queue, dead."""
-    stats = {r[0]: r for r in conn.execute(
-        "SELECT name, hits, requests_ok, requests_failed, retried, delivered, dead, last_hit_ns,"
-        " last_success_ns, last_error_ns, last_error_status, last_error, disabled,"
-        " disabled_reason FROM webhook_stats")}
+    stats = {
+        r[0]: r
+        for r in conn.execute(
+            "SELECT name, hits, requests_ok, requests_failed, retried, delivered, dead,"
+            " last_hit_ns, last_success_ns, last_error_ns, last_error_status, last_error, disabled,"
+            " disabled_reason FROM webhook_stats"
+        )
+    }
     names = [w.name for w in cfg.webhooks] if cfg else sorted(stats)
     sources = {w.name: w.source for w in cfg.webhooks} if cfg else {}
-    dead = dict(conn.execute(
-        "SELECT webhook, COUNT(*) FROM dead_letters WHERE webhook != '' GROUP BY webhook"))
-    in_batches = dict(conn.execute("SELECT route, COALESCE(SUM(count), 0) FROM batches GROUP BY route"))
+    dead = dict(
+        conn.execute(
+            "SELECT webhook, COUNT(*) FROM dead_letters WHERE webhook != '' GROUP BY webhook"
+        )
+    )
+    in_batches = dict(
+        conn.execute("SELECT route, COALESCE(SUM(count), 0) FROM batches GROUP BY route")
+    )
     cursors = dict(conn.execute("SELECT name, cursor FROM routes"))
     max_packet = conn.execute("SELECT COALESCE(MAX(id), 0) FROM packets").fetchone()[0]
     rows = []
@@ -37,28 +46,33 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
         waiting = 0
         if source == "packets":
             cur = cursors.get(name, 0)
-            waiting = conn.execute(
-                "SELECT COUNT(*) FROM packets WHERE id > ?", (cur,)).fetchone()[0] if max_packet > cur else 0
-        rows.append({
-            "name": name,
-            "source": source,
-            "hits": s[1] if s else 0,
-            "requests_ok": s[2] if s else 0,
-            "requests_failed": s[3] if s else 0,
-            "retried": s[4] if s else 0,
-            "delivered": s[5] if s else 0,
-            "dead_lettered": s[6] if s else 0,
-            "dead_letters": int(dead.get(name, 0)),
-            "queue_depth": int(waiting) + int(in_batches.get(name, 0)),
-            "in_flight": int(in_batches.get(name, 0)),
-            "last_hit": _iso(s[7]) if s else "",
-            "last_success": _iso(s[8]) if s else "",
-            "last_error_at": _iso(s[9]) if s else "",
-            "last_error_status": s[10] if s else None,
-            "last_error": (s[11] or "") if s else "",
-            "disabled": bool(s[12]) if s else False,
-            "disabled_reason": (s[13] or "") if s else "",
-        })
+            waiting = (
+                conn.execute("SELECT COUNT(*) FROM packets WHERE id > ?", (cur,)).fetchone()[0]
+                if max_packet > cur
+                else 0
+            )
+        rows.append(
+            {
+                "name": name,
+                "source": source,
+                "hits": s[1] if s else 0,
+                "requests_ok": s[2] if s else 0,
+                "requests_failed": s[3] if s else 0,
+                "retried": s[4] if s else 0,
+                "delivered": s[5] if s else 0,
+                "dead_lettered": s[6] if s else 0,
+                "dead_letters": int(dead.get(name, 0)),
+                "queue_depth": int(waiting) + int(in_batches.get(name, 0)),
+                "in_flight": int(in_batches.get(name, 0)),
+                "last_hit": _iso(s[7]) if s else "",
+                "last_success": _iso(s[8]) if s else "",
+                "last_error_at": _iso(s[9]) if s else "",
+                "last_error_status": s[10] if s else None,
+                "last_error": (s[11] or "") if s else "",
+                "disabled": bool(s[12]) if s else False,
+                "disabled_reason": (s[13] or "") if s else "",
+            }
+        )
     return rows
 
 
@@ -66,7 +80,8 @@ def snapshot(conn: sqlite3.Connection, cfg: Config | None = None) -> dict[str, A
     """Everything `gateway status` shows."""
     c = store_mod.counters(conn)
     pending, buffered = conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packets").fetchone()
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packets"
+    ).fetchone()
     dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
     return {
         "packets": {

@@ -87,8 +87,12 @@ class Batch:
     next_at_ns: int
 
 
+def _table(db: sqlite_utils.Database, name: str) -> sqlite_utils.db.Table:
+    return sqlite_utils.db.Table(db, name)
+
+
 def _migrate_v1(db: sqlite_utils.Database) -> None:
-    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    _table(db, "meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
     # AUTOINCREMENT: an emptied table must never hand out an id below a route's cursor.
     db.execute(
         "CREATE TABLE IF NOT EXISTS packets (id INTEGER PRIMARY KEY AUTOINCREMENT,"
@@ -97,14 +101,14 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
     )
     # The latest committed packet per MQTT packet id, to recognise a broker redelivery
     # (DUP=1) of a packet whose PUBACK may have been lost. At most 65535 rows.
-    db["inflight"].create(
+    _table(db, "inflight").create(
         {"mid": int, "digest": bytes, "epoch": int}, pk="mid", if_not_exists=True
     )
-    db["counters"].create({"name": str, "value": int}, pk="name", if_not_exists=True)
-    db["routes"].create(
+    _table(db, "counters").create({"name": str, "value": int}, pk="name", if_not_exists=True)
+    _table(db, "routes").create(
         {"name": str, "source": str, "cursor": int}, pk="name", if_not_exists=True
     )
-    db["batches"].create(
+    _table(db, "batches").create(
         {
             "id": str,
             "route": str,
@@ -121,7 +125,7 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
         pk="id",
         if_not_exists=True,
     )
-    db["batches"].create_index(["route"], if_not_exists=True)
+    _table(db, "batches").create_index(["route"], if_not_exists=True)
     db.execute(
         "CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT,"
         " webhook TEXT NOT NULL, source TEXT NOT NULL, webhook_id TEXT NOT NULL, body BLOB,"
@@ -129,7 +133,7 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
         " status INTEGER, excerpt TEXT, attempts INTEGER NOT NULL DEFAULT 0,"
         " created_ns INTEGER NOT NULL, topic TEXT, iccid TEXT, recv_ns INTEGER)"
     )
-    db["webhook_stats"].create(
+    _table(db, "webhook_stats").create(
         {
             "name": str,
             "hits": int,
@@ -149,11 +153,11 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
         pk="name",
         if_not_exists=True,
     )
-    db["events"].create(
+    _table(db, "events").create(
         {"id": int, "ts_ns": int, "kind": str, "data": str}, pk="id", if_not_exists=True
     )
     # Modem readings (identity, signal, registration, byte counters) as JSON, newest last.
-    db["modem_snapshots"].create(
+    _table(db, "modem_snapshots").create(
         {"id": int, "ts_ns": int, "state": str, "data": str}, pk="id", if_not_exists=True
     )
 
@@ -229,8 +233,14 @@ class _Call:
 class Store:
     """The gateway's one SQLite database, written by one thread."""
 
-    def __init__(self, path: Path, *, max_buffer_bytes: int = 512 << 20,
-                 on_full: str = "backpressure", commit_max_packets: int = 2000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_buffer_bytes: int = 512 << 20,
+        on_full: str = "backpressure",
+        commit_max_packets: int = 2000,
+    ) -> None:
         self.path = path
         self.max_buffer_bytes = max_buffer_bytes
         self.on_full = on_full
@@ -366,7 +376,10 @@ class Store:
         redelivered = 0
         accepted: list[Incoming] = []
         incoming_bytes = sum(len(p.payload) for p in packets if not p.too_large)
-        if self.buffer_bytes + incoming_bytes > self.max_buffer_bytes and self.on_full == "backpressure":
+        if (
+            self.buffer_bytes + incoming_bytes > self.max_buffer_bytes
+            and self.on_full == "backpressure"
+        ):
             # Stop acknowledging: keep them in memory (bounded by the broker's receive
             # maximum) and try again when delivery frees space.
             room = self.max_buffer_bytes - self.buffer_bytes
@@ -378,7 +391,7 @@ class Store:
                     room -= size
                 else:
                     break
-            self._held = packets[len(fit):]
+            self._held = packets[len(fit) :]
             packets = fit
             if not packets:
                 return
@@ -425,7 +438,10 @@ class Store:
                         ),
                     )
                 added = sum(r[4] for r in store_rows)
-                if self.on_full == "drop_oldest" and self.buffer_bytes + added > self.max_buffer_bytes:
+                if (
+                    self.on_full == "drop_oldest"
+                    and self.buffer_bytes + added > self.max_buffer_bytes
+                ):
                     self._evict_oldest(self.buffer_bytes + added - self.max_buffer_bytes)
                 _bump(conn, "packets_received", len(store_rows))
                 _bump(conn, "packets_redelivered", redelivered)
@@ -439,7 +455,7 @@ class Store:
             # Disk full, read-only file system, I/O error: acknowledge nothing, keep the
             # packets in memory and try again; the broker still holds them.
             if exc.__class__.__name__ != self.write_error.split(":", 1)[0]:
-                log.error("store write failed, not acknowledging packets: %s", exc)
+                log.error("store write failed, not acknowledging packets: %s", exc)  # noqa: TRY400
             self.write_error = f"{exc.__class__.__name__}: {exc}"
             for p in packets:
                 p.outcome = ""
@@ -541,8 +557,9 @@ def ensure_route(conn: sqlite3.Connection, name: str, source: str) -> int:
             " retried, delivered, dead, disabled) VALUES (?, 0, 0, 0, 0, 0, 0, 0)",
             (name,),
         )
-        conn.execute("UPDATE webhook_stats SET disabled = 0, disabled_reason = '' WHERE name = ?",
-                     (name,))
+        conn.execute(
+            "UPDATE webhook_stats SET disabled = 0, disabled_reason = '' WHERE name = ?", (name,)
+        )
     return int(conn.execute("SELECT cursor FROM routes WHERE name = ?", (name,)).fetchone()[0])
 
 
@@ -586,8 +603,16 @@ def create_batches(
             "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
             " attempts, created_ns, next_at_ns) VALUES (?,?,?,?,?,?,?,NULL,0,?,0)",
             [
-                (b.id, route, source, dumps(list(b.item_ids)), b.item_ids[0], len(b.item_ids),
-                 int(b.single), b.created_ns)
+                (
+                    b.id,
+                    route,
+                    source,
+                    dumps(list(b.item_ids)),
+                    b.item_ids[0],
+                    len(b.item_ids),
+                    int(b.single),
+                    b.created_ns,
+                )
                 for b in batches
             ],
         )
@@ -623,7 +648,12 @@ def load_batches(conn: sqlite3.Connection, route: str, exclude: Sequence[str] = 
 
 
 def complete_batch(
-    conn: sqlite3.Connection, store: Store, route: str, source: str, batch_id: str, records: int,
+    conn: sqlite3.Connection,
+    store: Store,
+    route: str,
+    source: str,
+    batch_id: str,
+    records: int,
     decode_failed: int = 0,
 ) -> None:
     """The receiver accepted a batch: forget it, count it, release finished packets."""
@@ -682,13 +712,22 @@ def dead_letter(
         conn.execute(
             "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, single, reason,"
             " status, excerpt, attempts, created_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (route, source, batch.id, body, records, int(batch.single), reason, status,
-             excerpt[:300], batch.attempts, time.time_ns()),
+            (
+                route,
+                source,
+                batch.id,
+                body,
+                records,
+                int(batch.single),
+                reason,
+                status,
+                excerpt[:300],
+                batch.attempts,
+                time.time_ns(),
+            ),
         )
         conn.execute("DELETE FROM batches WHERE id = ?", (batch.id,))
-        conn.execute(
-            "UPDATE webhook_stats SET dead = dead + ? WHERE name = ?", (records, route)
-        )
+        conn.execute("UPDATE webhook_stats SET dead = dead + ? WHERE name = ?", (records, route))
         if source == "packets":
             _bump(conn, "packets_dead", records)
         store.release_packets(conn)
@@ -717,8 +756,21 @@ def list_dead_letters(
         args.append(webhook)
     sql += " ORDER BY id DESC LIMIT ?"
     args.append(limit)
-    keys = ("id", "webhook", "source", "webhook_id", "records", "reason", "status", "excerpt",
-            "attempts", "created_ns", "topic", "iccid", "bytes")
+    keys = (
+        "id",
+        "webhook",
+        "source",
+        "webhook_id",
+        "records",
+        "reason",
+        "status",
+        "excerpt",
+        "attempts",
+        "created_ns",
+        "topic",
+        "iccid",
+        "bytes",
+    )
     return [dict(zip(keys, r, strict=True)) for r in conn.execute(sql, args)]
 
 
@@ -727,8 +779,10 @@ def replay_dead_letters(
 ) -> int:
     """Re-queue dead letters: webhook ones as batches (same body and webhook-id), rejected
     packets (too_large) back into the packets table. Returns how many were re-queued."""
-    sql = "SELECT id, webhook, source, webhook_id, body, count, single, topic, iccid, recv_ns" \
-          " FROM dead_letters WHERE 1=1"
+    sql = (
+        "SELECT id, webhook, source, webhook_id, body, count, single, topic, iccid, recv_ns"
+        " FROM dead_letters WHERE 1=1"
+    )
     args: list[Any] = []
     if webhook is not None:
         sql += " AND webhook = ?"
@@ -739,8 +793,9 @@ def replay_dead_letters(
     now = time.time_ns()
     n = 0
     with transaction(conn):
-        for (dl_id, hook, source, wid, body, count, single, topic, iccid, recv_ns) in \
-                conn.execute(sql, args).fetchall():
+        for dl_id, hook, source, wid, body, count, single, topic, iccid, recv_ns in conn.execute(
+            sql, args
+        ).fetchall():
             if hook:
                 conn.execute(
                     "INSERT OR REPLACE INTO batches(id, route, source, item_ids, first_id, count,"

@@ -24,8 +24,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition",
-             interval: float = 0.05) -> object:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 20.0,
+    what: str = "condition",
+    interval: float = 0.05,
+) -> object:
     """Poll until predicate() is truthy or the deadline passes (then fail the test)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -67,12 +71,11 @@ class Broker:
             "max_queued_bytes 0\n"
             "log_dest stderr\n"
             "log_type error\n"
-            "log_type warning\n"
+            "log_type warning\n" + ("user root\n" if os.geteuid() == 0 else "")
             # As root, mosquitto drops to user 'mosquitto' and cannot write our temp dir.
-            + ("user root\n" if os.geteuid() == 0 else "")
         )
-        log = (self.workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
+        with (self.workdir / "mosquitto.log").open("ab") as log:
+            self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)
         wait_port(self.port)
 
     def stop(self, kill: bool = False) -> None:
@@ -109,3 +112,126 @@ def mosquitto(tmp_path: Path) -> Iterator[Broker]:
 
 def gateway_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway", *args]
+
+
+def publish(
+    port: int,
+    messages: list[tuple[str, bytes]],
+    *,
+    qos: int = 1,
+    client_id: str = "",
+    timeout: float = 30.0,
+) -> None:
+    """Publish with a separate paho MQTT 5 client and wait until the broker has them all."""
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        infos = [c.publish(t, p, qos=qos) for t, p in messages]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            assert info.is_published(), "broker did not acknowledge a publish in time"
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def write_config(
+    path: Path,
+    broker_port: int,
+    state_dir: Path,
+    extra: str = "",
+    mqtt_extra: str = "",
+    client_id: str = "gw-test",
+) -> Path:
+    """A gateway TOML for tests: loopback broker, state in tmp, web off."""
+    path.write_text(
+        f"""
+[gateway]
+state_dir = "{state_dir}"
+
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+client_id = "{client_id}"
+reconnect_min_s = 0.2
+reconnect_max_s = 1
+{mqtt_extra}
+
+[web]
+enabled = false
+{extra}
+"""
+    )
+    return path
+
+
+class GatewayProc:
+    """`python -m gateway run -c CONFIG` as a child process."""
+
+    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **(self.env or {})}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                gateway_cmd("run", "-c", str(self.config)),
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=ROOT,
+            )
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def gateway_proc(tmp_path: Path) -> Iterator[Callable[..., GatewayProc]]:
+    """Factory for gateway subprocesses; all are killed at teardown."""
+    procs: list[GatewayProc] = []
+
+    def make(config: Path, env: dict[str, str] | None = None) -> GatewayProc:
+        g = GatewayProc(config, tmp_path / f"gateway-{len(procs)}.log", env)
+        procs.append(g)
+        return g
+
+    yield make
+    for g in procs:
+        if g.proc is not None:
+            g.proc.kill()
+            g.proc.wait(10)
+
+
+def db_rows(db: Path, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Query a store file read-only (the gateway may be running)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()

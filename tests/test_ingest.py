@@ -1,0 +1,202 @@
+"""Durable ingest: a packet is committed before its PUBACK, and survives kill -9."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from tests.conftest import (
+    Broker,
+    db_rows,
+    gateway_cmd,
+    publish,
+    wait_for,
+    write_config,
+)
+
+ICCID = "8981100000000000012"
+
+
+def stored(db: Path) -> list[tuple[object, ...]]:
+    if not db.exists():
+        return []
+    return db_rows(db, "SELECT topic, iccid, payload, size FROM packets ORDER BY id")
+
+
+def count(db: Path) -> int:
+    if not db.exists():
+        return 0
+    return int(db_rows(db, "SELECT COUNT(*) FROM packets")[0][0])  # type: ignore[call-overload]
+
+
+def test_every_published_packet_is_stored_with_topic_iccid_and_exact_bytes(
+    mosquitto: Broker, tmp_path: Path, gateway_proc
+) -> None:
+    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
+    gw = gateway_proc(cfg)
+    gw.start()
+    db = tmp_path / "state" / "gateway.db"
+    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    messages = [
+        (f"devices/{ICCID}/up", b'{"temp": 21.5}'),
+        (f"devices/{ICCID}/up", bytes(range(256))),  # binary, not UTF-8
+        ("devices/8981100000000000020/up", b""),  # empty payload is still a packet
+        ("devices/8981100000000000020/up", "température".encode()),
+    ]
+    publish(mosquitto.port, messages)
+    wait_for(lambda: count(db) == 4, what="4 packets in the store")
+    rows = stored(db)
+    assert [(r[0], r[2]) for r in rows] == messages
+    assert [r[1] for r in rows] == [ICCID, ICCID, "8981100000000000020", "8981100000000000020"]
+    assert [r[3] for r in rows] == [len(p) for _, p in messages]
+    assert gw.terminate() == 0
+
+
+def test_two_identical_packets_from_a_device_are_both_kept(
+    mosquitto: Broker, tmp_path: Path, gateway_proc
+) -> None:
+    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
+    gw = gateway_proc(cfg)
+    gw.start()
+    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    publish(mosquitto.port, [(f"devices/{ICCID}/up", b"same")] * 2)
+    db = tmp_path / "state" / "gateway.db"
+    wait_for(lambda: count(db) == 2, what="both identical packets stored")
+    gw.terminate()
+
+
+def test_packet_survives_kill9_of_the_gateway_twice_during_a_stream(
+    mosquitto: Broker, tmp_path: Path, gateway_proc
+) -> None:
+    total = 5000
+    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
+    gw = gateway_proc(cfg)
+    gw.start()
+    db = tmp_path / "state" / "gateway.db"
+    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+
+    def stream() -> None:
+        for start in range(0, total, 250):
+            publish(
+                mosquitto.port,
+                [(f"devices/{ICCID}/up", f"pkt-{i}".encode()) for i in range(start, start + 250)],
+            )
+            time.sleep(0.02)
+
+    publisher = threading.Thread(target=stream)
+    publisher.start()
+    for threshold in (total // 5, total // 2):
+        wait_for(lambda t=threshold: count(db) >= t, what=f"{threshold} packets stored")
+        gw.kill9()
+        gw.start()
+    publisher.join(60)
+    wait_for(lambda: count(db) >= total, timeout=60, what=f"all {total} packets stored")
+    gw.terminate()
+    payloads = [r[2] for r in stored(db)]
+    assert len(payloads) == total, f"{len(payloads) - len(set(payloads))} duplicates"
+    assert set(payloads) == {f"pkt-{i}".encode() for i in range(total)}
+    status = json.loads(
+        subprocess.run(
+            gateway_cmd("status", "--json", "-c", str(cfg)),
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    )
+    assert status["packets"]["received"] == total
+    assert status["packets"]["pending"] == total
+
+
+def test_broker_restart_in_the_middle_of_a_stream_loses_nothing(
+    mosquitto: Broker, tmp_path: Path, gateway_proc
+) -> None:
+    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
+    gw = gateway_proc(cfg)
+    gw.start()
+    db = tmp_path / "state" / "gateway.db"
+    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    publish(mosquitto.port, [(f"devices/{ICCID}/up", f"a-{i}".encode()) for i in range(500)])
+    mosquitto.restart()
+    publish(mosquitto.port, [(f"devices/{ICCID}/up", f"b-{i}".encode()) for i in range(500)])
+    wait_for(lambda: count(db) >= 1000, timeout=30, what="1000 packets after broker restart")
+    gw.terminate()
+    payloads = {r[2] for r in stored(db)}
+    assert len(payloads) == 1000
+    assert count(db) == 1000
+
+
+def test_oversized_payload_is_dead_lettered_with_its_reason_and_acknowledged(
+    mosquitto: Broker, tmp_path: Path, gateway_proc
+) -> None:
+    cfg = write_config(
+        tmp_path / "gw.toml",
+        mosquitto.port,
+        tmp_path / "state",
+        mqtt_extra="max_payload_bytes = 100",
+    )
+    gw = gateway_proc(cfg)
+    gw.start()
+    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    publish(mosquitto.port, [(f"devices/{ICCID}/up", b"x" * 101), (f"devices/{ICCID}/up", b"ok")])
+    db = tmp_path / "state" / "gateway.db"
+    wait_for(lambda: count(db) == 1, what="the small packet stored")
+    wait_for(
+        lambda: db_rows(db, "SELECT COUNT(*) FROM dead_letters")[0][0] == 1,
+        what="the oversized packet dead-lettered",
+    )
+    reason, body, topic = db_rows(db, "SELECT reason, body, topic FROM dead_letters")[0]
+    assert reason == "too_large"
+    assert body == b"x" * 101
+    assert topic == f"devices/{ICCID}/up"
+    assert gw.terminate() == 0
+    # Acknowledged: a restarted gateway on the same session gets nothing again.
+    gw.start()
+    wait_for(lambda: gw.log().count("connected to") >= 2, what="reconnect")
+    publish(mosquitto.port, [(f"devices/{ICCID}/up", b"marker")])
+    wait_for(lambda: count(db) == 2, what="marker stored")
+    assert db_rows(db, "SELECT COUNT(*) FROM dead_letters")[0][0] == 1
+    out = subprocess.run(
+        gateway_cmd("dlq", "list", "-c", str(cfg)), capture_output=True, text=True, check=True
+    ).stdout
+    assert "too_large" in out
+    gw.terminate()
+
+
+def test_sigterm_stops_within_5_seconds_with_exit_code_0(
+    mosquitto: Broker, tmp_path: Path, gateway_proc
+) -> None:
+    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
+    gw = gateway_proc(cfg)
+    gw.start()
+    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    publish(mosquitto.port, [(f"devices/{ICCID}/up", b"x")] * 200)
+    began = time.monotonic()
+    assert gw.terminate(timeout=5) == 0
+    assert time.monotonic() - began < 5
+
+
+def test_status_reads_the_store_while_the_gateway_is_stopped(
+    mosquitto: Broker, tmp_path: Path, gateway_proc
+) -> None:
+    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
+    gw = gateway_proc(cfg)
+    gw.start()
+    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    publish(mosquitto.port, [(f"devices/{ICCID}/up", b"x")] * 7)
+    wait_for(lambda: count(tmp_path / "state" / "gateway.db") == 7, what="7 stored")
+    gw.terminate()
+    out = subprocess.run(
+        gateway_cmd("status", "--json", "-c", str(cfg)), capture_output=True, text=True, check=True
+    ).stdout
+    snap = json.loads(out)
+    assert snap["packets"]["received"] == 7
+    assert snap["packets"]["pending"] == 7
+    assert snap["packets"]["delivered"] == 0
+    assert snap["packets"]["dead"] == 0
+    table = subprocess.run(
+        gateway_cmd("status", "-c", str(cfg)), capture_output=True, text=True, check=True
+    ).stdout
+    assert "received=7" in table

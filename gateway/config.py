@@ -330,6 +330,12 @@ def _float(lo: float | None, hi: float | None, *, above: bool = False) -> Callab
     return check
 
 
+def _statuses(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise _Bad("must be a list of HTTP status codes")
+    return tuple(_int(100, 599)(v) for v in value)
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in options:
@@ -506,7 +512,7 @@ def _read_webhook(r: _Reader, path: str, raw: dict[str, Any]) -> WebhookConfig |
         retry_raw = {"preset": retry_raw}
     retry_raw = r.table(path, "retry", retry_raw)
     preset_name = retry_raw.get("preset", "durable")
-    if preset_name not in RETRY_PRESETS:
+    if not isinstance(preset_name, str) or preset_name not in RETRY_PRESETS:
         r.fail(_join(path, "retry.preset"), "must be 'monoz' or 'durable'", preset_name)
         sub["retry"] = None
     else:
@@ -523,12 +529,13 @@ def _read_webhook(r: _Reader, path: str, raw: dict[str, Any]) -> WebhookConfig |
             backoff_min_s=_float(0, 86400),
             backoff_max_s=_float(0, 86400),
             max_age_s=_float(0, 365 * 86400, above=True),
-            retry_on_status=lambda v: tuple(_int(100, 599)(x) for x in v),
+            retry_on_status=_statuses,
         )
         if rp is not None:
             from dataclasses import replace
 
-            sub["retry"] = replace(base, **{k: getattr(rp, k) for k in explicit})
+            names = {f.name for f in fields(RetryPolicy)}
+            sub["retry"] = replace(base, **{k: getattr(rp, k) for k in explicit if k in names})
 
     if "headers" in raw:
         h = r.table(path, "headers", raw["headers"])

@@ -12,6 +12,7 @@ import decimal
 import fractions
 import io
 import math
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,6 +25,7 @@ import orjson
 from gateway.store import PacketRow
 
 CONTENT_TYPE = "application/json; charset=utf-8"
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _INT64 = 2**63 - 1
 
 
@@ -115,9 +117,14 @@ def encode_payload(payload: bytes, encoding: str) -> tuple[Any, bool]:
         except DecodeFailed:
             return base64.b64encode(payload).decode(), True
     try:
-        return payload.decode("utf-8"), False
+        text = payload.decode("utf-8")
     except UnicodeDecodeError:
         return base64.b64encode(payload).decode(), encoding == "utf8"
+    # A packed binary struct of small numbers is valid UTF-8 too; "auto" only calls it
+    # text when it has no control characters besides tab, CR and LF.
+    if encoding == "auto" and not text.isprintable() and _CONTROL.search(text):
+        return base64.b64encode(payload).decode(), False
+    return text, False
 
 
 def decoded_payload(payload: bytes, encoding: str) -> Any:

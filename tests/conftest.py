@@ -235,3 +235,52 @@ def db_rows(db: Path, sql: str, args: tuple[object, ...] = ()) -> list[tuple[obj
         return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
+
+
+async def until(
+    predicate: Callable[[], object],
+    timeout: float = 20.0,
+    what: str = "condition",
+    interval: float = 0.05,
+) -> object:
+    """Async twin of wait_for, for tests whose gateway runs on the test's event loop."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def receiver() -> Iterator[object]:
+    """A real aiohttp webhook receiver on a free loopback port."""
+    from tests.receiver import Receiver
+
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+async def run_gateway() -> object:
+    """Start gateway.service.run(cfg) on the test's loop; cancelled at teardown."""
+    import asyncio
+
+    from gateway import service
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(cfg: object) -> asyncio.Task[None]:
+        task = asyncio.create_task(service.run(cfg))  # type: ignore[arg-type]
+        tasks.append(task)
+        return task
+
+    yield start
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -88,7 +88,8 @@ async def test_a_window_of_21_packets_is_sent_as_arrays_of_10_10_and_1_with_auth
     assert r0.headers["content-type"] == "application/json; charset=utf-8"
     rec = receiver.delivered()[0]
     assert rec["ICCID"] == int(ICCID)
-    assert rec["Timestamp"].endswith("Z") and len(rec["Timestamp"]) == 24
+    assert rec["Timestamp"].endswith("Z")
+    assert len(rec["Timestamp"]) == 24
     assert sorted(x["Payload"] for x in receiver.delivered()) == sorted(f"p{i}" for i in range(21))
     assert len({r.webhook_id for r in receiver.ok()}) == 3
     await until(lambda: pending(tmp_path) == 0, what="delivered packets removed from the store")
@@ -209,7 +210,8 @@ async def test_a_400_is_dead_lettered_at_once_and_replay_delivers_it_with_the_sa
             check=True,
         ).stdout
     )
-    assert listed[0]["webhook"] == "cloud" and listed[0]["records"] == 1
+    assert listed[0]["webhook"] == "cloud"
+    assert listed[0]["records"] == 1
     receiver.behaviour = lambda n, r: Reply(200)
     out = subprocess.run(
         gateway_cmd("dlq", "replay", "--webhook", "cloud", "-c", str(cfg.path)),
@@ -484,7 +486,8 @@ def test_dlq_replay_works_while_the_gateway_is_stopped(
     r = subprocess.run(
         gateway_cmd("dlq", "replay", "-c", str(cfg)), capture_output=True, text=True, cwd=ROOT
     )
-    assert r.returncode == 0 and "re-queued" in r.stdout
+    assert r.returncode == 0
+    assert "re-queued" in r.stdout
     gw.start()
     wait_for(
         lambda: sorted(x["Payload"] for x in receiver.delivered()) == ["a", "b"],

@@ -33,6 +33,25 @@ def _parser() -> argparse.ArgumentParser:
     with_config(s)
     s.add_argument("--json", action="store_true")
 
+    modem = sub.add_parser("modem", help="the cellular modem")
+    msub = modem.add_subparsers(dest="modem_command", required=True)
+    mi = msub.add_parser("info", help="read identity, network and counters once")
+    mi.add_argument("--port", required=True, help="tty, pty, socket://host:port, rfc2217://…")
+    mi.add_argument(
+        "--profile",
+        default="auto",
+        choices=["auto", "generic", "quectel", "ublox", "simcom", "telit", "huawei"],
+    )
+    mi.add_argument("--json", action="store_true")
+    mi.add_argument("--timeout", type=float, default=5.0, help="per-command timeout, seconds")
+    mi.add_argument("--interface", default="wwan0", help="network interface for sysfs counters")
+
+    demo = sub.add_parser("demo", help="run broker, fleet, sink and gateway locally")
+    demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
+    demo.add_argument("--devices", type=int, default=10)
+    demo.add_argument("--rate", type=float, default=1.0, help="packets/s per device")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+
     dlq = sub.add_parser("dlq", help="dead letters")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True)
     dl = dsub.add_parser("list", help="list dead letters")
@@ -109,6 +128,14 @@ def _cmd(args: argparse.Namespace) -> int:
         else:
             _print_status(snap)
         return 0
+    if args.command == "modem":
+        from gateway.modem import info
+
+        return info.command(args.port, args.profile, args.json, args.timeout, args.interface)
+    if args.command == "demo":
+        from gateway import demo
+
+        return demo.run(args.duration, args.devices, args.rate, args.keep)
     if args.command == "dlq":
         cfg = _load(args)
         if args.dlq_command == "list":

@@ -40,6 +40,10 @@ async def run(cfg: Config) -> None:
                 delivery.run(cfg.webhooks, store, http, cfg.mqtt.payload_encoding, wake),
                 name="delivery",
             )
+            if cfg.modem is not None:
+                from gateway.modem import poller
+
+                tg.create_task(poller.run(cfg.modem, store), name="modem")
     log.info("gateway stopped")
 
 

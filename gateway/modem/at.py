@@ -29,7 +29,7 @@ log = logging.getLogger("gateway.modem.at")
 READ_SLICE_S = 0.05
 # A line without a terminator longer than this is a garbage flood, not an answer.
 MAX_LINE = 4096
-INIT_COMMANDS = ("ATE0", "ATV1", "AT+CMEE=1")
+INIT_COMMANDS = ("AT", "ATE0", "ATV1", "AT+CMEE=1")
 
 
 class AtTimeout(ModemError):
@@ -175,6 +175,8 @@ URC_WORDS = frozenset(
         "NORMAL POWER DOWN",
     }
 )
+# URCs a modem sends when it has (re)booted, with echo on and settings at defaults.
+_BOOT_URCS = frozenset({"RDY", "^SYSSTART", "+PACSP0", "+PACSP1"})
 # Registration queries answer "<n>,<stat>[,...]"; the unsolicited forms are "<stat>" or
 # "<stat>,"<lac>",...", so a single field or a quoted second field means a URC.
 _REG_PREFIXES = frozenset({"+CREG", "+CEREG", "+CGREG", "+C5GREG"})
@@ -317,6 +319,8 @@ class AtChannel:
         self.on_urc = on_urc
         self.urcs: collections.deque[str] = collections.deque(maxlen=256)
         self.noise_lines = 0
+        # Set when the modem shows it lost its settings (echo again, RDY after a reboot).
+        self.needs_init = True
         self._buf = bytearray()
         self._lock = threading.Lock()
         self._closing = False
@@ -390,6 +394,7 @@ class AtChannel:
             self.command("AT+CMEE=1")
         except AtCommandError as exc:
             log.debug("%s: %s", self.name, exc)
+        self.needs_init = False
 
     def command(
         self,
@@ -445,6 +450,9 @@ class AtChannel:
                 raise AtCommandError(pending.command, text)
             elif kind is Kind.URC:
                 self._urc(text)
+            elif kind is Kind.ECHO:
+                if pending.command.upper() not in INIT_COMMANDS:
+                    self.needs_init = True
             elif kind is Kind.NOISE:
                 self.noise_lines += 1
                 log.debug("%s: ignored %r while waiting for %s", self.name, text, pending.command)
@@ -472,6 +480,8 @@ class AtChannel:
         return found
 
     def _urc(self, line: str) -> None:
+        if line.upper() in _BOOT_URCS:
+            self.needs_init = True
         self.urcs.append(line)
         if self.on_urc is not None:
             try:

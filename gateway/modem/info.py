@@ -9,7 +9,7 @@ from typing import Any
 
 from gateway.errors import ModemError
 from gateway.modem.at import AtChannel
-from gateway.modem.profiles import SYSFS_NET, ModemInfo, detect, read_all
+from gateway.modem.profiles import SYSFS_NET, ModemInfo, detect, make_profile, read_all
 
 
 def read(
@@ -22,6 +22,8 @@ def read(
     sysfs_root: Path = SYSFS_NET,
 ) -> ModemInfo:
     """Open port, initialise the modem, detect or apply the profile and read everything."""
+    if profile != "auto":
+        make_profile(profile)  # a typo is reported before the port is touched
     with AtChannel.open(port, baudrate=baudrate, timeout=timeout) as ch:
         ch.init()
         prof = detect(ch, profile, interface=interface, sysfs_root=sysfs_root)

@@ -247,6 +247,9 @@ class _Poller:
         if ch is None or profile is None:
             raise PortError("modem port is not open")
         self.dirty.clear()
+        if ch.needs_init:
+            # A rebooted modem echoes again and forgot AT+CMEE=1; set it up again.
+            ch.init()
         full = dirty or prev is None
         fields, failed = read_fields(ch, profile, STEPS if full else FAST_STEPS)
         if not full and prev is not None and self._changed(prev, fields):
@@ -271,11 +274,13 @@ class _Poller:
         head, _, payload = line.partition(":")
         head = head.strip().upper()
         info = self.info
+        if info is None:
+            return  # the first full reading is under way
         if head in ("RDY", "^SYSSTART", "+QUSIM", "+UUSIMSTAT", "^SIMST"):
             self.dirty.set()
         elif head == "+CPIN":
             value = payload.strip().strip('"').upper()
-            if info is None or value != "READY" or info.sim_state != "ready":
+            if value != "READY" or info.sim_state != "ready":
                 self.dirty.set()
         elif head in ("+CREG", "+CEREG", "+CGREG"):
             fields = split_fields(payload)
@@ -286,7 +291,7 @@ class _Poller:
             if not stat.isdigit():
                 return
             now_registered = REGISTRATION.get(int(stat), "unknown") in REGISTERED
-            was_registered = info is not None and info.registration in REGISTERED
+            was_registered = info.registration in REGISTERED
             if now_registered != was_registered:
                 self.dirty.set()
 
@@ -329,9 +334,9 @@ class _Poller:
             else:
                 log.warning("modem %s: %s: %s", port, new, error)
             if new == "unreachable":
-                events.append(("modem_unreachable", {"port": port, "error": error}))
+                events.append(("modem_unreachable", {"error": error}))
             elif new in ANSWERING and old in ("unreachable", "error"):
-                events.append(("modem_recovered", {"port": port, "after": old}))
+                events.append(("modem_recovered", {"after": old}))
             if new == "no_sim":
                 events.append(("sim_removed", {"iccid": self.known_iccid, "previous": old}))
             elif old == "no_sim" and new in ANSWERING:
@@ -363,7 +368,8 @@ class _Poller:
             data = None
         if data is None and not events:
             return
-        encoded = [(kind, orjson.dumps({"port": port, **d})) for kind, d in events]
+        events = [(kind, {"port": port, **d}) for kind, d in events]
+        encoded = [(kind, orjson.dumps(d)) for kind, d in events]
         try:
             await asyncio.wrap_future(self.store.call(write_snapshot, now, new, data, encoded))
         except (GatewayError, sqlite3.Error) as exc:

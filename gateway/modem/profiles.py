@@ -120,9 +120,9 @@ def decode_iccid(raw: str) -> str:
     for i, c in enumerate(s):
         if c.isdigit():
             continue
-        # Some issuers (China Mobile) use BCD's A-F range inside the issuer number; the
-        # padding F sits at the end (or, nibble-swapped, one before it).
-        if (2 <= i < 18 and c in _HEX) or (i >= 18 and c == "F"):
+        # Some issuers (China Mobile) use BCD's A-F range in the issuer part near the
+        # start; the padding F sits at the end (or, nibble-swapped, one before it).
+        if (2 <= i < 12 and c in _HEX) or (i >= 18 and c == "F"):
             continue
         raise AtParseError(f"ICCID has an invalid character {c!r}: {raw!r}")
     if s.startswith("98"):

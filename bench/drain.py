@@ -1,0 +1,350 @@
+"""Backlog drain: N packets preloaded into a stopped consumer's session, then drained.
+
+    .venv/bin/python bench/drain.py [--n 200000] [--profiles ingest,bulk,monoz]
+
+Every consumer gets the same backlog on its own persistent session, on one mosquitto
+started here on a free loopback port. Baselines in the same run:
+  mosquitto_sub  `mosquitto_sub -c -q 1 -C N` (the broker's ceiling)
+  bare paho      paho MQTT 5, manual ack, acks sent in groups of 500, stores nothing
+Gateway rows:
+  ingest         gateway with no webhook: packets/s committed to SQLite and acknowledged
+  bulk / monoz   gateway delivering to a local aiohttp sink (50 ms/500 and 1 s/10)
+Prints a table and one JSON line. Only loopback; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psutil
+from aiohttp import web
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "devices/{}/up"
+PAYLOAD = b'{"temp":21.5,"hum":40,"bat":97,"lat":35.6812,"lon":139.7671,"n":123456}'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n"
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.05)
+    raise SystemExit("mosquitto did not start")
+
+
+def register_session(port: int, client_id: str, topic: str = "devices/+/up") -> None:
+    """Create a persistent session with a QoS 1 subscription, then go offline."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    c.loop_start()
+    c.subscribe(topic, qos=1)[1]
+    time.sleep(0.3)
+    c.disconnect()
+    c.loop_stop()
+
+
+def register_mosquitto_sub(port: int, client_id: str) -> None:
+    subprocess.run(
+        [
+            "mosquitto_sub",
+            "-p",
+            str(port),
+            "-c",
+            "-i",
+            client_id,
+            "-q",
+            "1",
+            "-t",
+            "devices/+/up",
+            "-W",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def preload(port: int, n: int) -> float:
+    """Publish n QoS 1 packets; returns seconds taken."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    began = time.monotonic()
+    for start in range(0, n, 10_000):  # chunks: paho refuses an unbounded queue
+        infos = [
+            c.publish(TOPIC.format(f"898110000000{i % 1000:07d}"), PAYLOAD, qos=1)
+            for i in range(start, min(n, start + 10_000))
+        ]
+        for info in infos:
+            info.wait_for_publish(120)
+    took = time.monotonic() - began
+    c.disconnect()
+    c.loop_stop()
+    return took
+
+
+def run_mosquitto_sub(port: int, client_id: str, n: int) -> float:
+    began = time.monotonic()
+    subprocess.run(
+        [
+            "mosquitto_sub",
+            "-p",
+            str(port),
+            "-c",
+            "-i",
+            client_id,
+            "-q",
+            "1",
+            "-t",
+            "devices/+/up",
+            "-C",
+            str(n),
+            "-W",
+            "600",
+        ],
+        stdout=subprocess.DEVNULL,
+        check=True,
+    )
+    return time.monotonic() - began
+
+
+def run_bare_paho(port: int, client_id: str, n: int) -> float:
+    done = threading.Event()
+    pending: list[int] = []
+    count = 0
+
+    def on_message(c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        nonlocal count
+        pending.append(msg.mid)
+        count += 1
+        if len(pending) >= 500 or count >= n:
+            for mid in pending:
+                c.ack(mid, 1)
+            pending.clear()
+        if count >= n:
+            done.set()
+
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
+    )
+    c.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    props.ReceiveMaximum = 1000
+    began = time.monotonic()
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    c.loop_start()
+    done.wait(600)
+    took = time.monotonic() - began
+    c.disconnect()
+    c.loop_stop()
+    return took
+
+
+class Sink:
+    """aiohttp receiver in a thread that counts records."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        async def handle(req: web.Request) -> web.Response:
+            body = json.loads(await req.read())
+            self.records += len(body) if isinstance(body, list) else 1
+            return web.Response(text="ok")
+
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/{t:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self.loop.run_forever()
+
+
+def gateway_config(path: Path, port: int, state: Path, client_id: str, hook: str) -> None:
+    path.write_text(f"""
+[gateway]
+state_dir = "{state}"
+max_buffer_mb = 4096
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+client_id = "{client_id}"
+[web]
+enabled = false
+{hook}
+""")
+
+
+def run_gateway(cfg: Path, state: Path, n: int, sink: Sink | None) -> dict[str, float]:
+    db = state / "gateway.db"
+    began = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "run", "-c", str(cfg)],
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    io0 = None
+    deadline = time.monotonic() + 900
+    try:
+        while time.monotonic() < deadline:
+            try:
+                peak = max(peak, ps.memory_info().rss)
+                io = ps.io_counters()
+                io0 = io0 or io
+            except psutil.Error:
+                pass
+            if sink is not None:
+                if sink.records >= n:
+                    break
+            elif db.exists():
+                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                try:
+                    got = conn.execute(
+                        "SELECT value FROM counters WHERE name='packets_received'"
+                    ).fetchone()
+                except sqlite3.Error:
+                    got = None
+                conn.close()
+                if got and got[0] >= n:
+                    break
+            time.sleep(0.02)
+        took = time.monotonic() - began
+        io1 = ps.io_counters()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    written = io1.write_bytes - (io0.write_bytes if io0 else 0)
+    return {"seconds": took, "peak_rss_mb": peak / 1e6, "disk_bytes_per_packet": written / n}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--profiles", default="ingest,bulk,monoz")
+    args = ap.parse_args()
+    if shutil.which("mosquitto") is None or shutil.which("mosquitto_sub") is None:
+        raise SystemExit("needs Debian's mosquitto and mosquitto-clients")
+    n = args.n
+    work = Path(tempfile.mkdtemp(prefix="drain-"))
+    broker, port = start_broker(work)
+    rows: list[dict[str, object]] = []
+    try:
+
+        def measure(name: str, register: object, consume: object) -> None:
+            register()  # type: ignore[operator]
+            pub_s = preload(port, n)
+            result = consume()  # type: ignore[operator]
+            if isinstance(result, float):
+                result = {"seconds": result}
+            rate = n / result["seconds"]
+            rows.append(
+                {"consumer": name, "packets": n, "rate": rate, "preload_s": pub_s, **result}
+            )
+            print(f"  {name:<14} {rate:>10,.0f} packets/s", file=sys.stderr, flush=True)
+
+        measure(
+            "mosquitto_sub",
+            lambda: register_mosquitto_sub(port, "b-sub"),
+            lambda: run_mosquitto_sub(port, "b-sub", n),
+        )
+        measure(
+            "bare paho",
+            lambda: register_session(port, "b-paho"),
+            lambda: run_bare_paho(port, "b-paho", n),
+        )
+        hooks = {
+            "ingest": "",
+            "bulk": "batch = { window_ms = 50, max_items = 500 }",
+            "monoz": "batch = { window_ms = 1000, max_items = 10 }",
+        }
+        for prof in args.profiles.split(","):
+            state = work / f"state-{prof}"
+            cfg = work / f"{prof}.toml"
+            sink = Sink() if prof != "ingest" else None
+            hook = (
+                ""
+                if sink is None
+                else (
+                    f'[[webhooks]]\nname = "sink"\nurl = "http://127.0.0.1:{sink.port}/in"\n'
+                    f"{hooks[prof]}\nconcurrency = 4\n"
+                )
+            )
+            gateway_config(cfg, port, state, f"gw-{prof}", hook)
+            measure(
+                f"gateway {prof}",
+                lambda p=prof: register_session(port, f"gw-{p}"),
+                lambda c=cfg, s=state, k=sink: run_gateway(c, s, n, k),
+            )
+    finally:
+        broker.terminate()
+        broker.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+    paho_rate = next(r["rate"] for r in rows if r["consumer"] == "bare paho")
+    sub_rate = next(r["rate"] for r in rows if r["consumer"] == "mosquitto_sub")
+    print(
+        f"\nbacklog drain, {n:,} packets of {len(PAYLOAD)} bytes, "
+        f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"
+    )
+    print(
+        f"{'consumer':<16}{'packets/s':>12}{'x paho':>8}{'x sub':>8}{'peak RSS MB':>13}"
+        f"{'disk B/pkt':>12}"
+    )
+    for r in rows:
+        rate = float(r["rate"])  # type: ignore[arg-type]
+        rss = f"{r['peak_rss_mb']:.1f}" if "peak_rss_mb" in r else "-"
+        disk = f"{r['disk_bytes_per_packet']:.0f}" if "disk_bytes_per_packet" in r else "-"
+        print(
+            f"{r['consumer']:<16}{rate:>12,.0f}{rate / paho_rate:>8.2f}{rate / sub_rate:>8.2f}"
+            f"{rss:>13}{disk:>12}"
+        )
+    print(json.dumps({"bench": "drain", "n": n, "payload_bytes": len(PAYLOAD), "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,8 +14,9 @@ COMMANDS = {
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m firmware_sim {" + ",".join(COMMANDS) + "} [options]",
-              file=sys.stderr)
+        print(
+            "usage: python -m firmware_sim {" + ",".join(COMMANDS) + "} [options]", file=sys.stderr
+        )
         return 2
     module = importlib.import_module(COMMANDS[argv[0]])
     return int(module.main(argv[1:]))

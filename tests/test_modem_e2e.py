@@ -430,6 +430,12 @@ async def test_poller_starts_before_the_modem_exists(
     emu = emulator("quectel", link=link)
     emu.start_pty()
     await h.wait_state("ok")
+    # The state turns ok a moment before the recovery event is recorded: wait for it.
+    await until(
+        lambda: h.kinds()[:2] == ["modem_unreachable", "modem_recovered"],
+        f"unreachable then recovered events (got {h.kinds()})",
+        10.0,
+    )
     assert h.kinds()[:2] == ["modem_unreachable", "modem_recovered"]
 
 

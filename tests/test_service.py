@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,11 @@ def test_modem_section_starts_the_poller_and_snapshots_land_in_the_store(
         def snapshot() -> dict[str, object] | None:
             if not db.exists():
                 return None
-            rows = db_rows(db, "SELECT state, data FROM modem_snapshots WHERE state = 'ok'")
+            try:
+                rows = db_rows(db, "SELECT state, data FROM modem_snapshots WHERE state = 'ok'")
+            except sqlite3.OperationalError:
+                return None  # the file exists before its schema does
+
             return json.loads(str(rows[-1][1])) if rows else None
 
         data = wait_for(snapshot, timeout=30, what="an ok modem snapshot")

@@ -319,7 +319,7 @@ class Fleet:
         self._events.put(("puback", dev.index, mid))
 
     def stop(self) -> None:
-        """Stop generating readings; run() then drains and returns. Thread-safe."""
+        """Stop generating readings for good; run() then drains and returns. Thread-safe."""
         self._stop.set()
 
     def stats(self) -> FleetStats:
@@ -414,7 +414,8 @@ class Fleet:
             dev.client.loop_start()
         try:
             while due and not self._stop.is_set():
-                self._wait_events(min(min(due)[0], end), first)
+                # Short slices, so stop() is seen soon even at very low rates.
+                self._wait_events(min(min(due)[0], end, time.monotonic() + 0.25), first)
                 now = time.monotonic()
                 if now >= end:
                     break

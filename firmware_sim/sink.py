@@ -585,12 +585,12 @@ def _args(argv: list[str]) -> argparse.Namespace:
 
 
 async def _serve(sink: Sink) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(s, stop.set)
     async with sink:
         print(f"sink: listening on {sink.url}", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(s, stop.set)
         await stop.wait()
     c = sink.counters
     print(

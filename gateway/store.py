@@ -29,7 +29,7 @@ from gateway.errors import StoreError
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 COUNTERS = (
     "packets_received",
@@ -162,7 +162,44 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1}
+def _migrate_v2(db: sqlite_utils.Database) -> None:
+    # Usage CDRs, one row per record; `data` is the Monogoto record exactly as delivered.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS cdrs (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " unique_id TEXT NOT NULL UNIQUE, ts_ms INTEGER NOT NULL, iccid TEXT NOT NULL,"
+        " usage INTEGER NOT NULL, data TEXT NOT NULL, period_start_ns INTEGER NOT NULL,"
+        " period_end_ns INTEGER NOT NULL)"
+    )
+    _table(db, "cdrs").create_index(["ts_ms"], if_not_exists=True)
+    # The CDR builder's memory: last counter reading and usage not yet in a CDR (one row).
+    _table(db, "cdr_state").create(
+        {
+            "id": int,
+            "iccid": str,
+            "counter_source": str,
+            "tx_bytes": int,
+            "rx_bytes": int,
+            "pending": int,
+            "period_start_ns": int,
+            "identity": str,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    # CDR report exports; the download token is kept only as its SHA-256.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS reports (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " name TEXT NOT NULL, task_id INTEGER NOT NULL, token_sha256 TEXT NOT NULL,"
+        " file_name TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL DEFAULT 0,"
+        " lines INTEGER NOT NULL DEFAULT 0, period_start_ns INTEGER NOT NULL,"
+        " period_end_ns INTEGER NOT NULL, created_ns INTEGER NOT NULL,"
+        " valid_until_ns INTEGER NOT NULL, error TEXT NOT NULL DEFAULT '',"
+        " callback_url TEXT NOT NULL DEFAULT '')"
+    )
+    _table(db, "reports").create_index(["token_sha256"], if_not_exists=True)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2}
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:

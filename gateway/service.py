@@ -7,7 +7,8 @@ import contextlib
 import logging
 import signal
 
-from gateway import delivery, ingest
+from gateway import __version__, cdr, delivery, ingest, reports
+from gateway import store as st
 from gateway.config import Config
 from gateway.store import Store
 
@@ -35,6 +36,8 @@ async def run(cfg: Config) -> None:
         http = await stack.enter_async_context(delivery.client_session())
         await stack.enter_async_context(ingest.running(cfg.mqtt, store))
         log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))
+        store.run_sync(st.add_event, "gateway_started", {"version": __version__})
+        stack.callback(_record_stop, store)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
                 delivery.run(cfg.webhooks, store, http, cfg.mqtt.payload_encoding, wake),
@@ -43,8 +46,19 @@ async def run(cfg: Config) -> None:
             if cfg.modem is not None:
                 from gateway.modem import poller
 
-                tg.create_task(poller.run(cfg.modem, store), name="modem")
+                tg.create_task(poller.run(cfg.modem, store, cdr_cfg=cfg.cdr), name="modem")
+                tg.create_task(cdr.run(cfg.cdr, store, wake), name="cdr")
+            if cfg.reports:
+                tg.create_task(reports.run_schedule(cfg, store, wake), name="reports")
     log.info("gateway stopped")
+
+
+def _record_stop(store: Store) -> None:
+    """The gateway_stopped event (delivered to events webhooks on the next start)."""
+    try:
+        store.run_sync(st.add_event, "gateway_stopped", {"version": __version__})
+    except Exception as exc:  # the store may be failing; stopping must go on
+        log.warning("cannot record the stop event: %s", exc)
 
 
 def main(cfg: Config) -> int:

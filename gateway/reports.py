@@ -154,8 +154,8 @@ def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int)
     with transaction(conn):
         conn.execute(
             "INSERT INTO reports(name, task_id, token_sha256, file_name, path, size, lines,"
-            " period_start_ns, period_end_ns, created_ns, valid_until_ns, error, callback_url,"
-            " first_cdr_id, last_cdr_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " period_start_ns, period_end_ns, created_ns, valid_until_ns, error, first_cdr_id,"
+            " last_cdr_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 rc.name,
                 rc.task_id,
@@ -169,7 +169,6 @@ def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int)
                 now_ns,
                 valid_until,
                 error,
-                "" if error else url,
                 int(rows[0][0]) if rows else 0,
                 # A failed export leaves its CDRs to the next run.
                 last_id if not error else int(last),

@@ -198,7 +198,7 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
         " lines INTEGER NOT NULL DEFAULT 0, period_start_ns INTEGER NOT NULL,"
         " period_end_ns INTEGER NOT NULL, created_ns INTEGER NOT NULL,"
         " valid_until_ns INTEGER NOT NULL, error TEXT NOT NULL DEFAULT '',"
-        " callback_url TEXT NOT NULL DEFAULT '', first_cdr_id INTEGER NOT NULL DEFAULT 0,"
+        " first_cdr_id INTEGER NOT NULL DEFAULT 0,"
         " last_cdr_id INTEGER NOT NULL DEFAULT 0)"
     )
     _table(db, "reports").create_index(["token_sha256"], if_not_exists=True)

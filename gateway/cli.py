@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from gateway import __version__
@@ -51,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--devices", type=int, default=10)
     demo.add_argument("--rate", type=float, default=1.0, help="packets/s per device")
     demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+    demo.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="auto: mosquitto when installed, else the embedded amqtt broker",
+    )
+    demo.add_argument("--workdir", type=Path, default=None, help="use (and keep) this directory")
+    demo.add_argument("--cdr-interval", type=float, default=None, help="seconds per CDR")
+    demo.add_argument("--report-every", type=float, default=None, help="seconds per report")
 
     dlq = sub.add_parser("dlq", help="dead letters")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True)
@@ -214,7 +224,16 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from gateway import demo
 
-        return demo.run(args.duration, args.devices, args.rate, args.keep)
+        return demo.run(
+            args.duration,
+            args.devices,
+            args.rate,
+            args.keep,
+            broker=args.broker,
+            workdir=args.workdir,
+            cdr_interval_s=args.cdr_interval,
+            report_every_s=args.report_every,
+        )
     if args.command == "cdr":
         return _cdr_cmd(args)
     if args.command == "dlq":

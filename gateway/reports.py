@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from gateway import cdr, formats
+from gateway import store as st
 from gateway.config import Config, ReportConfig
 from gateway.delivery import new_webhook_id
 from gateway.errors import GatewayError
@@ -175,6 +176,11 @@ def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int)
             ),
         )
         if rc.webhook:
+            st.ensure_stats(conn, rc.webhook)
+            conn.execute(
+                "UPDATE webhook_stats SET hits = hits + 1, last_hit_ns = ? WHERE name = ?",
+                (now_ns, rc.webhook),
+            )
             conn.execute(
                 "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
                 " attempts, created_ns, next_at_ns) VALUES (?,?,'reports','[]',NULL,1,1,?,0,?,0)",

@@ -631,17 +631,22 @@ def dumps(value: Any) -> str:
 _PACKET_COLS = "id, recv_ns, topic, iccid, payload"
 
 
+def ensure_stats(conn: sqlite3.Connection, name: str) -> None:
+    """A zeroed webhook_stats row for a webhook (inside the caller's transaction)."""
+    conn.execute(
+        "INSERT OR IGNORE INTO webhook_stats(name, hits, requests_ok, requests_failed,"
+        " retried, delivered, dead, disabled) VALUES (?, 0, 0, 0, 0, 0, 0, 0)",
+        (name,),
+    )
+
+
 def ensure_route(conn: sqlite3.Connection, name: str, source: str) -> int:
     """The route's cursor (last record id it has taken), creating the route at 0."""
     with transaction(conn):
         conn.execute(
             "INSERT OR IGNORE INTO routes(name, source, cursor) VALUES (?, ?, 0)", (name, source)
         )
-        conn.execute(
-            "INSERT OR IGNORE INTO webhook_stats(name, hits, requests_ok, requests_failed,"
-            " retried, delivered, dead, disabled) VALUES (?, 0, 0, 0, 0, 0, 0, 0)",
-            (name,),
-        )
+        ensure_stats(conn, name)
         conn.execute(
             "UPDATE webhook_stats SET disabled = 0, disabled_reason = '' WHERE name = ?", (name,)
         )

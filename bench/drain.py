@@ -215,11 +215,18 @@ enabled = false
 """)
 
 
-def run_gateway(cfg: Path, state: Path, n: int, sink: Sink | None) -> dict[str, float]:
+def run_gateway(
+    cfg: Path, state: Path, n: int, sink: Sink | None, py_spy: Path | None = None
+) -> dict[str, float]:
     db = state / "gateway.db"
     began = time.monotonic()
+    cmd = [sys.executable, "-m", "gateway", "run", "-c", str(cfg)]
+    if py_spy is not None:
+        # Collapsed stacks of every thread, for a look at where the time goes.
+        cmd = ["py-spy", "record", "--threads", "--format", "raw", "--rate", "200",
+               "-o", str(py_spy), "--", *cmd]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "-c", str(cfg)],
+        cmd,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
     )
@@ -265,6 +272,10 @@ def main() -> int:
     )
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--profiles", default="ingest,bulk,monoz")
+    ap.add_argument(
+        "--py-spy", type=Path, default=None, metavar="DIR", help="profile each gateway run"
+    )
+    ap.add_argument("--no-baselines", action="store_true", help="gateway rows only")
     args = ap.parse_args()
     if shutil.which("mosquitto") is None or shutil.which("mosquitto_sub") is None:
         raise SystemExit("needs Debian's mosquitto and mosquitto-clients")
@@ -286,16 +297,17 @@ def main() -> int:
             )
             print(f"  {name:<14} {rate:>10,.0f} packets/s", file=sys.stderr, flush=True)
 
-        measure(
-            "mosquitto_sub",
-            lambda: register_mosquitto_sub(port, "b-sub"),
-            lambda: run_mosquitto_sub(port, "b-sub", n),
-        )
-        measure(
-            "bare paho",
-            lambda: register_session(port, "b-paho"),
-            lambda: run_bare_paho(port, "b-paho", n),
-        )
+        if not args.no_baselines:
+            measure(
+                "mosquitto_sub",
+                lambda: register_mosquitto_sub(port, "b-sub"),
+                lambda: run_mosquitto_sub(port, "b-sub", n),
+            )
+            measure(
+                "bare paho",
+                lambda: register_session(port, "b-paho"),
+                lambda: run_bare_paho(port, "b-paho", n),
+            )
         hooks = {
             "ingest": "",
             "bulk": "batch = { window_ms = 50, max_items = 500 }",
@@ -317,15 +329,18 @@ def main() -> int:
             measure(
                 f"gateway {prof}",
                 lambda p=prof: register_session(port, f"gw-{p}"),
-                lambda c=cfg, s=state, k=sink: run_gateway(c, s, n, k),
+                lambda c=cfg, s=state, k=sink, p=prof: run_gateway(
+                    c, s, n, k, args.py_spy / f"{p}.txt" if args.py_spy else None
+                ),
             )
     finally:
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
-    paho_rate = next(r["rate"] for r in rows if r["consumer"] == "bare paho")
-    sub_rate = next(r["rate"] for r in rows if r["consumer"] == "mosquitto_sub")
+    # Without baselines the ratio columns are against nothing: shown as nan.
+    paho_rate = next((r["rate"] for r in rows if r["consumer"] == "bare paho"), float("nan"))
+    sub_rate = next((r["rate"] for r in rows if r["consumer"] == "mosquitto_sub"), float("nan"))
     print(
         f"\nbacklog drain, {n:,} packets of {len(PAYLOAD)} bytes, "
         f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"

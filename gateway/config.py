@@ -30,6 +30,8 @@ class GatewaySection:
     on_full: str = "backpressure"
     commit_max_packets: int = 2000
     log_level: str = "info"
+    log_format: str = "text"
+    min_free_mb: float = 64.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,6 +633,8 @@ def parse(raw: dict[str, Any], env: Mapping[str, str] | None = None, source: str
         on_full=_choice("backpressure", "drop_oldest"),
         commit_max_packets=_int(1, 100_000),
         log_level=_choice("debug", "info", "warning", "error"),
+        log_format=_choice("text", "json"),
+        min_free_mb=_float(0, None),
     )
 
     m = None

@@ -92,6 +92,15 @@ def _print_status(snap: dict[str, Any]) -> None:
     b = snap["buffer"]
     if b.get("max_bytes"):
         print(f"buffer   {b['bytes'] / 1e6:.1f} MB of {b['max_bytes'] / 1e6:.0f} MB")
+    disk = snap.get("storage")
+    if disk:
+        free = f"{disk['free_bytes'] / 1e6:.1f} MB free" if "free_bytes" in disk else "?"
+        print(f"storage  {free} on {disk['state_dir']}  {disk['problem'] or 'ok'}")
+        last = disk.get("last_write_failure")
+        if last:
+            print(
+                f"         last write failure {last['since']} .. {last['until']}: {last['error']}"
+            )
     hooks = snap["webhooks"]
     if not hooks:
         print("webhooks (none configured: packets are stored and wait)")

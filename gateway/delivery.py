@@ -16,6 +16,7 @@ import gzip
 import logging
 import random
 import secrets
+import sqlite3
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -212,6 +213,16 @@ class PacketRoute:
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.store.call(fn, *args))
 
+    async def _db_write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A batch's bookkeeping, retried while the store cannot write (disk full):
+        giving up would send the batch again, and again, for as long as that lasts."""
+        while True:
+            try:
+                return await self._db(fn, *args)
+            except sqlite3.Error as exc:
+                log.error("webhook %s: store error, retrying: %s", self.cfg.name, exc)  # noqa: TRY400
+                await asyncio.sleep(1.0)
+
     # -- filling ----------------------------------------------------------------------
 
     def _wants(self, row: PacketRow) -> bool:
@@ -238,9 +249,19 @@ class PacketRoute:
         return self.filter(get)
 
     async def run(self) -> None:
-        """Resume unfinished batches, then keep turning new packets into batches."""
+        """Keep delivering; a store write that fails (disk full) is retried, not fatal."""
+        while True:
+            try:
+                await self._run()
+            except sqlite3.Error as exc:
+                # Nothing is lost: batches and cursor only move in committed transactions,
+                # and batches already being sent stay in `open`.
+                log.error("webhook %s: store error, retrying: %s", self.cfg.name, exc)  # noqa: TRY400
+                await asyncio.sleep(1.0)
+
+    async def _run(self) -> None:
         cursor: int = await self._db(st.ensure_route, self.cfg.name, "packets")
-        for b in await self._db(st.load_batches, self.cfg.name):
+        for b in await self._db(st.load_batches, self.cfg.name, list(self.open)):
             self._spawn(b, None)
         window_ns = self.cfg.batch.window_ms * 1_000_000
         last_rescan = time.monotonic()
@@ -347,7 +368,9 @@ class PacketRoute:
             records = max(1, body.count(b'"Timestamp"')) if body else 0
         if not body:
             # Every packet of this batch was evicted by drop_oldest; nothing to send.
-            await self._db(st.complete_batch, self.store, self.cfg.name, "packets", batch.id, 0)
+            await self._db_write(
+                st.complete_batch, self.store, self.cfg.name, "packets", batch.id, 0
+            )
             return
         policy = self.cfg.retry
         attempts = batch.attempts
@@ -365,7 +388,7 @@ class PacketRoute:
                 self.on_result(self.cfg.name, outcome)
             verdict = classify(policy, outcome)
             if verdict == "ok":
-                await self._db(
+                await self._db_write(
                     st.complete_batch,
                     self.store,
                     self.cfg.name,
@@ -379,7 +402,7 @@ class PacketRoute:
             if verdict == "gone":
                 self.disabled = f"receiver answered 410 Gone at {formats.iso_ms(time.time_ns())}"
                 log.error("webhook %s disabled: %s", self.cfg.name, self.disabled)
-                await self._db(st.set_disabled, self.cfg.name, self.disabled)
+                await self._db_write(st.set_disabled, self.cfg.name, self.disabled)
             age_s = (time.time_ns() - batch.created_ns) / 1e9
             delay = next_delay(policy, attempts, outcome.retry_after_s)
             reason = ""
@@ -390,7 +413,7 @@ class PacketRoute:
             elif age_s + delay > policy.max_age_s:
                 reason = "expired"
             if reason:
-                await self._db(
+                await self._db_write(
                     st.record_failure, self.cfg.name, batch.id, attempts, 0, outcome.status, error
                 )
                 log.warning(
@@ -411,7 +434,7 @@ class PacketRoute:
                     batch.created_ns,
                     0,
                 )
-                await self._db(
+                await self._db_write(
                     st.dead_letter,
                     self.store,
                     self.cfg.name,
@@ -425,7 +448,7 @@ class PacketRoute:
                 )
                 return
             next_at = time.time_ns() + int(delay * 1e9)
-            await self._db(
+            await self._db_write(
                 st.record_failure, self.cfg.name, batch.id, attempts, next_at, outcome.status, error
             )
             log.info(

@@ -25,6 +25,7 @@ async def run(cfg: Config) -> None:
                 max_buffer_bytes=int(cfg.gateway.max_buffer_mb * 1024 * 1024),
                 on_full=cfg.gateway.on_full,
                 commit_max_packets=cfg.gateway.commit_max_packets,
+                min_free_bytes=int(cfg.gateway.min_free_mb * 1024 * 1024),
             )
         )
 

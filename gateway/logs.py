@@ -216,7 +216,7 @@ class _State:
 
 
 _state = _State()
-secrets = Secrets()
+_secrets = Secrets()
 
 
 def under_journald(stream: TextIO) -> bool:
@@ -241,13 +241,13 @@ def setup(
 ) -> logging.Handler:
     """Install the gateway's one stderr handler on the root logger (replacing any)."""
     stream = stream or sys.stderr
-    secrets.add(secret_values)
+    _secrets.add(secret_values)
     handler = logging.StreamHandler(stream)
     formatter: logging.Formatter
     if fmt == "json":
-        formatter = JsonFormatter(secrets)
+        formatter = JsonFormatter(_secrets)
     else:
-        formatter = TextFormatter(secrets, journald=under_journald(stream))
+        formatter = TextFormatter(_secrets, journald=under_journald(stream))
     handler.setFormatter(formatter)
     repeats = RepeatFilter()
     handler.addFilter(repeats)
@@ -258,6 +258,11 @@ def setup(
     root.setLevel(level.upper())
     _state.handler, _state.repeats, _state.level_fixed = handler, repeats, level_fixed
     return handler
+
+
+def add_secrets(values: Iterable[str]) -> None:
+    """More values to mask (a reloaded config may bring new secrets)."""
+    _secrets.add(values)
 
 
 def apply_config_level(level: str) -> None:

@@ -10,14 +10,16 @@ import signal
 from gateway import delivery, ingest
 from gateway.config import Config
 from gateway.store import Store
+from gateway.supervisor import Supervisor
 
 log = logging.getLogger("gateway.service")
 
 
-async def run(cfg: Config) -> None:
+async def run(cfg: Config, sd: Supervisor | None = None) -> None:
     """Run until cancelled; on the way out commit and acknowledge what was taken."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
+    sd = sd or Supervisor(cfg)  # systemd: READY/STATUS/WATCHDOG, SIGHUP reload
     async with contextlib.AsyncExitStack() as stack:
         store = stack.enter_context(
             Store.open(
@@ -34,17 +36,21 @@ async def run(cfg: Config) -> None:
 
         store.on_change = wake_delivery
         http = await stack.enter_async_context(delivery.client_session())
-        await stack.enter_async_context(ingest.running(cfg.mqtt, store))
+        mqtt = await stack.enter_async_context(ingest.running(cfg.mqtt, store))
         log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
-                delivery.run(cfg.webhooks, store, http, cfg.mqtt.payload_encoding, wake),
+                # systemd: a SIGHUP that changes the webhooks restarts delivery with them.
+                sd.run_delivery(
+                    lambda hooks: delivery.run(hooks, store, http, cfg.mqtt.payload_encoding, wake)
+                ),
                 name="delivery",
             )
             if cfg.modem is not None:
                 from gateway.modem import poller
 
                 tg.create_task(poller.run(cfg.modem, store), name="modem")
+            tg.create_task(sd.run(store, mqtt), name="systemd")  # systemd: notify, watchdog
     log.info("gateway stopped")
 
 
@@ -55,10 +61,15 @@ def main(cfg: Config) -> int:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        sd = Supervisor(cfg)  # systemd: STOPPING=1 on the way out, SIGHUP reload
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await run(cfg)
+            loop.add_signal_handler(sig, sd.stop, task)
+        sd.add_signal_handlers(loop)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await run(cfg, sd)
+        finally:
+            sd.notify_stopping()
 
     asyncio.run(runner())
     return 0

@@ -83,7 +83,10 @@ def _log_options(p: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _load(args: argparse.Namespace) -> config_mod.Config:
-    return config_mod.load(args.config)
+    # Only `run` and `check-config` need the secrets: `status` and `dlq` read the store,
+    # and an operator runs them without the service's $CREDENTIALS_DIRECTORY.
+    need = args.command in ("run", "check-config")
+    return config_mod.load(args.config, need_secrets=need)
 
 
 def _print_status(snap: dict[str, Any]) -> None:

@@ -131,6 +131,27 @@ def test_example_config_passes_check_config_with_state_in_var_lib(tmp_path: Path
     assert effective["mqtt"]["password"] == ""
 
 
+def test_status_and_dlq_read_the_store_without_the_services_credentials(tmp_path: Path) -> None:
+    from gateway.store import Store
+
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(EXAMPLE.read_text().replace("/var/lib/edge-gateway", str(tmp_path / "state")))
+    with Store.open(tmp_path / "state"):
+        pass  # a store, as a gateway leaves it
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    for args in (("status", "--json"), ("dlq", "list")):
+        done = subprocess.run(
+            gateway_cmd(*args, "-c", str(cfg)), capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr
+    # The service itself, and check-config, still insist on every secret.
+    done = subprocess.run(
+        gateway_cmd("check-config", "-c", str(cfg)), capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2
+    assert "mqtt.password: cannot read secret file 'mqtt-password'" in done.stderr
+
+
 def tree(root: Path) -> dict[str, tuple[str, str]]:
     """Every file and link under root: (mode, content digest or link target)."""
     out = {}

@@ -50,7 +50,7 @@ DeliveryStarter = Callable[[Sequence[WebhookConfig]], Coroutine[Any, Any, None]]
 
 @dataclass(frozen=True, slots=True)
 class Figures:
-    """What the status line shows from the store."""
+    """What the status line shows from the store: packets stored, last delivery."""
 
     stored: int = 0
     last_delivery_ns: int = 0
@@ -183,7 +183,7 @@ class Supervisor:
                 parts.append("mqtt connected")
             else:
                 parts.append(f"mqtt not connected ({stats.last_error or 'connecting'})")
-        parts.append(f"stored {self._figures.stored}")
+        parts.append(f"backlog {self._figures.stored}")
         if self._figures.last_delivery_ns:
             at = time.strftime("%H:%M:%SZ", time.gmtime(self._figures.last_delivery_ns / 1e9))
             parts.append(f"last delivery {at}")

@@ -105,7 +105,7 @@ def test_gateway_speaks_sd_notify_reloads_webhooks_on_sighup_and_stops_pinging_w
         # READY=1 once the store is open and the first MQTT attempt is over, with a status.
         (_, ready), *_ = wait_for(lambda: notify_socket.having("READY"), what="READY=1")
         assert ready["READY"] == "1"
-        assert ready["STATUS"].startswith("mqtt connected, stored 0")
+        assert ready["STATUS"].startswith("mqtt connected, backlog 0")
         began = time.monotonic()
         wait_for(lambda: len(notify_socket.having("WATCHDOG", began)) >= 3, what="3 pings")
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from gateway import __version__, logs
@@ -53,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--devices", type=int, default=10)
     demo.add_argument("--rate", type=float, default=1.0, help="packets/s per device")
     demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+    demo.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="auto: mosquitto when installed, else the embedded amqtt broker",
+    )
+    demo.add_argument("--workdir", type=Path, default=None, help="use (and keep) this directory")
+    demo.add_argument("--cdr-interval", type=float, default=None, help="seconds per CDR")
+    demo.add_argument("--report-every", type=float, default=None, help="seconds per report")
 
     dlq = sub.add_parser("dlq", help="dead letters")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True)
@@ -64,7 +74,86 @@ def _parser() -> argparse.ArgumentParser:
     with_config(dr)
     dr.add_argument("--webhook")
     dr.add_argument("--id", type=int, action="append", default=[])
+    cdr = sub.add_parser("cdr", help="usage CDRs and CDR reports")
+    csub = cdr.add_subparsers(dest="cdr_command", required=True)
+    cl = csub.add_parser("list", help="list usage CDRs")
+    with_config(cl)
+    cl.add_argument(
+        "--since", default="", help="ISO date/time (UTC), epoch ms, or an age such as 24h"
+    )
+    cl.add_argument("--json", action="store_true")
+    ce = csub.add_parser("export", help="export a [[reports]] entry now and queue its notice")
+    with_config(ce)
+    ce.add_argument("--report", required=True, help="the [[reports]] name")
     return p
+
+
+def _since_ms(text: str) -> int:
+    """--since as epoch ms: '', epoch ms, an ISO date/time (UTC when no zone), or an age."""
+    import datetime as dt
+    import re
+    import time
+
+    text = text.strip()
+    if not text:
+        return 0
+    if text.isdigit():
+        return int(text)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m|h|d)", text)
+    if m:
+        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return int((time.time() - float(m.group(1)) * scale) * 1000)
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise GatewayError(
+            f"--since: expected an ISO date/time, epoch ms or an age such as 24h, got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _cdr_cmd(args: argparse.Namespace) -> int:
+    from gateway import cdr, formats, reports
+
+    cfg = _load(args)
+    if args.cdr_command == "list":
+        since = _since_ms(args.since)
+        conn = store_mod.connect(cfg.db_path, readonly=True) if cfg.db_path.exists() else None
+        rows = cdr.list_cdrs(conn, since, limit=100_000) if conn else []
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            ts = formats.iso_ms(r["Timestamp"] * 1_000_000)
+            print(f"{r['UniqueID']}  {ts}  {r['Iccid']:<20}  {r['Usage']:>12} B  {r['MnoName']}")
+        print(f"{len(rows)} CDR(s), {sum(r['Usage'] for r in rows)} bytes")
+        return 0
+    rc = next((r for r in cfg.reports if r.name == args.report), None)
+    if rc is None:
+        names = ", ".join(r.name for r in cfg.reports) or "none configured"
+        raise GatewayError(f"--report: no [[reports]] entry named {args.report!r} ({names})")
+    import time
+
+    conn = store_mod.connect(cfg.db_path)
+    try:
+        store_mod.migrate(conn)
+        out = reports.export(conn, cfg, rc, time.time_ns())
+    finally:
+        conn.close()
+    n = out.notice
+    if n["error"]:
+        print(f"report {rc.name}: {n['error']}", file=sys.stderr)
+    else:
+        print(
+            f"report {rc.name}: {n['fileName']}, {n['numberOfLines']} CDR(s), "
+            f"{n['fileSizeInBytes']} bytes at {out.path}"
+        )
+        print(f"download (until {n['validUntil']}): {out.url}")
+    if rc.webhook:
+        print(f"notice queued for webhook {rc.webhook!r} (sent by the running gateway)")
+    return 1 if n["error"] else 0
 
 
 def _log_options(p: argparse.ArgumentParser, default: Any) -> None:
@@ -161,7 +250,18 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from gateway import demo
 
-        return demo.run(args.duration, args.devices, args.rate, args.keep)
+        return demo.run(
+            args.duration,
+            args.devices,
+            args.rate,
+            args.keep,
+            broker=args.broker,
+            workdir=args.workdir,
+            cdr_interval_s=args.cdr_interval,
+            report_every_s=args.report_every,
+        )
+    if args.command == "cdr":
+        return _cdr_cmd(args)
     if args.command == "dlq":
         cfg = _load(args)
         if args.dlq_command == "list":

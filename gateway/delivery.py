@@ -25,12 +25,12 @@ from typing import Any
 
 import aiohttp
 
-from gateway import __version__, formats, signing
+from gateway import __version__, formats, signing, sources
 from gateway import store as st
 from gateway.config import RetryPolicy, WebhookConfig
-from gateway.formats import PayloadOptions
-from gateway.routes import MISSING, Filter, lookup
-from gateway.store import Batch, PacketRow, Store
+from gateway.routes import Filter
+from gateway.sources import Row, Source, ts_ns
+from gateway.store import Batch, Store
 
 log = logging.getLogger("gateway.delivery")
 
@@ -182,8 +182,9 @@ class Sender:
             )
 
 
-class PacketRoute:
-    """Packets → one webhook: window batching, persistence, sending, retries."""
+class Route:
+    """One webhook's records (packets, CDRs, events or report notices): window batching,
+    persistence, sending, retries."""
 
     FETCH_LIMIT = 5000
 
@@ -192,15 +193,15 @@ class PacketRoute:
         cfg: WebhookConfig,
         store: Store,
         sender: Sender,
-        payload_encoding: str,
+        source: Source,
         wake: asyncio.Event,
         on_result: Callable[[str, Outcome], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.sender = sender
+        self.source = source
         self.wake = wake
-        self.opts = PayloadOptions(payload_encoding, cfg.id_field, cfg.iccid_as)
         self.filter = Filter(cfg.when)
         self.max_open = max(cfg.concurrency * 4, 8)
         self.open: dict[str, asyncio.Task[None]] = {}
@@ -225,28 +226,8 @@ class PacketRoute:
 
     # -- filling ----------------------------------------------------------------------
 
-    def _wants(self, row: PacketRow) -> bool:
-        if self.filter.empty:
-            return True
-        decoded: Any = MISSING
-
-        def get(name: str) -> Any:
-            nonlocal decoded
-            if name == "topic":
-                return row.topic
-            if name == "iccid":
-                return row.iccid
-            if name == "size":
-                return len(row.payload)
-            if name == "payload":
-                return formats.encode_payload(row.payload, self.opts.encoding)[0]
-            if name.startswith("payload."):
-                if decoded is MISSING:
-                    decoded = formats.decoded_payload(row.payload, self.opts.encoding)
-                return lookup(decoded, name[8:]) if decoded is not None else MISSING
-            return MISSING
-
-        return self.filter(get)
+    def _wants(self, row: Row) -> bool:
+        return self.filter.empty or self.filter(self.source.getter(row))
 
     async def run(self) -> None:
         """Keep delivering; a store write that fails (disk full) is retried, not fatal."""
@@ -260,7 +241,8 @@ class PacketRoute:
                 await asyncio.sleep(1.0)
 
     async def _run(self) -> None:
-        cursor: int = await self._db(st.ensure_route, self.cfg.name, "packets")
+        """Resume unfinished batches, then keep turning new records into batches."""
+        cursor: int = await self._db(st.ensure_route, self.cfg.name, self.source.name)
         for b in await self._db(st.load_batches, self.cfg.name, list(self.open)):
             self._spawn(b, None)
         window_ns = self.cfg.batch.window_ms * 1_000_000
@@ -279,21 +261,21 @@ class PacketRoute:
                     await asyncio.wait_for(self._slot_freed.wait(), 1.0)
                 continue
             limit = min(self.FETCH_LIMIT, room * self.cfg.batch.max_items)
-            rows: list[PacketRow] = await self._db(st.fetch_packets, cursor, limit)
+            rows: list[Row] = await self._db(self.source.fetch, cursor, limit)
             if not rows:
                 self.wake.clear()
-                rows = await self._db(st.fetch_packets, cursor, limit)
+                rows = await self._db(self.source.fetch, cursor, limit)
                 if not rows:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), 1.0)
                     continue
             if window_ns:
-                end = rows[0].recv_ns + window_ns
+                end = ts_ns(rows[0]) + window_ns
                 wait_ns = min(end - time.time_ns(), window_ns)
                 if wait_ns > 0 and not self._continuing_window:
                     await asyncio.sleep(wait_ns / 1e9)
                     continue
-                taken = [r for r in rows if r.recv_ns < end]
+                taken = [r for r in rows if ts_ns(r) < end]
                 # The window holds more than one fetch: every request of it is an array.
                 more_in_window = len(taken) == len(rows) == limit
             else:
@@ -301,7 +283,7 @@ class PacketRoute:
                 more_in_window = False
             cursor = await self._take(taken, cursor, more_in_window)
 
-    async def _take(self, rows: Sequence[PacketRow], cursor: int, more: bool) -> int:
+    async def _take(self, rows: Sequence[Row], cursor: int, more: bool) -> int:
         matched = [r for r in rows if self._wants(r)]
         new_cursor = rows[-1].id
         if not matched:
@@ -322,11 +304,12 @@ class PacketRoute:
                 0,
                 now,
                 0,
+                len(matched[i : i + n]),
             )
             for i in range(0, len(matched), n)
         ]
         await self._db(
-            st.create_batches, self.cfg.name, "packets", batches, new_cursor, len(matched)
+            st.create_batches, self.cfg.name, self.source.name, batches, new_cursor, len(matched)
         )
         for i, b in enumerate(batches):
             self._spawn(b, matched[i * n : (i + 1) * n])
@@ -334,7 +317,7 @@ class PacketRoute:
 
     # -- sending ----------------------------------------------------------------------
 
-    def _spawn(self, batch: Batch, rows: Sequence[PacketRow] | None) -> None:
+    def _spawn(self, batch: Batch, rows: Sequence[Row] | None) -> None:
         task = asyncio.create_task(self._deliver(batch, rows), name=f"deliver:{batch.id}")
         self.open[batch.id] = task
 
@@ -346,30 +329,23 @@ class PacketRoute:
 
         task.add_done_callback(done)
 
-    async def _body(self, batch: Batch, rows: Sequence[PacketRow] | None) -> tuple[bytes, int, int]:
+    async def _body(self, batch: Batch, rows: Sequence[Row] | None) -> tuple[bytes, int, int]:
         """(body, records, decode failures) for a batch; rebuilt identically after a restart."""
         if batch.body is not None:
-            return batch.body, 0, 0
+            return batch.body, max(batch.count, 1), 0
         if rows is None:
-            rows = await self._db(st.packets_by_ids, list(batch.item_ids))
+            rows = await self._db(self.source.by_ids, list(batch.item_ids))
         if not rows:
             return b"", 0, 0
-        if self.cfg.format == "monoz":
-            body, failed = formats.monoz(rows, self.opts, single=batch.single)
-            return body, len(rows), failed
-        rec, failed = formats.packet_record(rows[0], self.opts)
-        if self.cfg.format == "envelope":
-            return formats.envelope(rec, self.cfg.meta, self.cfg.name, "packet"), 1, int(failed)
-        return formats.flat(rec), 1, int(failed)
+        body, failed = self.source.body(rows, self.cfg, batch.single)
+        return body, len(rows), failed
 
-    async def _deliver(self, batch: Batch, rows: Sequence[PacketRow] | None) -> None:
+    async def _deliver(self, batch: Batch, rows: Sequence[Row] | None) -> None:
         body, records, failed = await self._body(batch, rows)
-        if batch.body is not None:
-            records = max(1, body.count(b'"Timestamp"')) if body else 0
         if not body:
             # Every packet of this batch was evicted by drop_oldest; nothing to send.
             await self._db_write(
-                st.complete_batch, self.store, self.cfg.name, "packets", batch.id, 0
+                st.complete_batch, self.store, self.cfg.name, self.source.name, batch.id, 0
             )
             return
         policy = self.cfg.retry
@@ -392,7 +368,7 @@ class PacketRoute:
                     st.complete_batch,
                     self.store,
                     self.cfg.name,
-                    "packets",
+                    self.source.name,
                     batch.id,
                     records,
                     failed if attempts == 1 else 0,
@@ -433,12 +409,13 @@ class PacketRoute:
                     attempts,
                     batch.created_ns,
                     0,
+                    records,
                 )
                 await self._db_write(
                     st.dead_letter,
                     self.store,
                     self.cfg.name,
-                    "packets",
+                    self.source.name,
                     done,
                     body,
                     records,
@@ -484,13 +461,14 @@ async def run(
     wake: asyncio.Event,
     on_result: Callable[[str, Outcome], None] | None = None,
 ) -> None:
-    """Deliver packets to every packet webhook until cancelled."""
+    """Deliver records to every webhook until cancelled."""
     routes = [
-        PacketRoute(w, store, Sender(w, session), payload_encoding, wake, on_result)
+        Route(
+            w, store, Sender(w, session), sources.for_webhook(w, payload_encoding), wake, on_result
+        )
         for w in webhooks
-        if w.source == "packets"
     ]
-    store.set_packet_routes(r.cfg.name for r in routes)
+    store.set_packet_routes(r.cfg.name for r in routes if r.cfg.source == "packets")
     if not routes:
         await asyncio.Event().wait()
     try:

@@ -72,29 +72,70 @@ def _dump_toml(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def demo_config(base: Path, workdir: Path, broker_port: int, sink_port: int, web_port: int) -> Path:
-    """config/demo.toml with the demo's ports and a temporary state directory."""
+SECRET = "demo-secret"
+BASIC = "demo:demo-password"
+
+
+def demo_config(
+    base: Path,
+    workdir: Path,
+    ports: dict[str, int],
+    *,
+    modem_port: str,
+    mqtt_protocol: str = "5",
+    cdr_interval_s: float | None = None,
+    report_every_s: float | None = None,
+) -> Path:
+    """config/demo.toml with the demo's ports, modem and a temporary state directory."""
     doc = tomllib.loads(base.read_text(encoding="utf-8"))
     doc.setdefault("gateway", {})["state_dir"] = str(workdir / "state")
-    doc["mqtt"]["port"] = broker_port
+    doc["mqtt"]["port"] = ports["broker"]
+    doc["mqtt"]["protocol"] = mqtt_protocol
     for hook in doc.get("webhooks", []):
-        hook["url"] = hook["url"].replace("127.0.0.1:9000", f"127.0.0.1:{sink_port}")
-    doc.setdefault("web", {})["listen"] = f"127.0.0.1:{web_port}"
-    doc["web"]["public_url"] = f"http://127.0.0.1:{web_port}"
-    doc.pop("modem", None)  # the modem emulator joins the demo with the modem issue
+        hook["url"] = hook["url"].replace("127.0.0.1:9000", f"127.0.0.1:{ports['sink']}")
+    doc.setdefault("web", {})["listen"] = f"127.0.0.1:{ports['web']}"
+    doc["web"]["public_url"] = f"http://127.0.0.1:{ports['web']}"
+    doc.setdefault("modem", {})["port"] = modem_port
+    if cdr_interval_s is not None:
+        doc.setdefault("cdr", {})["interval_s"] = cdr_interval_s
+    if report_every_s is not None:
+        for rep in doc.get("reports", []):
+            rep.pop("at", None)
+            rep["every"] = report_every_s
     path = workdir / "gateway.toml"
     path.write_text(_dump_toml(doc), encoding="utf-8")
     return path
 
 
+def find_mosquitto(path: str | None = None, sbin: Path = Path("/usr/sbin")) -> str | None:
+    """Debian's mosquitto: on PATH, or in /usr/sbin (not on a normal user's PATH)."""
+    found = shutil.which("mosquitto", path=path)
+    if found is None and (sbin / "mosquitto").is_file():
+        found = str(sbin / "mosquitto")
+    return found
+
+
 class Demo:
     """Starts and stops the demo's processes."""
 
-    def __init__(self, workdir: Path, devices: int, rate: float) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        devices: int,
+        rate: float,
+        broker: str = "auto",
+        cdr_interval_s: float | None = None,
+        report_every_s: float | None = None,
+    ) -> None:
         self.workdir = workdir
         self.devices = devices
         self.rate = rate
+        self.broker = broker
+        self.cdr_interval_s = cdr_interval_s
+        self.report_every_s = report_every_s
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.ports: dict[str, int] = {}
+        self.broker_kind = ""
 
     def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         log = self.workdir / f"{name}.log"
@@ -103,70 +144,90 @@ class Demo:
         self.procs.append((name, proc))
         return proc
 
-    def start(self) -> tuple[Path, int, int]:
-        broker_port, sink_port, web_port = free_port(), free_port(), free_port()
-        mosquitto = shutil.which("mosquitto") or (
-            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-        )
-        if mosquitto is None:
-            raise GatewayError("the demo needs a broker: apt-get install mosquitto")
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {broker_port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {self.workdir}/\nmax_queued_messages 0\n"
-            "max_inflight_messages 1000\n" + ("user root\n" if os.geteuid() == 0 else "")
-        )
-        broker = self.spawn("mosquitto", [mosquitto, "-c", str(conf)])
-        _wait_port(broker_port, broker, "mosquitto", self.workdir / "mosquitto.log")
+    def _start_broker(self) -> None:
+        port = self.ports["broker"]
+        mosquitto = find_mosquitto() if self.broker in ("auto", "mosquitto") else None
+        if self.broker == "mosquitto" and mosquitto is None:
+            raise GatewayError("--broker mosquitto: not installed (apt-get install mosquitto)")
+        if mosquitto is not None:
+            conf = self.workdir / "mosquitto.conf"
+            conf.write_text(
+                f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                f"persistence_location {self.workdir}/\nmax_queued_messages 0\n"
+                "max_inflight_messages 1000\n" + ("user root\n" if os.geteuid() == 0 else "")
+            )
+            proc = self.spawn("mosquitto", [mosquitto, "-c", str(conf)])
+            self.broker_kind = "mosquitto"
+        else:
+            # No mosquitto (or asked for): the embedded amqtt broker, MQTT 3.1.1, no root.
+            cmd = [sys.executable, "-m", "firmware_sim", "broker", "--port", str(port)]
+            proc = self.spawn("mosquitto", cmd)
+            self.broker_kind = "amqtt"
+        _wait_port(port, proc, self.broker_kind, self.workdir / "mosquitto.log")
+
+    def start(self) -> Path:
+        self.ports = {k: free_port() for k in ("broker", "sink", "web", "modem_control")}
+        self._start_broker()
         py = sys.executable
         sink = self.spawn(
             "sink",
-            [
-                py,
-                "-m",
-                "firmware_sim",
-                "sink",
-                "--port",
-                str(sink_port),
-                "--basic",
-                "demo:demo-password",
-                "--quiet",
-                "--record",
-                str(self.workdir / "requests.jsonl"),
-            ],
-        )
-        _wait_port(sink_port, sink, "sink", self.workdir / "sink.log")
+            [py, "-m", "firmware_sim", "sink", "--port", str(self.ports["sink"]),
+             "--basic", BASIC, "--secret", SECRET, "--scheme", "cdr-manager", "--quiet",
+             "--record", str(self.workdir / "requests.jsonl")],
+        )  # fmt: skip
+        _wait_port(self.ports["sink"], sink, "sink", self.workdir / "sink.log")
+        link = self.workdir / "modem"
+        modem = self.spawn(
+            "modem",
+            [py, "-m", "firmware_sim", "modem", "--vendor", "quectel", "--pty",
+             "--link", str(link), "--control", f"127.0.0.1:{self.ports['modem_control']}",
+             "--tx-rate", "150", "--rx-rate", "450", "--no-urcs"],
+        )  # fmt: skip
+        _wait_port(self.ports["modem_control"], modem, "modem emulator", self.workdir / "modem.log")
         cfg = demo_config(
-            ROOT / "config" / "demo.toml", self.workdir, broker_port, sink_port, web_port
+            ROOT / "config" / "demo.toml",
+            self.workdir,
+            self.ports,
+            modem_port=str(link),
+            mqtt_protocol="3.1.1" if self.broker_kind == "amqtt" else "5",
+            cdr_interval_s=self.cdr_interval_s,
+            report_every_s=self.report_every_s,
         )
-        self.spawn("gateway", [py, "-m", "gateway", "run", "-c", str(cfg)])
-        time.sleep(1.0)  # the gateway subscribes before the fleet publishes
+        gw = self.spawn("gateway", [py, "-m", "gateway", "run", "-c", str(cfg)])
+        self._wait_log("gateway", gw, "connected to", 20)  # subscribed before the fleet starts
         self.spawn(
             "fleet",
-            [
-                py,
-                "-m",
-                "firmware_sim",
-                "fleet",
-                "--broker",
-                f"127.0.0.1:{broker_port}",
-                "--devices",
-                str(self.devices),
-                "--rate",
-                str(self.rate),
-                "--encoding",
-                "mixed",
-                "--duration",
-                "86400",
-            ],
-        )
-        return cfg, web_port, sink_port
+            [py, "-m", "firmware_sim", "fleet", "--broker", f"127.0.0.1:{self.ports['broker']}",
+             "--devices", str(self.devices), "--rate", str(self.rate), "--encoding", "mixed",
+             "--duration", "86400"],
+        )  # fmt: skip
+        return cfg
 
-    def stop(self) -> None:
-        # The fleet first, the gateway next (it commits and acknowledges), the broker last.
-        order = {"fleet": 0, "gateway": 1, "sink": 2, "mosquitto": 3}
-        for _name, proc in sorted(self.procs, key=lambda p: order.get(p[0], 9)):
-            if proc.poll() is None:
+    def _wait_log(
+        self, name: str, proc: subprocess.Popen[bytes], text: str, timeout: float
+    ) -> None:
+        log = self.workdir / f"{name}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise GatewayError(f"{name} exited at start; see {log}")
+            if text in log.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        raise GatewayError(f"{name}: no {text!r} within {timeout:g} s; see {log}")
+
+    def modem_traffic(self, tx: int, rx: int) -> None:
+        """A burst of traffic on the emulated modem (its control port)."""
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.ports["modem_control"]), timeout=2) as s,
+        ):
+            s.sendall(f"traffic {tx} {rx}\n".encode())
+            s.recv(100)
+
+    def stop_one(self, name: str) -> None:
+        for n, proc in self.procs:
+            if n == name and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(10)
@@ -174,9 +235,18 @@ class Demo:
                     proc.kill()
                     proc.wait()
 
+    def stop(self) -> None:
+        # The fleet first, the gateway next (it commits and acknowledges), the broker last.
+        for name in ("fleet", "gateway", "modem", "sink", "mosquitto"):
+            self.stop_one(name)
+
 
 @contextlib.contextmanager
-def _workdir(keep: bool) -> Iterator[Path]:
+def _workdir(keep: bool, given: Path | None) -> Iterator[Path]:
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
     d = Path(tempfile.mkdtemp(prefix="edge-gateway-demo-"))
     try:
         yield d
@@ -187,56 +257,97 @@ def _workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def run(duration: float | None, devices: int, rate: float, keep: bool = False) -> int:
-    """Run the demo until Ctrl-C or `duration` seconds; print progress and a summary."""
-    with _workdir(keep) as workdir:
-        demo = Demo(workdir, devices, rate)
-        try:
-            cfg_path, _web_port, sink_port = demo.start()
-            print(f"demo running in {workdir}")
-            print(f"  broker, {devices} devices at {rate}/s each, sink on :{sink_port}")
-            print(f"  requests the sink received: {workdir}/requests.jsonl   (Ctrl-C to stop)")
-            from gateway import config as config_mod
+def _progress(snap: dict[str, Any], elapsed: float, rps: float) -> str:
+    p = snap["packets"]
+    return (
+        f"\r{elapsed:6.0f}s  received {p['received']:>7}  delivered {p['delivered']:>7}"
+        f"  in flight {p['pending']:>5}  dead letters {snap['dead_letters']:>3}"
+        f"  CDRs {snap.get('cdrs', {}).get('emitted', 0):>3}  {rps:6.1f} requests/s"
+    )
 
+
+def _summary(snap: dict[str, Any]) -> None:
+    print("summary")
+    for k, v in snap["packets"].items():
+        print(f"  packets.{k:<14} {v}")
+    cols = ("name", "source", "hits", "delivered", "requests_ok", "requests_failed",
+            "queue_depth", "dead_letters")  # fmt: skip
+    rows = [[str(w[c]) for c in cols] for w in snap["webhooks"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print("  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _drain(cfg: Any, timeout: float) -> None:
+    """Give the gateway a moment to deliver what it has before it stops."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if status_mod.read(cfg.db_path, cfg)["packets"]["pending"] == 0:
+                return
+        time.sleep(0.2)
+
+
+def run(
+    duration: float | None,
+    devices: int,
+    rate: float,
+    keep: bool = False,
+    *,
+    broker: str = "auto",
+    workdir: Path | None = None,
+    cdr_interval_s: float | None = None,
+    report_every_s: float | None = None,
+    burst_every_s: float = 20.0,
+) -> int:
+    """Run the demo until Ctrl-C or `duration` seconds; print progress and a summary."""
+    from gateway import config as config_mod
+
+    with _workdir(keep, workdir) as wd:
+        demo = Demo(wd, devices, rate, broker, cdr_interval_s, report_every_s)
+        snap: dict[str, Any] = {}
+        cfg = None
+        try:
+            cfg_path = demo.start()
             cfg = config_mod.load(cfg_path)
+            print(f"demo running in {wd} (broker: {demo.broker_kind})")
+            sink = demo.ports["sink"]
+            print(f"  {devices} devices at {rate}/s each, modem emulator, sink on :{sink}")
+            print(f"  requests the sink received: {wd}/requests.jsonl   (Ctrl-C to stop)")
             began = time.monotonic()
-            last_delivered, last_t = 0, began
-            snap: dict[str, Any] = {}
+            next_burst = began + min(5.0, burst_every_s)
+            last_requests, last_t = 0, began
             while duration is None or time.monotonic() - began < duration:
-                time.sleep(2.0)
+                time.sleep(min(2.0, max(0.1, (duration or 2.0) - (time.monotonic() - began))))
                 for name, proc in demo.procs:
                     if proc.poll() is not None and name != "fleet":
-                        raise GatewayError(f"{name} exited; see {workdir}/{name}.log")
+                        raise GatewayError(f"{name} exited; see {wd}/{name}.log")
+                if time.monotonic() >= next_burst:
+                    demo.modem_traffic(30_000, 60_000)  # a heavy period: big-usage fires
+                    next_burst += burst_every_s
                 if not cfg.db_path.exists():
                     continue
                 with contextlib.suppress(Exception):
                     snap = status_mod.read(cfg.db_path, cfg)
                 if not snap:
                     continue
-                p = snap["packets"]
                 now = time.monotonic()
-                rps = (p["delivered"] - last_delivered) / (now - last_t)
-                last_delivered, last_t = p["delivered"], now
-                print(
-                    f"\r{now - began:6.0f}s  received {p['received']:>7}  delivered "
-                    f"{p['delivered']:>7}  in flight {p['pending']:>5}  dead {p['dead']:>3}"
-                    f"  {rps:7.1f} packets/s",
-                    end="",
-                    flush=True,
-                )
+                requests = sum(w["requests_ok"] + w["requests_failed"] for w in snap["webhooks"])
+                rps = (requests - last_requests) / (now - last_t)
+                last_requests, last_t = requests, now
+                print(_progress(snap, now - began, rps), end="", flush=True)
         except KeyboardInterrupt:
             pass
         finally:
             print()
+            demo.stop_one("fleet")
+            if cfg is not None:
+                _drain(cfg, 5.0)
             demo.stop()
+        if cfg is not None:
+            with contextlib.suppress(Exception):
+                snap = status_mod.read(cfg.db_path, cfg)
         if snap:
-            print("summary")
-            for k, v in snap["packets"].items():
-                print(f"  packets.{k:<14} {v}")
-            for w in snap["webhooks"]:
-                print(
-                    f"  webhook {w['name']}: hits {w['hits']}, delivered {w['delivered']}, "
-                    f"requests ok {w['requests_ok']}, failed {w['requests_failed']}, "
-                    f"dead letters {w['dead_letters']}"
-                )
+            _summary(snap)
     return 0

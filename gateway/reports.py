@@ -3,14 +3,38 @@ behind a random token for 24 h, and announce it with a `report` notice to a webh
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import csv
+import datetime as dt
 import hashlib
 import hmac
+import io
+import logging
+import os
+import secrets
 import sqlite3
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway import cdr, formats
+from gateway import store as st
+from gateway.config import Config, ReportConfig
+from gateway.delivery import new_webhook_id
+from gateway.errors import GatewayError
+from gateway.store import Store, transaction
+
+log = logging.getLogger("gateway.reports")
 
 DOWNLOAD_PREFIX = "/cdr-download-files/"
 VALID_FOR_NS = 24 * 3600 * 1_000_000_000
+# Report files are removed this long after their link expired.
+KEEP_FILES_NS = 7 * 24 * 3600 * 1_000_000_000
 
 
 def token_digest(token: str) -> str:
@@ -47,3 +71,205 @@ def find_download(conn: sqlite3.Connection, token: str, now_ns: int) -> Download
     path = Path(row[1])
     expired = now_ns >= int(row[4]) or not path.is_file()
     return Download(path, str(row[2]), int(row[3]), int(row[4]), expired)
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """What one export produced: the notice sent (or to be sent) and the download URL."""
+
+    notice: dict[str, Any]
+    url: str
+    path: Path | None
+
+
+def reports_dir(cfg: Config) -> Path:
+    return Path(cfg.gateway.state_dir) / "reports"
+
+
+def _iso_s(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
+
+
+def _write_zip(path: Path, csv_name: str, rows: list[dict[str, Any]]) -> int:
+    """Write the zipped CSV atomically (temp file, fsync, rename); returns its size."""
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=cdr.FIELDS, lineterminator="\r\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in cdr.FIELDS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    with tmp.open("wb") as f:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr(csv_name, text.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path.stat().st_size
+
+
+def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int) -> Exported:
+    """Export the CDRs since this report's last run, record it, queue its notice.
+
+    Runs on the store's writer (or any connection of its own): the report row and the
+    notice's batch are written in one transaction, so the notice goes out exactly when the
+    report exists. A failed export is recorded too, and its notice carries `error`.
+    """
+    last = conn.execute(
+        "SELECT COALESCE(MAX(last_cdr_id), 0) FROM reports WHERE name = ?", (rc.name,)
+    ).fetchone()[0]
+    last_end = conn.execute(
+        "SELECT COALESCE(MAX(period_end_ns), 0) FROM reports WHERE name = ?", (rc.name,)
+    ).fetchone()[0]
+    rows = conn.execute(
+        "SELECT id, data FROM cdrs WHERE id > ? ORDER BY id", (int(last),)
+    ).fetchall()
+    records = [orjson.loads(r[1]) for r in rows]
+    last_id = int(rows[-1][0]) if rows else int(last)
+    seq = int(conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM reports").fetchone()[0])
+    file_name = f"tx{seq:05d}.zip"
+    path = reports_dir(cfg) / file_name
+    token = secrets.token_urlsafe(32)
+    url = cfg.web.public_url.rstrip("/") + DOWNLOAD_PREFIX + token
+    valid_until = now_ns + VALID_FOR_NS
+    error = ""
+    size = 0
+    try:
+        size = _write_zip(path, f"tx{seq:05d}.csv", records)
+    except OSError as exc:
+        error = f"export failed: {exc.strerror or exc}"
+        with contextlib.suppress(OSError):
+            path.with_suffix(".part").unlink(missing_ok=True)
+    notice = {
+        "contentType": "application/zip",
+        "httpMethod": "GET",
+        "callbackURL": "" if error else url,
+        "validUntil": "" if error else _iso_s(valid_until),
+        "fileName": file_name,
+        "fileSizeInBytes": size,
+        "numberOfLines": len(records),
+        "taskName": rc.name,
+        "taskId": rc.task_id,
+        "error": error,
+    }
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO reports(name, task_id, token_sha256, file_name, path, size, lines,"
+            " period_start_ns, period_end_ns, created_ns, valid_until_ns, error, first_cdr_id,"
+            " last_cdr_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                rc.name,
+                rc.task_id,
+                token_digest(token) if not error else "",
+                file_name,
+                str(path),
+                size,
+                len(records),
+                int(last_end),
+                now_ns,
+                now_ns,
+                valid_until,
+                error,
+                int(rows[0][0]) if rows else 0,
+                # A failed export leaves its CDRs to the next run.
+                last_id if not error else int(last),
+            ),
+        )
+        if rc.webhook:
+            st.ensure_stats(conn, rc.webhook)
+            conn.execute(
+                "UPDATE webhook_stats SET hits = hits + 1, last_hit_ns = ? WHERE name = ?",
+                (now_ns, rc.webhook),
+            )
+            conn.execute(
+                "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
+                " attempts, created_ns, next_at_ns) VALUES (?,?,'reports','[]',NULL,1,1,?,0,?,0)",
+                (new_webhook_id(), rc.webhook, formats.report_notice(notice), now_ns),
+            )
+    if error:
+        log.error("report %s: %s (%s)", rc.name, error, path)
+    else:
+        log.info("report %s: %s, %d CDRs, %d bytes", rc.name, file_name, len(records), size)
+    return Exported(notice, "" if error else url, None if error else path)
+
+
+def prune_files(conn: sqlite3.Connection, now_ns: int) -> int:
+    """Delete report files whose link expired more than KEEP_FILES_NS ago."""
+    n = 0
+    for rid, path in conn.execute(
+        "SELECT id, path FROM reports WHERE valid_until_ns < ? AND path != ''",
+        (now_ns - KEEP_FILES_NS,),
+    ).fetchall():
+        with contextlib.suppress(OSError):
+            Path(path).unlink(missing_ok=True)
+        conn.execute("UPDATE reports SET path = '' WHERE id = ?", (rid,))
+        n += 1
+    return n
+
+
+def next_run_ns(rc: ReportConfig, last_ns: int, started_ns: int, now_ns: int) -> int:
+    """When a report is next due. `at` (local HH:MM): the first such time after the last
+    run (or after start when it never ran); `every`: last run (or start) + every."""
+    if rc.at:
+        hh, mm = (int(x) for x in rc.at.split(":"))
+        base = dt.datetime.fromtimestamp((last_ns or started_ns) / 1e9).astimezone()
+        cand = base.replace(hour=hh, minute=mm, second=0, microsecond=0)
+        if cand <= base:
+            cand += dt.timedelta(days=1)
+        return int(cand.timestamp() * 1e9)
+    due = (last_ns or started_ns) + int(rc.every_s * 1e9)
+    # A clock that jumped back must not postpone a report by the size of the jump.
+    return min(due, now_ns + int(rc.every_s * 1e9))
+
+
+def _last_run(conn: sqlite3.Connection, name: str) -> int:
+    return int(
+        conn.execute(
+            "SELECT COALESCE(MAX(created_ns), 0) FROM reports WHERE name = ?", (name,)
+        ).fetchone()[0]
+    )
+
+
+async def run_schedule(cfg: Config, store: Store, wake: asyncio.Event | None = None) -> None:
+    """Export every [[reports]] entry when due, until cancelled."""
+    started = time.time_ns()
+    while True:
+        now = time.time_ns()
+        soonest = now + int(3600e9)
+        for rc in cfg.reports:
+            try:
+                last = await asyncio.wrap_future(store.call(_last_run, rc.name))
+                due = next_run_ns(rc, last, started, now)
+                if due <= now:
+                    await asyncio.wrap_future(store.call(export, cfg, rc, time.time_ns()))
+                    if wake is not None:
+                        wake.set()
+                    due = next_run_ns(rc, time.time_ns(), started, time.time_ns())
+                soonest = min(soonest, due)
+            except (GatewayError, sqlite3.Error) as exc:
+                log.warning("report %s: %s", rc.name, exc)
+                soonest = min(soonest, now + int(60e9))
+        try:
+            await asyncio.wrap_future(store.call(prune_files, time.time_ns()))
+        except (GatewayError, sqlite3.Error) as exc:
+            log.warning("reports: cannot prune old files: %s", exc)
+        await asyncio.sleep(max(0.05, min((soonest - time.time_ns()) / 1e9, 60.0)))
+
+
+def list_reports(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """Recent exports, newest first (without tokens)."""
+    keys = (
+        "id",
+        "name",
+        "task_id",
+        "file_name",
+        "size",
+        "lines",
+        "created_ns",
+        "valid_until_ns",
+        "error",
+    )
+    rows = conn.execute(
+        f"SELECT {', '.join(keys)} FROM reports ORDER BY id DESC LIMIT ?", (limit,)
+    ).fetchall()
+    return [dict(zip(keys, r, strict=True)) for r in rows]

@@ -7,7 +7,8 @@ import contextlib
 import logging
 import signal
 
-from gateway import delivery, ingest
+from gateway import __version__, cdr, delivery, ingest, reports
+from gateway import store as st
 from gateway.config import Config
 from gateway.store import Store
 from gateway.supervisor import Supervisor
@@ -38,6 +39,8 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         http = await stack.enter_async_context(delivery.client_session())
         mqtt = await stack.enter_async_context(ingest.running(cfg.mqtt, store))
         log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))
+        _record(store, "gateway_started")
+        stack.callback(_record, store, "gateway_stopped")
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
                 # systemd: a SIGHUP that changes the webhooks restarts delivery with them.
@@ -49,9 +52,21 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
             if cfg.modem is not None:
                 from gateway.modem import poller
 
-                tg.create_task(poller.run(cfg.modem, store), name="modem")
+                tg.create_task(poller.run(cfg.modem, store, cdr_cfg=cfg.cdr), name="modem")
+                tg.create_task(cdr.run(cfg.cdr, store, wake), name="cdr")
+            if cfg.reports:
+                tg.create_task(reports.run_schedule(cfg, store, wake), name="reports")
             tg.create_task(sd.run(store, mqtt), name="systemd")  # systemd: notify, watchdog
     log.info("gateway stopped")
+
+
+def _record(store: Store, kind: str) -> None:
+    """gateway_started/_stopped (delivered to events webhooks); a full disk must not stop
+    the gateway from starting or stopping."""
+    try:
+        store.run_sync(st.add_event, kind, {"version": __version__})
+    except Exception as exc:
+        log.warning("cannot record the %s event: %s", kind, exc)
 
 
 def main(cfg: Config) -> int:

@@ -50,13 +50,13 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
         s = stats.get(name)
         source = sources.get(name, "")
         waiting = 0
-        if source == "packets":
+        table = {"packets": "packets", "cdrs": "cdrs", "events": "events"}.get(source)
+        if table is not None:
             cur = cursors.get(name, 0)
-            waiting = (
-                conn.execute("SELECT COUNT(*) FROM packets WHERE id > ?", (cur,)).fetchone()[0]
-                if max_packet > cur
-                else 0
-            )
+            if table != "packets" or max_packet > cur:
+                waiting = conn.execute(
+                    f"SELECT COUNT(*) FROM {table} WHERE id > ?", (cur,)
+                ).fetchone()[0]
         rows.append(
             {
                 "name": name,
@@ -141,6 +141,13 @@ def snapshot(conn: sqlite3.Connection, cfg: Config | None = None) -> dict[str, A
             "max_bytes": int(cfg.gateway.max_buffer_mb * 1024 * 1024) if cfg else None,
         },
         "dead_letters": int(dead),
+        "cdrs": {
+            "emitted": c["cdrs_emitted"],
+            "pending_usage": int(
+                conn.execute("SELECT COALESCE(MAX(pending), 0) FROM cdr_state").fetchone()[0]
+            ),
+        },
+        "events": c["events_recorded"],
         "webhooks": webhook_rows(conn, cfg),
     }
     if cfg is not None:

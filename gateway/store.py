@@ -40,7 +40,10 @@ COUNTERS = (
     "packets_delivered",
     "packets_dead",
     "decode_failed",
+    "cdrs_emitted",
+    "events_recorded",
 )
+KEEP_EVENTS = 10_000
 
 
 @dataclass(slots=True)
@@ -86,6 +89,7 @@ class Batch:
     attempts: int
     created_ns: int
     next_at_ns: int
+    count: int = 0  # records in the batch
 
 
 def _table(db: sqlite_utils.Database, name: str) -> sqlite_utils.db.Table:
@@ -195,7 +199,8 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
         " lines INTEGER NOT NULL DEFAULT 0, period_start_ns INTEGER NOT NULL,"
         " period_end_ns INTEGER NOT NULL, created_ns INTEGER NOT NULL,"
         " valid_until_ns INTEGER NOT NULL, error TEXT NOT NULL DEFAULT '',"
-        " callback_url TEXT NOT NULL DEFAULT '')"
+        " first_cdr_id INTEGER NOT NULL DEFAULT 0,"
+        " last_cdr_id INTEGER NOT NULL DEFAULT 0)"
     )
     _table(db, "reports").create_index(["token_sha256"], if_not_exists=True)
 
@@ -303,6 +308,7 @@ class Store:
         self.paused = ""
         self._failing_since_ns = 0
         self._page_size = self._scalar("PRAGMA page_size")
+        self._buffer_high = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
@@ -409,6 +415,7 @@ class Store:
                     item = None
             if packets:
                 self._commit_packets(packets)
+                self._watch_buffer()
             for c in calls:
                 self._run_call(c)
             if stop:
@@ -426,6 +433,23 @@ class Store:
                     held, self._held = self._held, []
                     self._commit_packets(held)
                 return
+
+    def _watch_buffer(self) -> None:
+        """Record an event when the buffer passes 80 % full, and when it is below 70 % again."""
+        level = self.buffer_bytes / self.max_buffer_bytes if self.max_buffer_bytes else 0.0
+        high = level >= 0.8 if not self._buffer_high else level >= 0.7
+        if high == self._buffer_high:
+            return
+        self._buffer_high = high
+        data = {"bytes": self.buffer_bytes, "max_bytes": self.max_buffer_bytes}
+        log.warning(
+            "buffer %s: %d of %d bytes",
+            "above 80 %" if high else "back below 70 %",
+            self.buffer_bytes,
+            self.max_buffer_bytes,
+        )
+        with contextlib.suppress(sqlite3.Error):
+            add_event(self.conn, "buffer_high" if high else "buffer_ok", data)
 
     def _run_call(self, c: _Call) -> None:
         if not c.future.set_running_or_notify_cancel():
@@ -541,6 +565,7 @@ class Store:
                             dumps({"error": self.write_error, "since_ns": self._failing_since_ns}),
                         ),
                     )
+                    _bump(conn, "events_recorded", 1)
             self.buffer_bytes += added - evicted[1]
             if evicted[0]:
                 log.warning(
@@ -638,6 +663,30 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     return out
 
 
+def add_event(conn: sqlite3.Connection, kind: str, data: dict[str, Any], ts_ns: int = 0) -> int:
+    """Record a gateway event (its own transaction); returns its id.
+
+    Events beyond the newest KEEP_EVENTS are pruned, but never one an events webhook
+    has not taken yet.
+    """
+    with transaction(conn):
+        cur = conn.execute(
+            "INSERT INTO events(ts_ns, kind, data) VALUES (?, ?, ?)",
+            (ts_ns or time.time_ns(), kind, dumps(data)),
+        )
+        eid = int(cur.lastrowid or 0)
+        _bump(conn, "events_recorded", 1)
+        if eid % 100 == 0 and eid > KEEP_EVENTS:
+            taken = conn.execute(
+                "SELECT MIN(cursor) FROM routes WHERE source = 'events'"
+            ).fetchone()[0]
+            bound = eid - KEEP_EVENTS
+            if taken is not None:
+                bound = min(bound, int(taken))
+            conn.execute("DELETE FROM events WHERE id <= ?", (bound,))
+    return eid
+
+
 def dumps(value: Any) -> str:
     """Compact JSON text (for JSON columns)."""
     return orjson.dumps(value).decode()
@@ -648,17 +697,22 @@ def dumps(value: Any) -> str:
 _PACKET_COLS = "id, recv_ns, topic, iccid, payload"
 
 
+def ensure_stats(conn: sqlite3.Connection, name: str) -> None:
+    """A zeroed webhook_stats row for a webhook (inside the caller's transaction)."""
+    conn.execute(
+        "INSERT OR IGNORE INTO webhook_stats(name, hits, requests_ok, requests_failed,"
+        " retried, delivered, dead, disabled) VALUES (?, 0, 0, 0, 0, 0, 0, 0)",
+        (name,),
+    )
+
+
 def ensure_route(conn: sqlite3.Connection, name: str, source: str) -> int:
     """The route's cursor (last record id it has taken), creating the route at 0."""
     with transaction(conn):
         conn.execute(
             "INSERT OR IGNORE INTO routes(name, source, cursor) VALUES (?, ?, 0)", (name, source)
         )
-        conn.execute(
-            "INSERT OR IGNORE INTO webhook_stats(name, hits, requests_ok, requests_failed,"
-            " retried, delivered, dead, disabled) VALUES (?, 0, 0, 0, 0, 0, 0, 0)",
-            (name,),
-        )
+        ensure_stats(conn, name)
         conn.execute(
             "UPDATE webhook_stats SET disabled = 0, disabled_reason = '' WHERE name = ?", (name,)
         )
@@ -738,14 +792,14 @@ def load_batches(conn: sqlite3.Connection, route: str, exclude: Sequence[str] = 
     skip = set(exclude)
     out = []
     for r in conn.execute(
-        "SELECT id, route, item_ids, single, body, attempts, created_ns, next_at_ns FROM batches"
-        " WHERE route = ? ORDER BY rowid",
+        "SELECT id, route, item_ids, single, body, attempts, created_ns, next_at_ns, count"
+        " FROM batches WHERE route = ? ORDER BY rowid",
         (route,),
     ):
         if r[0] in skip:
             continue
         ids = tuple(orjson.loads(r[2])) if r[2] else ()
-        out.append(Batch(r[0], r[1], ids, bool(r[3]), r[4], r[5], r[6], r[7]))
+        out.append(Batch(r[0], r[1], ids, bool(r[3]), r[4], r[5], r[6], r[7], r[8]))
     return out
 
 
@@ -836,12 +890,13 @@ def dead_letter(
 
 
 def set_disabled(conn: sqlite3.Connection, route: str, reason: str) -> None:
-    """Mark a webhook disabled (410 Gone) until the gateway restarts."""
+    """Mark a webhook disabled (410 Gone) until the gateway restarts, and say so."""
     with transaction(conn):
         conn.execute(
             "UPDATE webhook_stats SET disabled = 1, disabled_reason = ? WHERE name = ?",
             (reason, route),
         )
+    add_event(conn, "webhook_disabled", {"webhook": route, "reason": reason})
 
 
 def list_dead_letters(

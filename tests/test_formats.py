@@ -208,3 +208,62 @@ def test_auto_sends_text_with_control_characters_as_base64_but_keeps_newlines_an
     ]:
         body, _ = formats.monoz([row(raw)], PayloadOptions(), single=True)
         assert orjson.loads(body)["Payload"] == expected
+
+
+CDR = {
+    "CdrType": "DATA",
+    "UniqueID": "CDR-abcdefghij0123456789",
+    "Iccid": "8944500000000000013",
+    "IMSI": "440101234567890",
+    "MSISDN": "+819012345678",
+    "IMEI": "356938035643809",
+    "MNO": "44010",
+    "MnoName": "NTT DOCOMO",
+    "MCC": "440",
+    "MNC": "10",
+    "ThingName": "ICCID 8944500000000000013",
+    "ThingId": "ThingId_ICCID_8944500000000000013",
+    "ThingsGroupId": "",
+    "ThingsGroupName": "",
+    "Timestamp": 1697447852123,
+    "Usage": 5555,
+    "APN": "iot.example",
+}
+CDR_JSON = (
+    b'{"CdrType":"DATA","UniqueID":"CDR-abcdefghij0123456789","Iccid":"8944500000000000013",'
+    b'"IMSI":"440101234567890","MSISDN":"+819012345678","IMEI":"356938035643809","MNO":"44010",'
+    b'"MnoName":"NTT DOCOMO","MCC":"440","MNC":"10","ThingName":"ICCID 8944500000000000013",'
+    b'"ThingId":"ThingId_ICCID_8944500000000000013","ThingsGroupId":"","ThingsGroupName":"",'
+    b'"Timestamp":1697447852123,"Usage":5555,"APN":"iot.example"}'
+)
+
+
+def test_golden_cdr_bodies_monogoto_envelope_and_flat() -> None:
+    assert formats.monogoto([CDR, CDR]) == b"[" + CDR_JSON + b"," + CDR_JSON + b"]"
+    assert formats.monogoto([CDR]) == b"[" + CDR_JSON + b"]"  # an array even for one
+    assert formats.flat(CDR) == CDR_JSON
+    assert (
+        formats.envelope(CDR, {"event": "big usage"}, "noc", "cdr")
+        == b'{"cdr":' + CDR_JSON + b',"meta":{"event":"big usage"},"name":"noc"}'
+    )
+
+
+def test_golden_report_notice() -> None:
+    notice = {
+        "contentType": "application/zip",
+        "httpMethod": "GET",
+        "callbackURL": "https://gw.example/cdr-download-files/tok",
+        "validUntil": "2023-01-10T10:02:27Z",
+        "fileName": "tx00001.zip",
+        "fileSizeInBytes": 100000,
+        "numberOfLines": 100,
+        "taskName": "Example task",
+        "taskId": 1,
+        "error": "",
+    }
+    assert formats.report_notice(notice) == (
+        b'{"contentType":"application/zip","httpMethod":"GET",'
+        b'"callbackURL":"https://gw.example/cdr-download-files/tok",'
+        b'"validUntil":"2023-01-10T10:02:27Z","fileName":"tx00001.zip","fileSizeInBytes":100000,'
+        b'"numberOfLines":100,"taskName":"Example task","taskId":1,"error":""}'
+    )

@@ -21,7 +21,8 @@ from typing import Any
 
 import orjson
 
-from gateway.config import ModemSection
+from gateway import cdr
+from gateway.config import CdrSection, ModemSection
 from gateway.errors import GatewayError, ModemError
 from gateway.modem.at import AtChannel, AtTimeout, PortError, describe, split_fields
 from gateway.modem.profiles import (
@@ -115,8 +116,13 @@ def write_snapshot(
     state: str,
     data: bytes | None,
     events: list[tuple[str, bytes]],
+    cdr_cfg: CdrSection | None = None,
 ) -> None:
-    """Insert a snapshot (when data) and events in one transaction; prune old snapshots."""
+    """Insert a snapshot (when data) and events in one transaction; prune old snapshots.
+
+    With `cdr_cfg`, an answering snapshot's byte counters are accounted for usage CDRs in
+    the same transaction, so the reading and the usage it adds are stored together.
+    """
     with transaction(conn):
         if data is not None:
             cur = conn.execute(
@@ -130,6 +136,10 @@ def write_snapshot(
             "INSERT INTO events(ts_ns, kind, data) VALUES (?, ?, ?)",
             [(ts_ns, kind, d.decode()) for kind, d in events],
         )
+        if cdr_cfg is not None and data is not None and state in ANSWERING:
+            reading = cdr.Reading.from_snapshot(orjson.loads(data))
+            if reading is not None:
+                cdr.account(conn, cdr_cfg, reading, ts_ns)
 
 
 # -- the poller ------------------------------------------------------------------------------
@@ -143,8 +153,10 @@ class _Poller:
         on_event: EventCallback | None,
         state: ModemState,
         sysfs_root: Path,
+        cdr_cfg: CdrSection | None,
     ) -> None:
         self.cfg = cfg
+        self.cdr_cfg = cdr_cfg
         self.store = store
         self.on_event = on_event
         self.state = state
@@ -371,7 +383,9 @@ class _Poller:
         events = [(kind, {"port": port, **d}) for kind, d in events]
         encoded = [(kind, orjson.dumps(d)) for kind, d in events]
         try:
-            await asyncio.wrap_future(self.store.call(write_snapshot, now, new, data, encoded))
+            await asyncio.wrap_future(
+                self.store.call(write_snapshot, now, new, data, encoded, self.cdr_cfg)
+            )
         except (GatewayError, sqlite3.Error) as exc:
             log.warning("modem: cannot store snapshot: %s", exc)
             return
@@ -450,6 +464,11 @@ async def run(
     on_event: EventCallback | None = None,
     state: ModemState | None = None,
     sysfs_root: Path = SYSFS_NET,
+    cdr_cfg: CdrSection | None = None,
 ) -> None:
-    """Poll the modem until cancelled; snapshots and events go to the store."""
-    await _Poller(cfg, store, on_event, state if state is not None else STATE, sysfs_root).run()
+    """Poll the modem until cancelled; snapshots and events go to the store, and with
+    `cdr_cfg` the byte counters are accounted for usage CDRs."""
+    poller = _Poller(
+        cfg, store, on_event, state if state is not None else STATE, sysfs_root, cdr_cfg
+    )
+    await poller.run()

@@ -37,7 +37,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
 
         store.on_change = wake_delivery
         http = await stack.enter_async_context(delivery.client_session())
-        mqtt = await stack.enter_async_context(ingest.running(cfg.mqtt, store))
+        taker = await stack.enter_async_context(ingest.running(cfg.mqtt, store))
         log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))
         _record(store, "gateway_started")
         stack.callback(_record, store, "gateway_stopped")
@@ -56,7 +56,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 tg.create_task(cdr.run(cfg.cdr, store, wake), name="cdr")
             if cfg.reports:
                 tg.create_task(reports.run_schedule(cfg, store, wake), name="reports")
-            tg.create_task(sd.run(store, mqtt), name="systemd")  # systemd: notify, watchdog
+            tg.create_task(sd.run(store, taker), name="systemd")  # systemd: notify, watchdog
     log.info("gateway stopped")
 
 

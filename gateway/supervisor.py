@@ -168,7 +168,8 @@ class Supervisor:
         stalled = time.monotonic() - self._probe_started > self.stall_s
         if probe is not None and not probe.done() and stalled:
             return f"the store writer has not answered for more than {self.stall_s:g} s"
-        if self._ingest is not None and not self._ingest.network_alive():
+        # The supervisor runs only while ingest does: ingest stops after it on the way out.
+        if self._ingest is not None and not self._ingest.alive:
             return "the MQTT network thread has ended"
         # A broker that is down, a receiver that fails or a full disk are waited out:
         # a restart would not help, and the status line says what is going on.

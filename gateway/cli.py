@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__
+from gateway import __version__, logs
 from gateway import config as config_mod
 from gateway import status as status_mod
 from gateway import store as store_mod
@@ -22,13 +21,16 @@ DEFAULT_CONFIG = "/etc/edge-gateway/gateway.toml"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="IoT edge gateway")
     p.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
-    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    _log_options(p, default=None)
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
 
-    with_config(sub.add_parser("run", help="run the gateway"))
+    run = sub.add_parser("run", help="run the gateway")
+    with_config(run)
+    # Also after `run`; SUPPRESS keeps a value given before `run` from being reset.
+    _log_options(run, default=argparse.SUPPRESS)
     with_config(sub.add_parser("check-config", help="validate and print the effective config"))
     s = sub.add_parser("status", help="packet and webhook figures from the store")
     with_config(s)
@@ -154,16 +156,26 @@ def _cdr_cmd(args: argparse.Namespace) -> int:
     return 1 if n["error"] else 0
 
 
-def _load(args: argparse.Namespace) -> config_mod.Config:
-    return config_mod.load(args.config)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+def _log_options(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument(
+        "--log-level",
+        default=default,
+        choices=["debug", "info", "warning", "error"],
+        help="overrides gateway.log_level, also across reloads",
     )
+    p.add_argument(
+        "--log-format",
+        default=default,
+        choices=list(logs.FORMATS),
+        help="text (default) or json lines; overrides gateway.log_format",
+    )
+
+
+def _load(args: argparse.Namespace) -> config_mod.Config:
+    # Only `run` and `check-config` need the secrets: `status` and `dlq` read the store,
+    # and an operator runs them without the service's $CREDENTIALS_DIRECTORY.
+    need = args.command in ("run", "check-config")
+    return config_mod.load(args.config, need_secrets=need)
 
 
 def _print_status(snap: dict[str, Any]) -> None:
@@ -172,6 +184,15 @@ def _print_status(snap: dict[str, Any]) -> None:
     b = snap["buffer"]
     if b.get("max_bytes"):
         print(f"buffer   {b['bytes'] / 1e6:.1f} MB of {b['max_bytes'] / 1e6:.0f} MB")
+    disk = snap.get("storage")
+    if disk:
+        free = f"{disk['free_bytes'] / 1e6:.1f} MB free" if "free_bytes" in disk else "?"
+        print(f"storage  {free} on {disk['state_dir']}  {disk['problem'] or 'ok'}")
+        last = disk.get("last_write_failure")
+        if last:
+            print(
+                f"         last write failure {last['since']} .. {last['until']}: {last['error']}"
+            )
     hooks = snap["webhooks"]
     if not hooks:
         print("webhooks (none configured: packets are stored and wait)")
@@ -205,7 +226,12 @@ def _cmd(args: argparse.Namespace) -> int:
         return 0
     if args.command == "run":
         cfg = _load(args)
-        _setup_logging(args.log_level or cfg.gateway.log_level)
+        logs.setup(
+            args.log_level or cfg.gateway.log_level,
+            args.log_format or cfg.gateway.log_format,
+            level_fixed=args.log_level is not None,
+            secret_values=logs.secret_values(cfg),
+        )
         from gateway import service
 
         return service.main(cfg)

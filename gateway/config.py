@@ -30,6 +30,8 @@ class GatewaySection:
     on_full: str = "backpressure"
     commit_max_packets: int = 2000
     log_level: str = "info"
+    log_format: str = "text"
+    min_free_mb: float = 64.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,8 +206,9 @@ SECRET_KEYS = {"password", "token", "secret", "key"}
 class _Reader:
     """Walks the TOML tree, collecting every problem with its key path."""
 
-    def __init__(self) -> None:
+    def __init__(self, need_secrets: bool = True) -> None:
         self.problems: list[str] = []
+        self.need_secrets = need_secrets
 
     def fail(self, path: str, what: str, got: Any = ...) -> None:
         if got is ...:
@@ -432,13 +435,15 @@ def resolve_secret(value: str, path: str, r: _Reader, env: Mapping[str, str]) ->
         try:
             return target.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            r.fail(path, f"cannot read secret file {str(target)!r} ({exc.strerror})")
+            if r.need_secrets:
+                r.fail(path, f"cannot read secret file {str(target)!r} ({exc.strerror})")
             return ""
 
     def sub(m: re.Match[str]) -> str:
         name = m.group(1)
         if name not in env:
-            r.fail(path, f"environment variable {name} is not set")
+            if r.need_secrets:
+                r.fail(path, f"environment variable {name} is not set")
             return ""
         return env[name]
 
@@ -614,10 +619,19 @@ def _read_webhook(r: _Reader, path: str, raw: dict[str, Any]) -> WebhookConfig |
     return w
 
 
-def parse(raw: dict[str, Any], env: Mapping[str, str] | None = None, source: str = "") -> Config:
-    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+def parse(
+    raw: dict[str, Any],
+    env: Mapping[str, str] | None = None,
+    source: str = "",
+    *,
+    need_secrets: bool = True,
+) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem.
+
+    need_secrets=False: a `${VAR}` or `file:` that cannot be read becomes "" instead of a
+    problem (for commands that only read the store, run without the service's secrets)."""
     env = os.environ if env is None else env
-    r = _Reader()
+    r = _Reader(need_secrets)
     raw = _expand(raw, "", r, env)
     sections = {"gateway", "mqtt", "modem", "cdr", "webhooks", "reports", "web"}
     r.unknown("", raw, sections)
@@ -631,6 +645,8 @@ def parse(raw: dict[str, Any], env: Mapping[str, str] | None = None, source: str
         on_full=_choice("backpressure", "drop_oldest"),
         commit_max_packets=_int(1, 100_000),
         log_level=_choice("debug", "info", "warning", "error"),
+        log_format=_choice("text", "json"),
+        min_free_mb=_float(0, None),
     )
 
     m = None
@@ -765,7 +781,9 @@ def parse(raw: dict[str, Any], env: Mapping[str, str] | None = None, source: str
     )
 
 
-def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+def load(
+    path: str | Path, env: Mapping[str, str] | None = None, *, need_secrets: bool = True
+) -> Config:
     """Read and validate one TOML file."""
     p = Path(path)
     try:
@@ -778,7 +796,7 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"invalid TOML: {exc}"], str(p)) from exc
-    return parse(raw, env, str(p))
+    return parse(raw, env, str(p), need_secrets=need_secrets)
 
 
 def masked(cfg: Config) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import gzip
 import logging
 import random
 import secrets
+import sqlite3
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -213,15 +214,36 @@ class Route:
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.store.call(fn, *args))
 
+    async def _db_write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A batch's bookkeeping, retried while the store cannot write (disk full):
+        giving up would send the batch again, and again, for as long as that lasts."""
+        while True:
+            try:
+                return await self._db(fn, *args)
+            except sqlite3.Error as exc:
+                log.error("webhook %s: store error, retrying: %s", self.cfg.name, exc)  # noqa: TRY400
+                await asyncio.sleep(1.0)
+
     # -- filling ----------------------------------------------------------------------
 
     def _wants(self, row: Row) -> bool:
         return self.filter.empty or self.filter(self.source.getter(row))
 
     async def run(self) -> None:
-        """Resume unfinished batches, then keep turning new packets into batches."""
+        """Keep delivering; a store write that fails (disk full) is retried, not fatal."""
+        while True:
+            try:
+                await self._run()
+            except sqlite3.Error as exc:
+                # Nothing is lost: batches and cursor only move in committed transactions,
+                # and batches already being sent stay in `open`.
+                log.error("webhook %s: store error, retrying: %s", self.cfg.name, exc)  # noqa: TRY400
+                await asyncio.sleep(1.0)
+
+    async def _run(self) -> None:
+        """Resume unfinished batches, then keep turning new records into batches."""
         cursor: int = await self._db(st.ensure_route, self.cfg.name, self.source.name)
-        for b in await self._db(st.load_batches, self.cfg.name):
+        for b in await self._db(st.load_batches, self.cfg.name, list(self.open)):
             self._spawn(b, None)
         window_ns = self.cfg.batch.window_ms * 1_000_000
         last_rescan = time.monotonic()
@@ -322,7 +344,7 @@ class Route:
         body, records, failed = await self._body(batch, rows)
         if not body:
             # Every packet of this batch was evicted by drop_oldest; nothing to send.
-            await self._db(
+            await self._db_write(
                 st.complete_batch, self.store, self.cfg.name, self.source.name, batch.id, 0
             )
             return
@@ -342,7 +364,7 @@ class Route:
                 self.on_result(self.cfg.name, outcome)
             verdict = classify(policy, outcome)
             if verdict == "ok":
-                await self._db(
+                await self._db_write(
                     st.complete_batch,
                     self.store,
                     self.cfg.name,
@@ -356,7 +378,7 @@ class Route:
             if verdict == "gone":
                 self.disabled = f"receiver answered 410 Gone at {formats.iso_ms(time.time_ns())}"
                 log.error("webhook %s disabled: %s", self.cfg.name, self.disabled)
-                await self._db(st.set_disabled, self.cfg.name, self.disabled)
+                await self._db_write(st.set_disabled, self.cfg.name, self.disabled)
             age_s = (time.time_ns() - batch.created_ns) / 1e9
             delay = next_delay(policy, attempts, outcome.retry_after_s)
             reason = ""
@@ -367,7 +389,7 @@ class Route:
             elif age_s + delay > policy.max_age_s:
                 reason = "expired"
             if reason:
-                await self._db(
+                await self._db_write(
                     st.record_failure, self.cfg.name, batch.id, attempts, 0, outcome.status, error
                 )
                 log.warning(
@@ -389,7 +411,7 @@ class Route:
                     0,
                     records,
                 )
-                await self._db(
+                await self._db_write(
                     st.dead_letter,
                     self.store,
                     self.cfg.name,
@@ -403,7 +425,7 @@ class Route:
                 )
                 return
             next_at = time.time_ns() + int(delay * 1e9)
-            await self._db(
+            await self._db_write(
                 st.record_failure, self.cfg.name, batch.id, attempts, next_at, outcome.status, error
             )
             log.info(

@@ -191,6 +191,14 @@ class Ingest:
         self.client.connect_async(self.cfg.host, self.cfg.port, **kwargs)
         self.client.loop_start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether paho's network thread is running (it reconnects by itself while it is)."""
+        # paho keeps its loop_start() thread in a private attribute and offers no public
+        # way to ask; an exception in a callback ends that thread, and nothing else says so.
+        thread = getattr(self.client, "_thread", None)
+        return not self._stop.is_set() and thread is not None and thread.is_alive()
+
     def stop(self) -> None:
         """Stop taking packets, commit and acknowledge what was handed over, disconnect."""
         self._accepting = False

@@ -11,14 +11,16 @@ from gateway import __version__, cdr, delivery, ingest, reports
 from gateway import store as st
 from gateway.config import Config
 from gateway.store import Store
+from gateway.supervisor import Supervisor
 
 log = logging.getLogger("gateway.service")
 
 
-async def run(cfg: Config) -> None:
+async def run(cfg: Config, sd: Supervisor | None = None) -> None:
     """Run until cancelled; on the way out commit and acknowledge what was taken."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
+    sd = sd or Supervisor(cfg)  # systemd: READY/STATUS/WATCHDOG, SIGHUP reload
     async with contextlib.AsyncExitStack() as stack:
         store = stack.enter_context(
             Store.open(
@@ -26,6 +28,7 @@ async def run(cfg: Config) -> None:
                 max_buffer_bytes=int(cfg.gateway.max_buffer_mb * 1024 * 1024),
                 on_full=cfg.gateway.on_full,
                 commit_max_packets=cfg.gateway.commit_max_packets,
+                min_free_bytes=int(cfg.gateway.min_free_mb * 1024 * 1024),
             )
         )
 
@@ -34,13 +37,16 @@ async def run(cfg: Config) -> None:
 
         store.on_change = wake_delivery
         http = await stack.enter_async_context(delivery.client_session())
-        await stack.enter_async_context(ingest.running(cfg.mqtt, store))
+        taker = await stack.enter_async_context(ingest.running(cfg.mqtt, store))
         log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))
-        store.run_sync(st.add_event, "gateway_started", {"version": __version__})
-        stack.callback(_record_stop, store)
+        _record(store, "gateway_started")
+        stack.callback(_record, store, "gateway_stopped")
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
-                delivery.run(cfg.webhooks, store, http, cfg.mqtt.payload_encoding, wake),
+                # systemd: a SIGHUP that changes the webhooks restarts delivery with them.
+                sd.run_delivery(
+                    lambda hooks: delivery.run(hooks, store, http, cfg.mqtt.payload_encoding, wake)
+                ),
                 name="delivery",
             )
             if cfg.modem is not None:
@@ -50,15 +56,17 @@ async def run(cfg: Config) -> None:
                 tg.create_task(cdr.run(cfg.cdr, store, wake), name="cdr")
             if cfg.reports:
                 tg.create_task(reports.run_schedule(cfg, store, wake), name="reports")
+            tg.create_task(sd.run(store, taker), name="systemd")  # systemd: notify, watchdog
     log.info("gateway stopped")
 
 
-def _record_stop(store: Store) -> None:
-    """The gateway_stopped event (delivered to events webhooks on the next start)."""
+def _record(store: Store, kind: str) -> None:
+    """gateway_started/_stopped (delivered to events webhooks); a full disk must not stop
+    the gateway from starting or stopping."""
     try:
-        store.run_sync(st.add_event, "gateway_stopped", {"version": __version__})
-    except Exception as exc:  # the store may be failing; stopping must go on
-        log.warning("cannot record the stop event: %s", exc)
+        store.run_sync(st.add_event, kind, {"version": __version__})
+    except Exception as exc:
+        log.warning("cannot record the %s event: %s", kind, exc)
 
 
 def main(cfg: Config) -> int:
@@ -68,10 +76,15 @@ def main(cfg: Config) -> int:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+        sd = Supervisor(cfg)  # systemd: STOPPING=1 on the way out, SIGHUP reload
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await run(cfg)
+            loop.add_signal_handler(sig, sd.stop, task)
+        sd.add_signal_handlers(loop)
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await run(cfg, sd)
+        finally:
+            sd.notify_stopping()
 
     asyncio.run(runner())
     return 0

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gateway import store as store_mod
 from gateway.config import Config
+
+# Less than this is a full disk: SQLite cannot add a page to its WAL.
+FULL_BELOW_BYTES = 256 * 1024
 
 
 def _iso(ns: int | None) -> str:
@@ -76,6 +82,42 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
     return rows
 
 
+def storage(conn: sqlite3.Connection, state_dir: Path, min_free_bytes: int) -> dict[str, Any]:
+    """The store's file system as the gateway sees it, and the last failed-write period.
+
+    A running gateway that cannot write cannot record that in its store; what the file
+    system looks like now says it instead (full, below the reserve, read-only)."""
+    out: dict[str, Any] = {"state_dir": str(state_dir), "problem": ""}
+    try:
+        st = os.statvfs(state_dir)
+    except OSError as exc:
+        out["problem"] = f"cannot inspect {state_dir}: {exc.strerror}"
+    else:
+        free = st.f_bavail * st.f_frsize
+        out["free_bytes"] = free
+        out["read_only"] = bool(st.f_flag & os.ST_RDONLY)
+        if out["read_only"]:
+            out["problem"] = "read-only file system: no packet can be stored or acknowledged"
+        elif free < FULL_BELOW_BYTES:
+            out["problem"] = f"disk full ({free} bytes free): packets are not acknowledged"
+        elif free < min_free_bytes:
+            out["problem"] = (
+                f"{free / 1e6:.1f} MB free, less than gateway.min_free_mb: "
+                "packets are not acknowledged"
+            )
+    row = conn.execute(
+        "SELECT ts_ns, data FROM events WHERE kind = 'store_write_failed' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    if row is not None:
+        data = orjson.loads(row[1])
+        out["last_write_failure"] = {
+            "error": data.get("error", ""),
+            "since": _iso(data.get("since_ns")),
+            "until": _iso(row[0]),
+        }
+    return out
+
+
 def snapshot(conn: sqlite3.Connection, cfg: Config | None = None) -> dict[str, Any]:
     """Everything `gateway status` shows."""
     c = store_mod.counters(conn)
@@ -83,7 +125,7 @@ def snapshot(conn: sqlite3.Connection, cfg: Config | None = None) -> dict[str, A
         "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packets"
     ).fetchone()
     dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-    return {
+    out: dict[str, Any] = {
         "packets": {
             "received": c["packets_received"],
             "redelivered": c["packets_redelivered"],
@@ -108,6 +150,10 @@ def snapshot(conn: sqlite3.Connection, cfg: Config | None = None) -> dict[str, A
         "events": c["events_recorded"],
         "webhooks": webhook_rows(conn, cfg),
     }
+    if cfg is not None:
+        reserve = int(cfg.gateway.min_free_mb * 1024 * 1024)
+        out["storage"] = storage(conn, cfg.gateway.state_dir, reserve)
+    return out
 
 
 def read(db_path: Path, cfg: Config | None = None) -> dict[str, Any]:

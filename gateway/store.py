@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -254,10 +255,14 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLITE_FULL and I/O errors may have rolled the transaction back already; a
+        # failing ROLLBACK must not replace the error that says what went wrong.
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 _STOP = object()
@@ -282,11 +287,13 @@ class Store:
         max_buffer_bytes: int = 512 << 20,
         on_full: str = "backpressure",
         commit_max_packets: int = 2000,
+        min_free_bytes: int = 0,
     ) -> None:
         self.path = path
         self.max_buffer_bytes = max_buffer_bytes
         self.on_full = on_full
         self.commit_max_packets = commit_max_packets
+        self.min_free_bytes = min_free_bytes
         self.conn = connect(path)
         migrate(self.conn)
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -295,7 +302,12 @@ class Store:
         self.on_committed: Callable[[list[Incoming]], None] | None = None
         self.on_change: Callable[[], None] | None = None
         self.buffer_bytes = self._scalar("SELECT COALESCE(SUM(size), 0) FROM packets")
+        # Why packets are not being acknowledged right now ("" when they are): a failed
+        # write (disk full, read-only file system), or the disk reserve reached.
         self.write_error = ""
+        self.paused = ""
+        self._failing_since_ns = 0
+        self._page_size = self._scalar("PRAGMA page_size")
         self._buffer_high = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -348,6 +360,27 @@ class Store:
     def set_packet_routes(self, names: Iterable[str]) -> None:
         """The webhooks that consume packets; a packet is kept until all of them are done."""
         self._packet_routes = tuple(names)
+
+    def disk_shortage(self, incoming: int) -> str:
+        """Why writing `incoming` payload bytes would eat into min_free_bytes, or ""."""
+        if not self.min_free_bytes:
+            return ""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return ""
+        free = st.f_bavail * st.f_frsize
+        # A packet costs more than its payload: row, index, inflight and WAL pages.
+        need = 2 * incoming + 64 * 1024
+        if free - need >= self.min_free_bytes:
+            return ""
+        # Pages freed by delivered packets are reused before the file grows.
+        if self._scalar("PRAGMA freelist_count") * self._page_size >= need:
+            return ""
+        return (
+            f"{free / 1e6:.1f} MB free on the store's file system, "
+            f"less than gateway.min_free_mb ({self.min_free_bytes / 1048576:g} MB)"
+        )
 
     # -- the writer thread --------------------------------------------------------------
 
@@ -456,6 +489,19 @@ class Store:
             packets = fit
             if not packets:
                 return
+        shortage = self.disk_shortage(sum(len(p.payload) for p in packets))
+        if shortage:
+            # Keep the disk from filling up: acknowledge nothing, hold the packets (at
+            # most the broker's receive maximum), try again.
+            if not self.paused:
+                log.error("store paused, not acknowledging packets: %s", shortage)
+            self.paused = shortage
+            self._held = packets + self._held
+            return
+        if self.paused:
+            log.warning("store resumed: disk space is back above gateway.min_free_mb")
+            self.paused = ""
+        evicted = (0, 0)
         try:
             with transaction(conn):
                 for p in packets:
@@ -503,12 +549,28 @@ class Store:
                     self.on_full == "drop_oldest"
                     and self.buffer_bytes + added > self.max_buffer_bytes
                 ):
-                    self._evict_oldest(self.buffer_bytes + added - self.max_buffer_bytes)
+                    evicted = self._evict_oldest(self.buffer_bytes + added - self.max_buffer_bytes)
                 _bump(conn, "packets_received", len(store_rows))
                 _bump(conn, "packets_redelivered", redelivered)
                 _bump(conn, "packets_too_large", len(too_large))
                 _bump(conn, "packets_dead", len(too_large))
-            self.buffer_bytes += added
+                if self.write_error:
+                    # Written with the first commit that works again, so that `gateway
+                    # status` can tell what happened while nothing could be written.
+                    conn.execute(
+                        "INSERT INTO events(ts_ns, kind, data) VALUES (?, ?, ?)",
+                        (
+                            time.time_ns(),
+                            "store_write_failed",
+                            dumps({"error": self.write_error, "since_ns": self._failing_since_ns}),
+                        ),
+                    )
+                    _bump(conn, "events_recorded", 1)
+            self.buffer_bytes += added - evicted[1]
+            if evicted[0]:
+                log.warning(
+                    "buffer full: dropped %d oldest packets (%d bytes)", evicted[0], evicted[1]
+                )
             if self.write_error:
                 log.warning("store writable again after: %s", self.write_error)
             self.write_error = ""
@@ -517,6 +579,8 @@ class Store:
             # packets in memory and try again; the broker still holds them.
             if exc.__class__.__name__ != self.write_error.split(":", 1)[0]:
                 log.error("store write failed, not acknowledging packets: %s", exc)  # noqa: TRY400
+            if not self.write_error:
+                self._failing_since_ns = time.time_ns()
             self.write_error = f"{exc.__class__.__name__}: {exc}"
             for p in packets:
                 p.outcome = ""
@@ -528,8 +592,11 @@ class Store:
         if self.on_change is not None and store_rows:
             self.on_change()
 
-    def _evict_oldest(self, excess: int) -> None:
-        """drop_oldest: delete the oldest packets until `excess` bytes are freed."""
+    def _evict_oldest(self, excess: int) -> tuple[int, int]:
+        """drop_oldest: delete the oldest packets until `excess` bytes are freed.
+
+        Runs inside the caller's transaction; returns (packets, bytes) dropped, which
+        count only once that transaction commits."""
         freed = 0
         dropped = 0
         while freed < excess:
@@ -546,9 +613,8 @@ class Store:
                     last = rid
                     break
             self.conn.execute("DELETE FROM packets WHERE id <= ?", (last,))
-        self.buffer_bytes -= freed
         _bump(self.conn, "packets_dropped", dropped)
-        log.warning("buffer full: dropped %d oldest packets (%d bytes)", dropped, freed)
+        return dropped, freed
 
     def release_packets(self, conn: sqlite3.Connection) -> int:
         """Delete packets every packet route has finished with; returns how many."""

@@ -148,12 +148,14 @@ def write_config(
     extra: str = "",
     mqtt_extra: str = "",
     client_id: str = "gw-test",
+    gateway_extra: str = "",
 ) -> Path:
     """A gateway TOML for tests: loopback broker, state in tmp, web off."""
     path.write_text(
         f"""
 [gateway]
 state_dir = "{state_dir}"
+{gateway_extra}
 
 [mqtt]
 host = "127.0.0.1"
@@ -174,17 +176,24 @@ enabled = false
 class GatewayProc:
     """`python -m gateway run -c CONFIG` as a child process."""
 
-    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.config = config
         self.log_path = log_path
         self.env = env
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {**os.environ, **(self.env or {})}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                gateway_cmd("run", "-c", str(self.config)),
+                gateway_cmd("run", "-c", str(self.config), *self.args),
                 stdout=log,
                 stderr=log,
                 env=env,
@@ -213,8 +222,10 @@ def gateway_proc(tmp_path: Path) -> Iterator[Callable[..., GatewayProc]]:
     """Factory for gateway subprocesses; all are killed at teardown."""
     procs: list[GatewayProc] = []
 
-    def make(config: Path, env: dict[str, str] | None = None) -> GatewayProc:
-        g = GatewayProc(config, tmp_path / f"gateway-{len(procs)}.log", env)
+    def make(
+        config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> GatewayProc:
+        g = GatewayProc(config, tmp_path / f"gateway-{len(procs)}.log", env, args)
         procs.append(g)
         return g
 

@@ -185,7 +185,10 @@ def test_shared_group_prefixes_every_topic() -> None:
     assert cfg.mqtt.subscriptions() == ["$share/gw/a/+", "$share/gw/b/#"]
 
 
-def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shipped_configs_are_valid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # gateway.example.toml reads its MQTT password from systemd's credentials directory.
+    (tmp_path / "mqtt-password").write_text("x")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     for path in sorted((ROOT / "config").glob("*.toml")):
         raw_env = {"MQTT_PASSWORD": "x", "CLOUD_PASSWORD": "x", "WEBHOOK_SECRET": "x"}
         for k, v in raw_env.items():

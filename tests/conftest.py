@@ -148,8 +148,9 @@ def write_config(
     extra: str = "",
     mqtt_extra: str = "",
     client_id: str = "gw-test",
+    web: str = "enabled = false",
 ) -> Path:
-    """A gateway TOML for tests: loopback broker, state in tmp, web off."""
+    """A gateway TOML for tests: loopback broker, state in tmp, web off unless `web` says."""
     path.write_text(
         f"""
 [gateway]
@@ -164,7 +165,7 @@ reconnect_max_s = 1
 {mqtt_extra}
 
 [web]
-enabled = false
+{web}
 {extra}
 """
     )

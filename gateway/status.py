@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import datetime
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gateway import store as store_mod
 from gateway.config import Config
 
+LATEST_CDRS = 20
+LATEST_REPORTS = 20
 
-def _iso(ns: int | None) -> str:
+
+def iso(ns: int | None) -> str:
+    """Unix time in ns as ISO 8601 UTC to the second; '' for 0 or None."""
     if not ns:
         return ""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
@@ -64,9 +71,9 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
                 "dead_letters": int(dead.get(name, 0)),
                 "queue_depth": int(waiting) + int(in_batches.get(name, 0)),
                 "in_flight": int(in_batches.get(name, 0)),
-                "last_hit": _iso(s[7]) if s else "",
-                "last_success": _iso(s[8]) if s else "",
-                "last_error_at": _iso(s[9]) if s else "",
+                "last_hit": iso(s[7]) if s else "",
+                "last_success": iso(s[8]) if s else "",
+                "last_error_at": iso(s[9]) if s else "",
                 "last_error_status": s[10] if s else None,
                 "last_error": (s[11] or "") if s else "",
                 "disabled": bool(s[12]) if s else False,
@@ -76,8 +83,111 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
     return rows
 
 
-def snapshot(conn: sqlite3.Connection, cfg: Config | None = None) -> dict[str, Any]:
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    # A store written by an older gateway may lack the newer tables until it is migrated.
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def local_midnight_ns(now_ns: int) -> int:
+    """The start of the gateway host's local day containing now_ns."""
+    now = datetime.datetime.fromtimestamp(now_ns / 1e9).astimezone()
+    return int(now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()) * 10**9
+
+
+def bytes_since(conn: sqlite3.Connection, since_ns: int) -> int | None:
+    """Modem bytes (tx + rx) counted since since_ns, from the snapshots' counters.
+
+    A counter that goes down (modem reboot) or changes source starts again from zero, as
+    the CDR builder treats it. None when there is no counter reading at all.
+    """
+    base = conn.execute(
+        "SELECT id FROM modem_snapshots WHERE ts_ns < ? AND json_extract(data, '$.tx_bytes')"
+        " IS NOT NULL ORDER BY id DESC LIMIT 1",
+        (since_ns,),
+    ).fetchone()
+    rows = conn.execute(
+        "SELECT json_extract(data, '$.tx_bytes'), json_extract(data, '$.rx_bytes'),"
+        " json_extract(data, '$.counter_source') FROM modem_snapshots WHERE id >= ?"
+        " AND json_extract(data, '$.tx_bytes') IS NOT NULL ORDER BY id",
+        (base[0] if base else 0,),
+    ).fetchall()
+    if not rows:
+        return None
+    total = 0
+    prev: tuple[int, str] | None = None
+    for tx, rx, source in rows:
+        value = int(tx or 0) + int(rx or 0)
+        if prev is not None and str(source or "") == prev[1]:
+            total += value - prev[0] if value >= prev[0] else value
+        prev = (value, str(source or ""))
+    return total
+
+
+def modem_rows(conn: sqlite3.Connection, cfg: Config | None, now_ns: int) -> dict[str, Any]:
+    """The newest modem snapshot and today's bytes (local day of the gateway host)."""
+    row = conn.execute(
+        "SELECT ts_ns, state, data FROM modem_snapshots ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    return {
+        "configured": cfg.modem is not None if cfg else row is not None,
+        "state": row[1] if row else "",
+        "updated": iso(row[0]) if row else "",
+        "info": orjson.loads(row[2]) if row else None,
+        "bytes_today": bytes_since(conn, local_midnight_ns(now_ns)),
+    }
+
+
+def cdr_rows(conn: sqlite3.Connection, limit: int = LATEST_CDRS) -> dict[str, Any]:
+    """How many CDRs were emitted and the newest `limit` of them."""
+    count = conn.execute("SELECT COUNT(*) FROM cdrs").fetchone()[0]
+    latest = [
+        {
+            "id": r[0],
+            "unique_id": r[1],
+            "ts_ms": r[2],
+            "time": iso(r[2] * 1_000_000),
+            "iccid": r[3],
+            "usage": r[4],
+            "data": orjson.loads(r[5]),
+        }
+        for r in conn.execute(
+            "SELECT id, unique_id, ts_ms, iccid, usage, data FROM cdrs ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+    ]
+    return {"count": int(count), "latest": latest}
+
+
+def report_rows(
+    conn: sqlite3.Connection, now_ns: int, limit: int = LATEST_REPORTS
+) -> list[dict[str, Any]]:
+    """The newest report exports with their expiry; the download token is not stored."""
+    return [
+        {
+            "id": r[0],
+            "name": r[1],
+            "file_name": r[2],
+            "size": r[3],
+            "lines": r[4],
+            "created": iso(r[5]),
+            "valid_until": iso(r[6]),
+            "expired": now_ns >= r[6],
+            "error": r[7],
+        }
+        for r in conn.execute(
+            "SELECT id, name, file_name, size, lines, created_ns, valid_until_ns, error"
+            " FROM reports ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+    ]
+
+
+def snapshot(
+    conn: sqlite3.Connection, cfg: Config | None = None, now_ns: int | None = None
+) -> dict[str, Any]:
     """Everything `gateway status` shows."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    tables = _tables(conn)
     c = store_mod.counters(conn)
     pending, buffered = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packets"
@@ -100,6 +210,9 @@ def snapshot(conn: sqlite3.Connection, cfg: Config | None = None) -> dict[str, A
         },
         "dead_letters": int(dead),
         "webhooks": webhook_rows(conn, cfg),
+        "modem": modem_rows(conn, cfg, now_ns) if "modem_snapshots" in tables else None,
+        "cdrs": cdr_rows(conn) if "cdrs" in tables else {"count": 0, "latest": []},
+        "reports": report_rows(conn, now_ns) if "reports" in tables else [],
     }
 
 

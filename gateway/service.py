@@ -33,11 +33,26 @@ async def run(cfg: Config) -> None:
 
         store.on_change = wake_delivery
         http = await stack.enter_async_context(delivery.client_session())
-        await stack.enter_async_context(ingest.running(cfg.mqtt, store))
+        site = None
+        if cfg.web.enabled:
+            from gateway import web
+
+            # Before ingest: a port already in use stops the gateway before it takes packets.
+            site = await stack.enter_async_context(web.serve(cfg, store, http))
+        taker = await stack.enter_async_context(ingest.running(cfg.mqtt, store))
+        if site is not None:
+            site.ingest = taker
         log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
-                delivery.run(cfg.webhooks, store, http, cfg.mqtt.payload_encoding, wake),
+                delivery.run(
+                    cfg.webhooks,
+                    store,
+                    http,
+                    cfg.mqtt.payload_encoding,
+                    wake,
+                    on_result=site.on_result if site is not None else None,
+                ),
                 name="delivery",
             )
             if cfg.modem is not None:

@@ -192,9 +192,10 @@ def run(duration: float | None, devices: int, rate: float, keep: bool = False) -
     with _workdir(keep) as workdir:
         demo = Demo(workdir, devices, rate)
         try:
-            cfg_path, _web_port, sink_port = demo.start()
+            cfg_path, web_port, sink_port = demo.start()
             print(f"demo running in {workdir}")
             print(f"  broker, {devices} devices at {rate}/s each, sink on :{sink_port}")
+            print(f"  dashboard: http://127.0.0.1:{web_port}/  (also /metrics and /api/status)")
             print(f"  requests the sink received: {workdir}/requests.jsonl   (Ctrl-C to stop)")
             from gateway import config as config_mod
 

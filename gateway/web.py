@@ -391,7 +391,9 @@ class Web:
             return hmac.compare_digest(auth[7:].strip().encode(), self.token)
         cookie = request.cookies.get(SESSION_COOKIE, "")
         expires, _, _sig = cookie.partition(".")
-        if not expires.isdigit() or int(expires) < time.time():
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+            return False
+        if int(expires) < time.time():
             return False
         return hmac.compare_digest(cookie.encode(), self._session_value(int(expires)).encode())
 
@@ -462,7 +464,8 @@ class Web:
     async def list_dead_letters(self, request: web.Request) -> web.StreamResponse:
         webhook = request.query.get("webhook")
         raw_limit = request.query.get("limit", "1000")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 10_000:
+        digits = raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 5
+        if not (digits and 1 <= int(raw_limit) <= 10_000):
             return _error(400, "limit: must be an integer 1-10000")
         rows = await asyncio.wrap_future(
             self.store.call(st.list_dead_letters, webhook, int(raw_limit))

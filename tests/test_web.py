@@ -229,6 +229,8 @@ async def test_the_token_guards_pages_api_and_metrics_but_not_healthz_or_downloa
             f"{expires}.{'0' * len(sig)}",
             f"{past}.{stale.hexdigest()}",
             "1.abc",
+            "9" * 5000 + ".x",
+            "\u00b2.x",
             "x",
         ):
             async with fresh.get(
@@ -383,8 +385,9 @@ async def test_dead_letters_are_listed_and_replayed_through_the_api(
             assert "error" in await r.json()
     async with http.post(api, data="webhook=flaky") as r:
         assert r.status == 415
-    async with http.get(api + "?limit=0") as r:
-        assert r.status == 400
+    for limit in ("0", "10001", "\u00b2", "9" * 5000):
+        async with http.get(api, params={"limit": limit}) as r:
+            assert r.status == 400, limit
 
     # Replay one by id, then the rest; the receiver now accepts, ids are kept.
     receiver.behaviour = lambda n, r: Reply(200)

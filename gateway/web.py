@@ -67,11 +67,17 @@ class Reader:
         self._lock = threading.Lock()
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(conn, *args) on the calling thread (never the event loop)."""
+        """fn(conn, *args) on the calling thread (never the event loop), in one read
+        transaction so that all its queries see the same state of the store."""
         with self._lock:
             if self._conn is None:
                 self._conn = st.connect(self.path, readonly=True)
-            return fn(self._conn, *args)
+            self._conn.execute("BEGIN")
+            try:
+                return fn(self._conn, *args)
+            finally:
+                if self._conn.in_transaction:
+                    self._conn.execute("COMMIT")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(conn, *args) in a worker thread."""

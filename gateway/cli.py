@@ -178,6 +178,45 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.load(args.config, need_secrets=need)
 
 
+WEBHOOK_COLUMNS = (
+    ("webhook", "name"),
+    ("hits", "hits"),
+    ("delivered", "delivered"),
+    ("failed", "requests_failed"),
+    ("retried", "retried"),
+    ("queue", "queue_depth"),
+    ("dead_letters", "dead_letters"),
+    ("last_hit", "last_hit"),
+    ("last_success", "last_success"),
+    ("state", "disabled"),
+    ("last_error", "last_error"),
+)
+
+
+def _webhook_table(hooks: list[dict[str, Any]]) -> list[str]:
+    """The per-webhook table the dashboard shows, as aligned text lines."""
+    rows = []
+    for h in hooks:
+        cells = []
+        for _title, key in WEBHOOK_COLUMNS:
+            if key == "disabled":
+                value = "disabled" if h["disabled"] else "ok"
+            elif key == "last_error":
+                value = h["last_error"].replace("\n", " ")[:80]
+                if value and h["last_error_at"]:
+                    value = f"{h['last_error_at']} {value}"
+            else:
+                value = "-" if h[key] in ("", None) else str(h[key])
+            cells.append(value)
+        rows.append(cells)
+    titles = [t for t, _ in WEBHOOK_COLUMNS]
+    widths = [max(len(t), *(len(r[i]) for r in rows)) for i, t in enumerate(titles)]
+    return [
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+        for r in [titles, *rows]
+    ]
+
+
 def _print_status(snap: dict[str, Any]) -> None:
     p = snap["packets"]
     print("packets  " + "  ".join(f"{k}={v}" for k, v in p.items()))
@@ -193,30 +232,31 @@ def _print_status(snap: dict[str, Any]) -> None:
             print(
                 f"         last write failure {last['since']} .. {last['until']}: {last['error']}"
             )
+    m = snap.get("modem")
+    if m and m["info"]:
+        i = m["info"]
+        today = m["bytes_today"]
+        print(
+            f"modem    {m['state']} at {m['updated']}  {i.get('operator') or '?'}"
+            f" ({i.get('mcc') or '?'}/{i.get('mnc') or '?'})  ICCID {i.get('iccid') or '?'}"
+            f"  signal {i.get('signal_dbm')} dBm"
+            + (f"  {today} bytes today" if today is not None else "")
+        )
+    c = snap["cdrs"]
+    print(f"cdrs     {c['count']} stored, {c['pending_usage']} bytes not yet in a CDR")
+    if snap["reports"]:
+        r = snap["reports"][0]
+        print(
+            f"reports  {len(snap['reports'])} recent; newest {r['file_name']}"
+            f" valid until {r['valid_until']}{' (expired)' if r['expired'] else ''}"
+        )
     hooks = snap["webhooks"]
     if not hooks:
         print("webhooks (none configured: packets are stored and wait)")
         return
-    cols = (
-        "name",
-        "hits",
-        "delivered",
-        "requests_ok",
-        "requests_failed",
-        "queue_depth",
-        "dead_letters",
-        "last_success",
-        "last_error",
-    )
-    rows = [
-        [str(h[c]) if c != "name" or not h["disabled"] else h["name"] + " (disabled)" for c in cols]
-        for h in hooks
-    ]
-    rows = [[r[i][:60] for i in range(len(cols))] for r in rows]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    print()
+    for line in _webhook_table(hooks):
+        print(line)
 
 
 def _cmd(args: argparse.Namespace) -> int:

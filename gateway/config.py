@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import string
@@ -181,6 +182,23 @@ class WebSection:
     token: str = ""
     public_url: str = "http://127.0.0.1:8080"
     enabled: bool = True
+    # Seconds between the dashboard's throughput samples (one hour of them is kept).
+    sample_s: float = 5.0
+
+    @property
+    def loopback(self) -> bool:
+        """Whether `listen` is a loopback address (no token needed)."""
+        return is_loopback(self.listen.rsplit(":", 1)[0].strip("[]"))
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -761,11 +779,10 @@ def parse(
         r.table("", "web", raw.get("web", {})),
         listen=_listen,
         public_url=_url,
+        sample_s=_float(0.1, 600.0),
     )
-    if web is not None and web.enabled and not web.token:
-        host = web.listen.rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            r.fail("web.token", f"is required when web.listen is not loopback ({web.listen})")
+    if web is not None and web.enabled and not web.token and not web.loopback:
+        r.fail("web.token", f"is required when web.listen is not loopback ({web.listen})")
 
     if r.problems or g is None or m is None or cdr is None or web is None:
         raise ConfigError(r.problems or ["invalid configuration"], source)

@@ -314,6 +314,8 @@ def run(
             print(f"demo running in {wd} (broker: {demo.broker_kind})")
             sink = demo.ports["sink"]
             print(f"  {devices} devices at {rate}/s each, modem emulator, sink on :{sink}")
+            web = demo.ports["web"]
+            print(f"  dashboard: http://127.0.0.1:{web}/  (also /metrics and /api/status)")
             print(f"  requests the sink received: {wd}/requests.jsonl   (Ctrl-C to stop)")
             began = time.monotonic()
             next_burst = began + min(5.0, burst_every_s)

@@ -42,7 +42,10 @@ def iccid_matcher(template: str) -> re.Pattern[str] | None:
 @dataclass(slots=True)
 class IngestStats:
     connected: bool = False
+    # The broker granted every subscription of the current connection.
+    subscribed: bool = False
     connects: int = 0
+    received: int = 0
     acked: int = 0
     last_error: str = ""
     last_packet_ns: int = 0
@@ -124,15 +127,19 @@ class Ingest:
     def _on_subscribe(
         self, _c: mqtt.Client, _u: Any, _mid: int, codes: list[ReasonCode], _p: Properties
     ) -> None:
+        refused = False
         for code, topic in zip(codes, self.cfg.subscriptions(), strict=False):
             if getattr(code, "is_failure", False):
+                refused = True
                 self.stats.last_error = f"subscription to {topic!r} refused: {code}"
                 log.error("subscription to %r refused: %s", topic, code)
+        self.stats.subscribed = not refused
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None
     ) -> None:
         self.stats.connected = False
+        self.stats.subscribed = False
         if not self._stop.is_set():
             self.stats.last_error = f"disconnected: {rc}"
             log.warning("disconnected from broker: %s", rc)
@@ -143,6 +150,7 @@ class Ingest:
         topic = msg.topic
         m = self._iccid.match(topic) if self._iccid else None
         payload = msg.payload
+        self.stats.received += 1
         self.stats.last_packet_ns = time.time_ns()
         self.store.submit_packet(
             Incoming(

@@ -37,7 +37,15 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
 
         store.on_change = wake_delivery
         http = await stack.enter_async_context(delivery.client_session())
+        site = None
+        if cfg.web.enabled:
+            from gateway import web
+
+            # Before ingest: a port already in use stops the gateway before it takes packets.
+            site = await stack.enter_async_context(web.serve(cfg, store, http))
         taker = await stack.enter_async_context(ingest.running(cfg.mqtt, store))
+        if site is not None:
+            site.ingest = taker
         log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))
         _record(store, "gateway_started")
         stack.callback(_record, store, "gateway_stopped")
@@ -45,7 +53,14 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
             tg.create_task(
                 # systemd: a SIGHUP that changes the webhooks restarts delivery with them.
                 sd.run_delivery(
-                    lambda hooks: delivery.run(hooks, store, http, cfg.mqtt.payload_encoding, wake)
+                    lambda hooks: delivery.run(
+                        hooks,
+                        store,
+                        http,
+                        cfg.mqtt.payload_encoding,
+                        wake,
+                        on_result=site.on_result if site is not None else None,
+                    )
                 ),
                 name="delivery",
             )

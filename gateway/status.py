@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sqlite3
 import time
@@ -15,9 +16,12 @@ from gateway.config import Config
 
 # Less than this is a full disk: SQLite cannot add a page to its WAL.
 FULL_BELOW_BYTES = 256 * 1024
+LATEST_CDRS = 20
+LATEST_REPORTS = 20
 
 
-def _iso(ns: int | None) -> str:
+def iso(ns: int | None) -> str:
+    """Unix time in ns as ISO 8601 UTC to the second; '' for 0 or None."""
     if not ns:
         return ""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9))
@@ -70,9 +74,9 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
                 "dead_letters": int(dead.get(name, 0)),
                 "queue_depth": int(waiting) + int(in_batches.get(name, 0)),
                 "in_flight": int(in_batches.get(name, 0)),
-                "last_hit": _iso(s[7]) if s else "",
-                "last_success": _iso(s[8]) if s else "",
-                "last_error_at": _iso(s[9]) if s else "",
+                "last_hit": iso(s[7]) if s else "",
+                "last_success": iso(s[8]) if s else "",
+                "last_error_at": iso(s[9]) if s else "",
                 "last_error_status": s[10] if s else None,
                 "last_error": (s[11] or "") if s else "",
                 "disabled": bool(s[12]) if s else False,
@@ -80,6 +84,105 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
             }
         )
     return rows
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    # A store written by an older gateway may lack the newer tables until it is migrated.
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def local_midnight_ns(now_ns: int) -> int:
+    """The start of the gateway host's local day containing now_ns."""
+    now = datetime.datetime.fromtimestamp(now_ns / 1e9).astimezone()
+    return int(now.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()) * 10**9
+
+
+def bytes_since(conn: sqlite3.Connection, since_ns: int) -> int | None:
+    """Modem bytes (tx + rx) counted since since_ns, from the snapshots' counters.
+
+    A counter that goes down (modem reboot) or changes source starts again from zero, as
+    the CDR builder treats it. None when there is no counter reading at all.
+    """
+    base = conn.execute(
+        "SELECT id FROM modem_snapshots WHERE ts_ns < ? AND json_extract(data, '$.tx_bytes')"
+        " IS NOT NULL ORDER BY id DESC LIMIT 1",
+        (since_ns,),
+    ).fetchone()
+    rows = conn.execute(
+        "SELECT json_extract(data, '$.tx_bytes'), json_extract(data, '$.rx_bytes'),"
+        " json_extract(data, '$.counter_source') FROM modem_snapshots WHERE id >= ?"
+        " AND json_extract(data, '$.tx_bytes') IS NOT NULL ORDER BY id",
+        (base[0] if base else 0,),
+    ).fetchall()
+    if not rows:
+        return None
+    total = 0
+    prev: tuple[int, str] | None = None
+    for tx, rx, source in rows:
+        value = int(tx or 0) + int(rx or 0)
+        if prev is not None and str(source or "") == prev[1]:
+            total += value - prev[0] if value >= prev[0] else value
+        prev = (value, str(source or ""))
+    return total
+
+
+def modem_rows(conn: sqlite3.Connection, cfg: Config | None, now_ns: int) -> dict[str, Any]:
+    """The newest modem snapshot and today's bytes (local day of the gateway host)."""
+    row = conn.execute(
+        "SELECT ts_ns, state, data FROM modem_snapshots ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    return {
+        "configured": cfg.modem is not None if cfg else row is not None,
+        "state": row[1] if row else "",
+        "updated": iso(row[0]) if row else "",
+        "info": orjson.loads(row[2]) if row else None,
+        "bytes_today": bytes_since(conn, local_midnight_ns(now_ns)),
+    }
+
+
+def cdr_rows(conn: sqlite3.Connection, limit: int = LATEST_CDRS) -> dict[str, Any]:
+    """How many CDRs were emitted and the newest `limit` of them."""
+    count = conn.execute("SELECT COUNT(*) FROM cdrs").fetchone()[0]
+    latest = [
+        {
+            "id": r[0],
+            "unique_id": r[1],
+            "ts_ms": r[2],
+            "time": iso(r[2] * 1_000_000),
+            "iccid": r[3],
+            "usage": r[4],
+            "data": orjson.loads(r[5]),
+        }
+        for r in conn.execute(
+            "SELECT id, unique_id, ts_ms, iccid, usage, data FROM cdrs ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+    ]
+    return {"count": int(count), "latest": latest}
+
+
+def report_rows(
+    conn: sqlite3.Connection, now_ns: int, limit: int = LATEST_REPORTS
+) -> list[dict[str, Any]]:
+    """The newest report exports with their expiry; the download token is not stored."""
+    return [
+        {
+            "id": r[0],
+            "name": r[1],
+            "file_name": r[2],
+            "size": r[3],
+            "lines": r[4],
+            "created": iso(r[5]),
+            "valid_until": iso(r[6]),
+            "expired": now_ns >= r[6],
+            "error": r[7],
+        }
+        for r in conn.execute(
+            "SELECT id, name, file_name, size, lines, created_ns, valid_until_ns, error"
+            " FROM reports ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+    ]
 
 
 def storage(conn: sqlite3.Connection, state_dir: Path, min_free_bytes: int) -> dict[str, Any]:
@@ -112,14 +215,18 @@ def storage(conn: sqlite3.Connection, state_dir: Path, min_free_bytes: int) -> d
         data = orjson.loads(row[1])
         out["last_write_failure"] = {
             "error": data.get("error", ""),
-            "since": _iso(data.get("since_ns")),
-            "until": _iso(row[0]),
+            "since": iso(data.get("since_ns")),
+            "until": iso(row[0]),
         }
     return out
 
 
-def snapshot(conn: sqlite3.Connection, cfg: Config | None = None) -> dict[str, Any]:
+def snapshot(
+    conn: sqlite3.Connection, cfg: Config | None = None, now_ns: int | None = None
+) -> dict[str, Any]:
     """Everything `gateway status` shows."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    tables = _tables(conn)
     c = store_mod.counters(conn)
     pending, buffered = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packets"
@@ -141,14 +248,19 @@ def snapshot(conn: sqlite3.Connection, cfg: Config | None = None) -> dict[str, A
             "max_bytes": int(cfg.gateway.max_buffer_mb * 1024 * 1024) if cfg else None,
         },
         "dead_letters": int(dead),
+        "webhooks": webhook_rows(conn, cfg),
+        "modem": modem_rows(conn, cfg, now_ns) if "modem_snapshots" in tables else None,
         "cdrs": {
+            **(cdr_rows(conn) if "cdrs" in tables else {"count": 0, "latest": []}),
             "emitted": c["cdrs_emitted"],
             "pending_usage": int(
                 conn.execute("SELECT COALESCE(MAX(pending), 0) FROM cdr_state").fetchone()[0]
-            ),
+            )
+            if "cdr_state" in tables
+            else 0,
         },
         "events": c["events_recorded"],
-        "webhooks": webhook_rows(conn, cfg),
+        "reports": report_rows(conn, now_ns) if "reports" in tables else [],
     }
     if cfg is not None:
         reserve = int(cfg.gateway.min_free_mb * 1024 * 1024)

@@ -354,6 +354,11 @@ class Store:
         self.conn.close()
 
     @property
+    def writer_alive(self) -> bool:
+        """Whether the writer thread is running (it ends only with close())."""
+        return self._thread.is_alive()
+
+    @property
     def full(self) -> bool:
         return self.buffer_bytes >= self.max_buffer_bytes
 

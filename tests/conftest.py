@@ -149,8 +149,9 @@ def write_config(
     mqtt_extra: str = "",
     client_id: str = "gw-test",
     gateway_extra: str = "",
+    web: str = "enabled = false",
 ) -> Path:
-    """A gateway TOML for tests: loopback broker, state in tmp, web off."""
+    """A gateway TOML for tests: loopback broker, state in tmp, web off unless `web` says."""
     path.write_text(
         f"""
 [gateway]
@@ -166,7 +167,7 @@ reconnect_max_s = 1
 {mqtt_extra}
 
 [web]
-enabled = false
+{web}
 {extra}
 """
     )

@@ -1,0 +1,219 @@
+"""Prometheus metrics: the figures of /api/status, read when scraped, plus request latency.
+
+A custom collector on a private registry turns one status snapshot (the same dict that
+/api/status serves) into metric families at every scrape, so the two always agree. The
+only state kept in memory is the latency histogram, fed by delivery after every POST.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
+
+# (status key under "packets", metric name, help); all persistent counters in the store.
+PACKET_COUNTERS = (
+    ("received", "gateway_packets_stored", "Distinct packets committed to the store."),
+    ("redelivered", "gateway_packets_redelivered", "Broker redeliveries recognised as such."),
+    ("delivered", "gateway_packets_delivered", "Packets accepted by a webhook."),
+    ("dead", "gateway_packets_dead_lettered", "Packets moved to the dead-letter table."),
+    ("too_large", "gateway_packets_too_large", "Packets over mqtt.max_payload_bytes."),
+    ("dropped", "gateway_packets_dropped", "Packets evicted by on_full = drop_oldest."),
+    (
+        "decode_failed",
+        "gateway_packets_decode_failed",
+        "Payloads sent as base64 after failing to decode.",
+    ),
+)
+
+# (status key of a webhook row, metric name, kind, help).
+WEBHOOK_FIGURES = (
+    ("hits", "gateway_webhook_hits", "counter", "Records matched by the webhook's route."),
+    ("delivered", "gateway_webhook_delivered", "counter", "Records accepted by the receiver."),
+    ("retried", "gateway_webhook_retried", "counter", "Failed requests scheduled for a retry."),
+    ("queue_depth", "gateway_webhook_queue_depth", "gauge", "Records waiting or in flight."),
+    ("in_flight", "gateway_webhook_in_flight", "gauge", "Records in open batches."),
+    ("dead_letters", "gateway_webhook_dead_letters", "gauge", "Rows in the dead-letter table."),
+    (
+        "dead_lettered",
+        "gateway_webhook_dead_lettered_records",
+        "gauge",
+        "Records dead-lettered and not replayed (a replay lowers it).",
+    ),
+)
+
+
+def _timestamp(iso: str) -> float | None:
+    if not iso:
+        return None
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _gauge(name: str, doc: str, value: float | None, **labels: str) -> Iterator[Metric]:
+    if value is None:
+        return
+    g = GaugeMetricFamily(name, doc, labels=list(labels))
+    g.add_metric(list(labels.values()), float(value))
+    yield g
+
+
+def families(s: dict[str, Any]) -> Iterator[Metric]:
+    """The metric families of one /api/status document."""
+    gw = s["gateway"]
+    yield from _gauge("gateway_build_info", "Gateway version.", 1, version=gw["version"])
+    yield from _gauge("gateway_start_time_seconds", "Process start, Unix time.", gw["started_s"])
+    yield from _gauge(
+        "gateway_uptime_seconds", "Seconds since the gateway started.", gw["uptime_s"]
+    )
+
+    mqtt = gw["mqtt"]
+    c = CounterMetricFamily(
+        "gateway_packets_received",
+        "Packets the broker handed over since start, redeliveries and oversized ones included.",
+    )
+    c.add_metric([], mqtt["received"])
+    yield c
+    c = CounterMetricFamily(
+        "gateway_packets_acknowledged", "PUBACKs sent after commit, since start."
+    )
+    c.add_metric([], mqtt["acknowledged"])
+    yield c
+    yield from _gauge(
+        "gateway_mqtt_connected", "1 while connected to the broker.", mqtt["connected"]
+    )
+    for key, name, doc in PACKET_COUNTERS:
+        c = CounterMetricFamily(name, doc)
+        c.add_metric([], s["packets"][key])
+        yield c
+    yield from _gauge(
+        "gateway_packets_pending", "Packets stored and not yet finished.", s["packets"]["pending"]
+    )
+    yield from _gauge("gateway_buffer_bytes", "Payload bytes stored.", s["buffer"]["bytes"])
+    yield from _gauge(
+        "gateway_buffer_max_bytes", "gateway.max_buffer_mb in bytes.", s["buffer"]["max_bytes"]
+    )
+    yield from _gauge("gateway_dead_letters", "Rows in the dead-letter table.", s["dead_letters"])
+    store = gw["store"]
+    yield from _gauge("gateway_store_bytes", "Store files on disk (db, WAL).", store["bytes"])
+    yield from _gauge("gateway_store_writable", "0 while writes fail.", store["writable"])
+
+    yield from _webhooks(s["webhooks"])
+    yield from _modem(s.get("modem"))
+    c = CounterMetricFamily("gateway_cdrs_emitted", "Usage CDRs built (rows in the cdrs table).")
+    c.add_metric([], s["cdrs"]["count"])
+    yield c
+
+
+def _webhooks(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    names = [r["name"] for r in rows]
+    for key, name, kind, doc in WEBHOOK_FIGURES:
+        fam: CounterMetricFamily | GaugeMetricFamily
+        if kind == "counter":
+            fam = CounterMetricFamily(name, doc, labels=["webhook"])
+        else:
+            fam = GaugeMetricFamily(name, doc, labels=["webhook"])
+        for r in rows:
+            fam.add_metric([r["name"]], r[key])
+        yield fam
+    req = CounterMetricFamily(
+        "gateway_webhook_requests",
+        "Requests by result (failed: any non-2xx or no response).",
+        labels=["webhook", "result"],
+    )
+    for r in rows:
+        req.add_metric([r["name"], "ok"], r["requests_ok"])
+        req.add_metric([r["name"], "failed"], r["requests_failed"])
+    yield req
+    disabled = GaugeMetricFamily(
+        "gateway_webhook_disabled", "1 when a 410 Gone disabled the webhook.", labels=["webhook"]
+    )
+    success = GaugeMetricFamily(
+        "gateway_webhook_last_success_timestamp_seconds",
+        "Unix time of the last accepted request.",
+        labels=["webhook"],
+    )
+    for r in rows:
+        disabled.add_metric([r["name"]], int(r["disabled"]))
+        ts = _timestamp(r["last_success"])
+        if ts is not None:
+            success.add_metric([r["name"]], ts)
+    yield disabled
+    if names:
+        yield success
+
+
+def _modem(m: dict[str, Any] | None) -> Iterator[Metric]:
+    if not m or not m.get("configured"):
+        return
+    info = m.get("info") or {}
+    yield from _gauge(
+        "gateway_modem_up", "1 while the modem answers with a usable SIM.", m["state"] == "ok"
+    )
+    yield from _gauge(
+        "gateway_modem_info",
+        "Modem identity (value 1).",
+        1,
+        vendor=str(info.get("vendor") or ""),
+        model=str(info.get("model") or ""),
+        operator=str(info.get("operator") or ""),
+        mcc=str(info.get("mcc") or ""),
+        mnc=str(info.get("mnc") or ""),
+    )
+    yield from _gauge("gateway_modem_signal_dbm", "Signal strength (dBm).", info.get("signal_dbm"))
+    yield from _gauge("gateway_modem_signal_csq", "AT+CSQ rssi (0-31).", info.get("csq"))
+    registered = info.get("registration") in ("home", "roaming")
+    yield from _gauge("gateway_modem_registered", "1 while registered.", registered)
+    for key, name, doc in (
+        ("tx_bytes", "gateway_modem_transmit_bytes", "The modem's transmit counter."),
+        ("rx_bytes", "gateway_modem_receive_bytes", "The modem's receive counter."),
+    ):
+        if info.get(key) is not None:
+            c = CounterMetricFamily(name, doc + " It restarts at a modem reset.")
+            c.add_metric([], info[key])
+            yield c
+    yield from _gauge(
+        "gateway_modem_bytes_today", "Bytes (tx + rx) since local midnight.", m.get("bytes_today")
+    )
+
+
+class _StatusCollector:
+    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+        self.read = read
+
+    def describe(self) -> Iterable[Metric]:
+        # Nothing up front: registering must not read the store.
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        return families(self.read())
+
+
+class Metrics:
+    """A private registry: the status collector and a latency histogram per webhook."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]], webhooks: Iterable[str]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_StatusCollector(read))
+        self.latency = Histogram(
+            "gateway_webhook_request_duration_seconds",
+            "Time from sending a webhook request to its answer (or to giving up on it).",
+            ["webhook"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        for name in webhooks:
+            self.latency.labels(name)
+
+    def observe(self, webhook: str, seconds: float) -> None:
+        """Record one request's latency."""
+        self.latency.labels(webhook).observe(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition format; reads the store (call it off the event loop)."""
+        return bytes(generate_latest(self.registry))

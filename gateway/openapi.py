@@ -1,0 +1,383 @@
+"""The OpenAPI 3 document of /api/* (hand-written; tests fuzz the server against it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway import __version__
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+
+_NULLABLE_INT = {"type": ["integer", "null"]}
+
+_WEBHOOK_ROW = {
+    "type": "object",
+    "required": [
+        "name",
+        "source",
+        "hits",
+        "requests_ok",
+        "requests_failed",
+        "retried",
+        "delivered",
+        "dead_lettered",
+        "dead_letters",
+        "queue_depth",
+        "in_flight",
+        "last_hit",
+        "last_success",
+        "last_error_at",
+        "last_error_status",
+        "last_error",
+        "disabled",
+        "disabled_reason",
+    ],
+    "properties": {
+        "name": {"type": "string"},
+        "source": {"type": "string"},
+        "hits": {"type": "integer", "description": "records matched by the route"},
+        "requests_ok": {"type": "integer"},
+        "requests_failed": {"type": "integer"},
+        "retried": {"type": "integer"},
+        "delivered": {"type": "integer", "description": "records accepted"},
+        "dead_lettered": {"type": "integer", "description": "records dead-lettered, not replayed"},
+        "dead_letters": {"type": "integer", "description": "rows in the dead-letter table"},
+        "queue_depth": {"type": "integer"},
+        "in_flight": {"type": "integer"},
+        "last_hit": {"type": "string", "description": "ISO 8601 UTC or empty"},
+        "last_success": {"type": "string"},
+        "last_error_at": {"type": "string"},
+        "last_error_status": _NULLABLE_INT,
+        "last_error": {"type": "string", "description": "HTTP status and response excerpt"},
+        "disabled": {"type": "boolean"},
+        "disabled_reason": {"type": "string"},
+    },
+}
+
+_STATUS = {
+    "type": "object",
+    "required": [
+        "gateway",
+        "packets",
+        "buffer",
+        "dead_letters",
+        "webhooks",
+        "modem",
+        "cdrs",
+        "reports",
+        "rates",
+        "throughput",
+    ],
+    "properties": {
+        "gateway": {
+            "type": "object",
+            "required": ["version", "started", "started_s", "uptime_s", "store", "mqtt"],
+            "properties": {
+                "version": {"type": "string"},
+                "started": {"type": "string"},
+                "started_s": {"type": "number"},
+                "uptime_s": {"type": "number"},
+                "store": {
+                    "type": "object",
+                    "required": ["bytes", "writable", "write_error"],
+                    "properties": {
+                        "bytes": {"type": "integer"},
+                        "writable": {"type": "boolean"},
+                        "write_error": {"type": "string"},
+                    },
+                },
+                "mqtt": {
+                    "type": "object",
+                    "required": [
+                        "connected",
+                        "subscribed",
+                        "alive",
+                        "received",
+                        "acknowledged",
+                        "last_error",
+                    ],
+                    "properties": {
+                        "broker": {"type": "string"},
+                        "connected": {"type": "boolean"},
+                        "subscribed": {"type": "boolean"},
+                        "alive": {"type": "boolean"},
+                        "received": {"type": "integer"},
+                        "acknowledged": {"type": "integer"},
+                        "last_packet": {"type": "string"},
+                        "last_error": {"type": "string"},
+                    },
+                },
+            },
+        },
+        "packets": {
+            "type": "object",
+            "description": "as `gateway status --json`",
+            "required": [
+                "received",
+                "redelivered",
+                "pending",
+                "delivered",
+                "dead",
+                "too_large",
+                "dropped",
+                "decode_failed",
+            ],
+            "additionalProperties": {"type": "integer"},
+        },
+        "buffer": {
+            "type": "object",
+            "required": ["bytes", "max_bytes"],
+            "properties": {"bytes": {"type": "integer"}, "max_bytes": _NULLABLE_INT},
+        },
+        "dead_letters": {"type": "integer"},
+        "webhooks": {"type": "array", "items": _WEBHOOK_ROW},
+        "modem": {
+            "type": ["object", "null"],
+            "required": ["configured", "state", "info", "bytes_today"],
+            "properties": {
+                "configured": {"type": "boolean"},
+                "state": {"type": "string"},
+                "updated": {"type": "string"},
+                "last_error": {"type": "string"},
+                "info": {"type": ["object", "null"], "description": "identity and counters"},
+                "bytes_today": _NULLABLE_INT,
+            },
+        },
+        "cdrs": {
+            "type": "object",
+            "required": ["count", "latest"],
+            "properties": {
+                "count": {"type": "integer"},
+                "latest": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "unique_id", "ts_ms", "iccid", "usage", "data"],
+                        "properties": {
+                            "id": {"type": "integer"},
+                            "unique_id": {"type": "string"},
+                            "ts_ms": {"type": "integer"},
+                            "time": {"type": "string"},
+                            "iccid": {"type": "string"},
+                            "usage": {"type": "integer"},
+                            "data": {"type": "object"},
+                        },
+                    },
+                },
+            },
+        },
+        "reports": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "file_name", "size", "lines", "valid_until", "expired"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "name": {"type": "string"},
+                    "file_name": {"type": "string"},
+                    "size": {"type": "integer"},
+                    "lines": {"type": "integer"},
+                    "created": {"type": "string"},
+                    "valid_until": {"type": "string"},
+                    "expired": {"type": "boolean"},
+                    "error": {"type": "string"},
+                },
+            },
+        },
+        "rates": {
+            "type": "object",
+            "required": ["received_per_s", "delivered_per_s", "failures_per_min"],
+            "additionalProperties": {"type": "number"},
+        },
+        "throughput": {
+            "type": "object",
+            "required": ["interval_s", "window_s", "points"],
+            "properties": {
+                "interval_s": {"type": "number"},
+                "window_s": {"type": "number"},
+                "points": {
+                    "type": "array",
+                    "description": "[unix time s, delivered packets/s, failed requests/min,"
+                    " received packets/s]",
+                    "items": {"type": "array", "items": {"type": "number"}},
+                },
+            },
+        },
+    },
+}
+
+_DEAD_LETTER = {
+    "type": "object",
+    "required": ["id", "webhook", "reason", "records", "created"],
+    "properties": {
+        "id": {"type": "integer"},
+        "webhook": {"type": "string"},
+        "source": {"type": "string"},
+        "webhook_id": {"type": "string"},
+        "records": {"type": "integer"},
+        "reason": {"type": "string"},
+        "status": _NULLABLE_INT,
+        "excerpt": {"type": ["string", "null"]},
+        "attempts": {"type": "integer"},
+        "created_ns": {"type": "integer"},
+        "created": {"type": "string"},
+        "topic": {"type": ["string", "null"]},
+        "iccid": {"type": ["string", "null"]},
+        "bytes": _NULLABLE_INT,
+    },
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_UNAUTHORIZED = _json(_ERROR, "missing or wrong token (only when web.token is set)")
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document served at /api/openapi.json."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "edge-gateway API",
+            "version": __version__,
+            "description": "Status, dead letters and webhook tests of one gateway. With"
+            " web.token set, send `Authorization: Bearer <token>` (or the login cookie).",
+        },
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/api/status": {
+                "get": {
+                    "operationId": "status",
+                    "summary": "Everything the dashboard shows",
+                    "responses": {"200": _json(_STATUS, "status"), "401": _UNAUTHORIZED},
+                }
+            },
+            "/api/dead-letters": {
+                "get": {
+                    "operationId": "listDeadLetters",
+                    "summary": "Dead letters, newest first, without their bodies",
+                    "parameters": [
+                        {
+                            "name": "webhook",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["dead_letters"],
+                                "properties": {
+                                    "dead_letters": {"type": "array", "items": _DEAD_LETTER}
+                                },
+                            },
+                            "dead letters",
+                        ),
+                        "400": _json(_ERROR, "bad query parameter"),
+                        "401": _UNAUTHORIZED,
+                    },
+                },
+                "post": {
+                    "operationId": "replayDeadLetters",
+                    "summary": "Re-queue a webhook's dead letters (all, or the given ids)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["webhook"],
+                                    "properties": {
+                                        "webhook": {"type": "string"},
+                                        "ids": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "integer",
+                                                "minimum": 1,
+                                                "maximum": 2**63 - 1,
+                                            },
+                                            "maxItems": 10000,
+                                        },
+                                    },
+                                    "additionalProperties": False,
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["replayed"],
+                                "properties": {"replayed": {"type": "integer"}},
+                            },
+                            "how many dead letters were re-queued",
+                        ),
+                        "400": _json(_ERROR, "bad request body"),
+                        "401": _UNAUTHORIZED,
+                        "404": _json(_ERROR, "no such webhook in the configuration"),
+                        "415": _json(_ERROR, "the body must be application/json"),
+                    },
+                },
+            },
+            "/api/webhooks/{name}/test": {
+                "post": {
+                    "operationId": "testWebhook",
+                    "summary": "Send one test request in the webhook's format; the outcome",
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["webhook", "webhook_id", "ok", "status", "latency_ms"],
+                                "properties": {
+                                    "webhook": {"type": "string"},
+                                    "webhook_id": {"type": "string"},
+                                    "ok": {"type": "boolean"},
+                                    "status": _NULLABLE_INT,
+                                    "latency_ms": {"type": "number"},
+                                    "excerpt": {"type": "string"},
+                                    "error": {"type": "string"},
+                                },
+                            },
+                            "the outcome (also when the receiver failed)",
+                        ),
+                        "401": _UNAUTHORIZED,
+                        "404": _json(_ERROR, "no such webhook in the configuration"),
+                    },
+                }
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {
+                        "200": _json({"type": "object"}, "OpenAPI 3.1"),
+                        "401": _UNAUTHORIZED,
+                    },
+                }
+            },
+        },
+    }

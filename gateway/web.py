@@ -1,0 +1,619 @@
+"""The web interface: dashboard, JSON API, Prometheus metrics, health and report downloads.
+
+Handlers read the store through their own read-only SQLite connection in a worker thread
+(`Reader`), so a slow query never stalls the event loop, and write only through the
+store's writer (`Store.call`). With `web.token` set, every page and API call needs
+`Authorization: Bearer <token>` or the session cookie from /login; /healthz and report
+downloads (whose URL token is the credential) stay open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import html
+import importlib.resources
+import itertools
+import logging
+import math
+import secrets
+import sqlite3
+import string
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import __version__, formats, metrics, openapi, reports, status
+from gateway import store as st
+from gateway.config import Config, WebhookConfig
+from gateway.delivery import Outcome, Sender, new_webhook_id
+from gateway.errors import GatewayError
+from gateway.ingest import Ingest
+from gateway.store import PacketRow, Store
+
+log = logging.getLogger("gateway.web")
+T = TypeVar("T")
+
+SESSION_COOKIE = "gateway_session"
+SESSION_TTL_S = 12 * 3600
+# One hour of throughput samples, and never more than this many however short the interval.
+WINDOW_S = 3600.0
+MAX_SAMPLES = 3600
+RATE_OVER_S = 60.0
+HEALTH_TIMEOUT_S = 5.0
+MAX_REPLAY_IDS = 10_000
+TEST_ICCID = "8900000000000000000"
+TEST_PAYLOAD = b'{"test":"edge-gateway test request"}'
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Reader:
+    """A read-only connection to the store, used from worker threads one call at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(conn, *args) on the calling thread (never the event loop), in one read
+        transaction so that all its queries see the same state of the store."""
+        with self._lock:
+            if self._conn is None:
+                self._conn = st.connect(self.path, readonly=True)
+            self._conn.execute("BEGIN")
+            try:
+                return fn(self._conn, *args)
+            finally:
+                if self._conn.in_transaction:
+                    self._conn.execute("COMMIT")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(conn, *args) in a worker thread."""
+        return await asyncio.to_thread(self.run_sync, fn, *args)
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """Store counters at one moment (Unix time in seconds)."""
+
+    t: float
+    received: int
+    delivered: int
+    failed: int
+
+
+def take_sample(conn: Any) -> Sample:
+    """The counters the throughput chart is drawn from (two tiny queries)."""
+    c = st.counters(conn)
+    failed = conn.execute("SELECT COALESCE(SUM(requests_failed), 0) FROM webhook_stats")
+    return Sample(time.time(), c["packets_received"], c["packets_delivered"], failed.fetchone()[0])
+
+
+class Throughput:
+    """A bounded ring of samples; rates come from differences between them."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.samples: deque[Sample] = deque(
+            maxlen=min(math.ceil(WINDOW_S / interval_s), MAX_SAMPLES) + 1
+        )
+
+    def add(self, sample: Sample) -> None:
+        """Append a sample, dropping the oldest beyond the window."""
+        self.samples.append(sample)
+
+    @staticmethod
+    def _rates(a: Sample, b: Sample) -> tuple[float, float, float]:
+        dt = max(b.t - a.t, 1e-6)
+        return (
+            max(b.delivered - a.delivered, 0) / dt,
+            max(b.failed - a.failed, 0) / dt * 60,
+            max(b.received - a.received, 0) / dt,
+        )
+
+    def points(self) -> list[list[float]]:
+        """[t, delivered/s, failures/min, received/s] between consecutive samples."""
+        return [
+            [round(b.t, 3), *(round(x, 3) for x in self._rates(a, b))]
+            for a, b in itertools.pairwise(self.samples)
+        ]
+
+    def rates(self) -> dict[str, float]:
+        """Rates over about the last minute."""
+        s = list(self.samples)
+        if len(s) < 2:
+            return {"received_per_s": 0.0, "delivered_per_s": 0.0, "failures_per_min": 0.0}
+        newest = s[-1]
+        older = next((x for x in s if newest.t - x.t <= RATE_OVER_S), s[-2])
+        if older is newest:
+            older = s[-2]
+        d, f, r = self._rates(older, newest)
+        return {
+            "received_per_s": round(r, 3),
+            "delivered_per_s": round(d, 3),
+            "failures_per_min": round(f, 3),
+        }
+
+
+def store_bytes(db_path: Path) -> int:
+    """The store's size on disk: the database and its WAL."""
+    total = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(OSError):
+            total += Path(f"{db_path}{suffix}").stat().st_size
+    return total
+
+
+def _iso_s(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def test_body(hook: WebhookConfig, cfg: Config, now_ns: int) -> bytes:
+    """One request body in the webhook's format, clearly marked as a test."""
+    now_iso = formats.iso_ms(now_ns)
+    if hook.source == "packets":
+        template = cfg.mqtt.iccid_from_topic or "gateway/test/{iccid}"
+        row = PacketRow(
+            0, now_ns, template.replace("{iccid}", TEST_ICCID), TEST_ICCID, TEST_PAYLOAD
+        )
+        opts = formats.PayloadOptions(cfg.mqtt.payload_encoding, hook.id_field, hook.iccid_as)
+        if hook.format == "monoz":
+            return formats.monoz([row], opts, single=True)[0]
+        record, _ = formats.packet_record(row, opts)
+    elif hook.source == "cdrs":
+        alnum = string.ascii_uppercase + string.digits
+        record = {
+            "CdrType": "DATA",
+            "UniqueID": "CDR-" + "".join(secrets.choice(alnum) for _ in range(20)),
+            "Iccid": TEST_ICCID,
+            "IMSI": "",
+            "MSISDN": "",
+            "IMEI": "",
+            "MNO": "",
+            "MnoName": "",
+            "MCC": "",
+            "MNC": "",
+            "ThingName": "edge-gateway test",
+            "ThingId": "",
+            "ThingsGroupId": "",
+            "ThingsGroupName": "",
+            "Timestamp": now_ns // 1_000_000,
+            "Usage": 0,
+            "APN": "",
+        }
+        if hook.format == "monogoto":
+            return formats.monogoto([record])
+    elif hook.source == "reports":
+        return formats.report_notice(
+            {
+                "contentType": "application/zip",
+                "httpMethod": "GET",
+                "callbackURL": cfg.web.public_url.rstrip("/") + reports.DOWNLOAD_PREFIX + "test",
+                "validUntil": formats.iso_ms(now_ns + reports.VALID_FOR_NS),
+                "fileName": "test.zip",
+                "fileSizeInBytes": 0,
+                "numberOfLines": 0,
+                "taskName": "edge-gateway test",
+                "taskId": 0,
+                "error": "test notice: no report was generated",
+            }
+        )
+    else:
+        record = {"kind": "test", "Timestamp": now_iso, "text": "edge-gateway test request"}
+    kind = {"packets": "packet", "cdrs": "cdr"}.get(hook.source, "event")
+    if hook.format == "envelope":
+        return formats.envelope(record, hook.meta, hook.name, kind)
+    return formats.flat(record)
+
+
+def _dashboard_html() -> str:
+    return importlib.resources.files("gateway").joinpath("dashboard.html").read_text("utf-8")
+
+
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>edge-gateway: sign in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style nonce="__NONCE__">
+body{font:15px system-ui,sans-serif;background:#f4f5f7;color:#1d2330;display:flex;
+justify-content:center;padding-top:12vh}
+form{background:#fff;padding:24px 28px;border-radius:8px;box-shadow:0 1px 4px #0002;width:320px}
+h1{font-size:18px;margin:0 0 14px}input{width:100%;box-sizing:border-box;padding:8px;
+margin:6px 0 12px;font:inherit}button{padding:8px 16px;font:inherit}
+.err{color:#b3261e;margin:0 0 10px}
+</style></head><body>
+<form method="post" action="/login">
+<h1>edge-gateway</h1>__ERROR__
+<label for="token">Dashboard token (<code>web.token</code>)</label>
+<input id="token" name="token" type="password" autocomplete="current-password" autofocus>
+<input type="hidden" name="next" value="__NEXT__">
+<button id="sign-in" type="submit">Sign in</button>
+</form></body></html>
+"""
+
+
+def _csp(nonce: str) -> str:
+    return (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}';"
+        " connect-src 'self'; img-src 'self' data:; form-action 'self';"
+        " frame-ancestors 'none'; base-uri 'none'"
+    )
+
+
+def _page(text: str, status: int = 200) -> web.Response:
+    nonce = secrets.token_urlsafe(16)
+    return web.Response(
+        text=text.replace("__NONCE__", nonce),
+        status=status,
+        content_type="text/html",
+        headers={"Content-Security-Policy": _csp(nonce), "Cache-Control": "no-store"},
+    )
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(value),
+        status=status,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+def _ids(value: Any) -> list[int] | None:
+    """Dead-letter ids from JSON (2.0 is an integer there too); None when any is not one."""
+    if not isinstance(value, list) or len(value) > MAX_REPLAY_IDS:
+        return None
+    out = []
+    for i in value:
+        if isinstance(i, float) and i.is_integer():
+            i = int(i)
+        if type(i) is not int or not 1 <= i < 2**63:
+            return None
+        out.append(i)
+    return out
+
+
+def _safe_next(value: str) -> str:
+    # Only paths on this site: no scheme, no host, no protocol-relative "//".
+    if value.startswith("/") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/"
+
+
+class Web:
+    """The aiohttp application and what it reads: store, ingest, throughput, metrics."""
+
+    def __init__(self, cfg: Config, store: Store, http: aiohttp.ClientSession) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.http = http
+        self.ingest: Ingest | None = None
+        self.reader = Reader(store.path)
+        self.started = time.time()
+        self.throughput = Throughput(cfg.web.sample_s)
+        self.metrics = metrics.Metrics(self.status_sync, [w.name for w in cfg.webhooks])
+        self.hooks = {w.name: w for w in cfg.webhooks}
+        self.token = cfg.web.token.encode()
+        self.html = _dashboard_html()
+        self.app = self._app()
+
+    # -- feeding ------------------------------------------------------------------------
+
+    def on_result(self, webhook: str, outcome: Outcome) -> None:
+        """delivery's callback after every POST: feeds the latency histogram."""
+        self.metrics.observe(webhook, outcome.latency_s)
+
+    async def sample_forever(self) -> None:
+        """Take a throughput sample every web.sample_s until cancelled."""
+        while True:
+            try:
+                self.throughput.add(await self.reader.run(take_sample))
+            except (GatewayError, OSError, sqlite3.Error) as exc:
+                log.warning("web: cannot sample the store: %s", exc)
+            await asyncio.sleep(self.cfg.web.sample_s)
+
+    # -- status -------------------------------------------------------------------------
+
+    def status_sync(self) -> dict[str, Any]:
+        """The /api/status document (reads the store: call it off the event loop)."""
+        snap = self.reader.run_sync(status.snapshot, self.cfg)
+        now = time.time()
+        ing = self.ingest
+        stats = ing.stats if ing is not None else None
+        snap["gateway"] = {
+            "version": __version__,
+            "auth": bool(self.token),
+            "started": _iso_s(self.started),
+            "started_s": round(self.started, 3),
+            "uptime_s": round(now - self.started, 1),
+            "store": {
+                "bytes": store_bytes(self.store.path),
+                "writable": not self.store.write_error,
+                "write_error": self.store.write_error,
+            },
+            "mqtt": {
+                "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
+                "connected": bool(stats and stats.connected),
+                "subscribed": bool(stats and stats.subscribed),
+                "alive": bool(ing and ing.alive),
+                "received": stats.received if stats else 0,
+                "acknowledged": stats.acked if stats else 0,
+                "last_packet": status.iso(stats.last_packet_ns) if stats else "",
+                "last_error": stats.last_error if stats else "",
+            },
+        }
+        snap["rates"] = self.throughput.rates()
+        snap["throughput"] = {
+            "interval_s": self.cfg.web.sample_s,
+            "window_s": min(WINDOW_S, MAX_SAMPLES * self.cfg.web.sample_s),
+            "points": self.throughput.points(),
+        }
+        if self.cfg.modem is not None and snap.get("modem") is not None:
+            from gateway.modem import poller
+
+            live = poller.STATE
+            if live.updated_ns:
+                snap["modem"]["state"] = live.state
+                snap["modem"]["last_error"] = live.last_error
+                snap["modem"]["updated"] = status.iso(live.updated_ns)
+                if live.info is not None:
+                    snap["modem"]["info"] = live.info.to_dict()
+        return snap
+
+    # -- auth ---------------------------------------------------------------------------
+
+    def _session_value(self, expires: int) -> str:
+        sig = hmac.new(self.token, f"edge-gateway session {expires}".encode(), hashlib.sha256)
+        return f"{expires}.{sig.hexdigest()}"
+
+    def authorized(self, request: web.Request) -> bool:
+        """A bearer token or a valid, unexpired session cookie; constant-time comparisons."""
+        if not self.token:
+            return True
+        auth = request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            return hmac.compare_digest(auth[7:].strip().encode(), self.token)
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        expires, _, _sig = cookie.partition(".")
+        if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+            return False
+        if int(expires) < time.time():
+            return False
+        return hmac.compare_digest(cookie.encode(), self._session_value(int(expires)).encode())
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        open_path = path in ("/healthz", "/login") or path.startswith(reports.DOWNLOAD_PREFIX)
+        if open_path or self.authorized(request):
+            resp = await handler(request)
+        elif path.startswith("/api/") or path == "/metrics":
+            resp = _error(401, "missing or wrong token (Authorization: Bearer <web.token>)")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="edge-gateway"'
+        else:
+            resp = self._login_page(path, "", 401)
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        # Download URLs carry their token: never leak it in a Referer.
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        return resp
+
+    def _login_page(self, next_path: str, error: str, status_code: int) -> web.Response:
+        text = LOGIN_PAGE.replace("__NEXT__", html.escape(_safe_next(next_path), quote=True))
+        err = f'<p class="err" id="login-error">{html.escape(error)}</p>' if error else ""
+        return _page(text.replace("__ERROR__", err), status_code)
+
+    async def login_form(self, request: web.Request) -> web.StreamResponse:
+        if not self.token:
+            raise web.HTTPSeeOther("/")
+        return self._login_page(request.query.get("next", "/"), "", 200)
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        if not self.token:
+            raise web.HTTPSeeOther("/")
+        form = await request.post()
+        given = str(form.get("token", "")).strip().encode()
+        next_path = _safe_next(str(form.get("next", "/")))
+        if not hmac.compare_digest(given, self.token):
+            log.warning("web: wrong token at /login from %s", request.remote)
+            return self._login_page(next_path, "Wrong token.", 401)
+        resp = web.Response(status=303, headers={"Location": next_path})
+        expires = int(time.time()) + SESSION_TTL_S
+        resp.set_cookie(
+            SESSION_COOKIE,
+            self._session_value(expires),
+            max_age=SESSION_TTL_S,
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+            path="/",
+        )
+        return resp
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        resp = web.Response(status=303, headers={"Location": "/login"})
+        resp.del_cookie(SESSION_COOKIE, path="/")
+        return resp
+
+    # -- pages and API ------------------------------------------------------------------
+
+    async def dashboard(self, request: web.Request) -> web.StreamResponse:
+        return _page(self.html)
+
+    async def api_status(self, request: web.Request) -> web.StreamResponse:
+        return _json(await asyncio.to_thread(self.status_sync))
+
+    async def api_openapi(self, request: web.Request) -> web.StreamResponse:
+        return _json(openapi.document())
+
+    async def list_dead_letters(self, request: web.Request) -> web.StreamResponse:
+        webhook = request.query.get("webhook")
+        raw_limit = request.query.get("limit", "1000")
+        digits = raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 5
+        if not (digits and 1 <= int(raw_limit) <= 10_000):
+            return _error(400, "limit: must be an integer 1-10000")
+        rows = await asyncio.wrap_future(
+            self.store.call(st.list_dead_letters, webhook, int(raw_limit))
+        )
+        for r in rows:
+            r["created"] = status.iso(r["created_ns"])
+        return _json({"dead_letters": rows})
+
+    async def replay_dead_letters(self, request: web.Request) -> web.StreamResponse:
+        if request.content_type != "application/json":
+            return _error(415, "send the body as application/json")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "body: not valid JSON")
+        if not isinstance(body, dict) or set(body) - {"webhook", "ids"}:
+            return _error(400, 'body: must be {"webhook": NAME, "ids": [ID, ...]}')
+        webhook = body.get("webhook")
+        ids = _ids(body.get("ids", []))
+        if not isinstance(webhook, str):
+            return _error(400, "webhook: must be a string")
+        if ids is None:
+            return _error(400, f"ids: must be a list of at most {MAX_REPLAY_IDS} dead-letter ids")
+        if webhook not in self.hooks:
+            return _error(404, f"no webhook named {webhook!r} in the configuration")
+        n = await asyncio.wrap_future(self.store.call(st.replay_dead_letters, webhook, ids))
+        if n:
+            log.info("web: re-queued %d dead letter(s) of webhook %s", n, webhook)
+        return _json({"replayed": n})
+
+    async def test_webhook(self, request: web.Request) -> web.StreamResponse:
+        hook = self.hooks.get(request.match_info["name"])
+        if hook is None:
+            return _error(
+                404, f"no webhook named {request.match_info['name']!r} in the configuration"
+            )
+        webhook_id = new_webhook_id()
+        body = test_body(hook, self.cfg, time.time_ns())
+        outcome = await Sender(hook, self.http).post(body, webhook_id)
+        log.info(
+            "web: test request to webhook %s: %s",
+            hook.name,
+            outcome.status if outcome.status is not None else outcome.error,
+        )
+        return _json(
+            {
+                "webhook": hook.name,
+                "webhook_id": webhook_id,
+                "ok": outcome.ok,
+                "status": outcome.status,
+                "latency_ms": round(outcome.latency_s * 1000, 1),
+                "excerpt": outcome.excerpt,
+                "error": outcome.error,
+            }
+        )
+
+    async def prometheus(self, request: web.Request) -> web.StreamResponse:
+        body = await asyncio.to_thread(self.metrics.render)
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        problems = []
+        if self.store.write_error:
+            problems.append(f"store not writable: {self.store.write_error}")
+        elif not self.store.writer_alive:
+            problems.append("store writer stopped")
+        else:
+            try:
+                await asyncio.wait_for(
+                    asyncio.wrap_future(self.store.call(lambda _c: None)), HEALTH_TIMEOUT_S
+                )
+            except TimeoutError:
+                problems.append(f"store writer busy for more than {HEALTH_TIMEOUT_S:g} s")
+            except GatewayError as exc:
+                problems.append(str(exc))
+        if self.ingest is None or not self.ingest.alive:
+            problems.append("ingest not running")
+        if problems:
+            return web.Response(text="\n".join(problems) + "\n", status=503)
+        return web.Response(text="ok\n")
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        found = await self.reader.run(reports.find_download, token, time.time_ns())
+        if found is None:
+            return web.Response(status=404, text="no such report\n")
+        if found.expired:
+            return web.Response(status=410, text="this report link has expired\n")
+        name = "".join(
+            c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
+            for c in found.file_name
+        )
+        return web.FileResponse(
+            found.path,
+            headers={
+                "Content-Type": "application/zip",
+                "Content-Disposition": f'attachment; filename="{name}"',
+                "Cache-Control": "no-store",
+            },
+        )
+
+    # -- wiring -------------------------------------------------------------------------
+
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[self._guard], client_max_size=1 << 20)
+        r = app.router
+        r.add_get("/", self.dashboard)
+        r.add_get("/login", self.login_form)
+        r.add_post("/login", self.login)
+        r.add_post("/logout", self.logout)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.prometheus)
+        r.add_get("/api/status", self.api_status)
+        r.add_get("/api/openapi.json", self.api_openapi)
+        r.add_get("/api/dead-letters", self.list_dead_letters)
+        r.add_post("/api/dead-letters", self.replay_dead_letters)
+        r.add_post("/api/webhooks/{name}/test", self.test_webhook)
+        r.add_get(reports.DOWNLOAD_PREFIX + "{token}", self.download)
+        return app
+
+
+@contextlib.asynccontextmanager
+async def serve(cfg: Config, store: Store, http: aiohttp.ClientSession) -> AsyncIterator[Web]:
+    """Listen on web.listen for the duration of the context."""
+    site_ = Web(cfg, store, http)
+    host, _, port = cfg.web.listen.rpartition(":")
+    runner = web.AppRunner(site_.app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        except OSError as exc:
+            raise GatewayError(
+                f"web.listen: cannot listen on {cfg.web.listen}: {exc.strerror or exc}"
+            ) from exc
+        sampler = asyncio.create_task(site_.sample_forever(), name="web-sampler")
+        log.info("dashboard on http://%s/", cfg.web.listen)
+        try:
+            yield site_
+        finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+    finally:
+        await runner.cleanup()
+        site_.reader.close()

@@ -8,16 +8,19 @@ import datetime as dt
 import hashlib
 import hmac
 import io
+import sqlite3
 import subprocess
 import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from gateway import config, reports
 from gateway import store as st
 from gateway.config import ReportConfig
-from tests.conftest import ROOT, Broker, gateway_cmd, until, write_config
+from tests.conftest import ROOT, Broker, free_port, gateway_cmd, until, write_config
 from tests.receiver import Receiver
 from tests.test_cdr import NEW, OLD, preload_cdrs
 
@@ -187,3 +190,54 @@ def test_schedule_every_and_at() -> None:
     due = reports.next_run_ns(at, int(late.timestamp() * 1e9), now, now)
     want = (base + dt.timedelta(days=1)).replace(hour=2, minute=0)
     assert dt.datetime.fromtimestamp(due / 1e9).astimezone() == want
+
+
+async def test_the_callback_url_downloads_the_zip_from_the_gateway_then_410_when_expired(
+    mosquitto: Broker, tmp_path: Path, receiver: Receiver, run_gateway
+) -> None:
+    db = tmp_path / "state" / "gateway.db"
+    cdrs = preload_cdrs(db, [(OLD, 321, "440"), (NEW, 654, "310")])
+    port = free_port()
+    path = write_config(
+        tmp_path / "gw.toml",
+        mosquitto.port,
+        tmp_path / "state",
+        web=f'listen = "127.0.0.1:{port}"\npublic_url = "http://127.0.0.1:{port}"',
+        extra=f"""
+[[webhooks]]
+name = "reports"
+url = "{receiver.url}"
+source = "reports"
+format = "report"
+
+[[reports]]
+name = "daily"
+every = "1s"
+webhook = "reports"
+""",
+    )
+    await run_gateway(config.load(path))
+    await until(lambda: receiver.ok(), timeout=15, what="the report notice")
+    n = receiver.ok()[0].json
+    url = n["callbackURL"]
+    assert url.startswith(f"http://127.0.0.1:{port}{reports.DOWNLOAD_PREFIX}")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"] == "application/zip"
+            body = await r.read()
+        assert len(body) == n["fileSizeInBytes"]
+        saved = tmp_path / "downloaded.zip"
+        saved.write_bytes(body)
+        rows = csv_rows(saved)
+        assert len(rows) == n["numberOfLines"] == 2
+        assert [r["UniqueID"] for r in rows] == [c["UniqueID"] for c in cdrs]
+        async with http.get(url[:-2] + "xy") as r:
+            assert r.status == 404
+        # 24 hours later (the stored expiry moved back instead of the clock forward).
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE reports SET valid_until_ns = ?", (time.time_ns() - 1,))
+        conn.commit()
+        conn.close()
+        async with http.get(url) as r:
+            assert r.status == 410

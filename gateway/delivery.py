@@ -469,6 +469,16 @@ async def run(
         for w in webhooks
     ]
     store.set_packet_routes(r.cfg.name for r in routes if r.cfg.source == "packets")
+    orphans = await asyncio.wrap_future(store.call(st.orphan_batches, [r.cfg.name for r in routes]))
+    for name, batches, records in orphans:
+        log.warning(
+            "webhook %s is no longer configured: its %d unsent batch(es) of %d record(s) stay"
+            " in the store and are sent if it comes back (packets it alone still needed may"
+            " be released meanwhile)",
+            name,
+            batches,
+            records,
+        )
     if not routes:
         await asyncio.Event().wait()
     try:

@@ -633,8 +633,12 @@ class Store:
         if low is None or low[1] < len(self._packet_routes):
             return 0
         bound = int(low[0])
+        # Only the configured webhooks' batches hold packets back: a webhook removed from
+        # the config must not keep every later packet on disk (its batches stay listed).
         open_first = conn.execute(
             "SELECT MIN(first_id) FROM batches WHERE source = 'packets' AND first_id IS NOT NULL"
+            f" AND route IN ({marks})",
+            self._packet_routes,
         ).fetchone()[0]
         if open_first is not None:
             bound = min(bound, int(open_first) - 1)
@@ -790,6 +794,16 @@ def advance_cursor(conn: sqlite3.Connection, store: Store, route: str, cursor: i
     with transaction(conn):
         conn.execute("UPDATE routes SET cursor = ? WHERE name = ?", (cursor, route))
         store.release_packets(conn)
+
+
+def orphan_batches(
+    conn: sqlite3.Connection, configured: Sequence[str]
+) -> list[tuple[str, int, int]]:
+    """(route, batches, records) of open batches whose webhook is not configured now."""
+    rows = conn.execute(
+        "SELECT route, COUNT(*), COALESCE(SUM(count), 0) FROM batches GROUP BY route"
+    ).fetchall()
+    return [(r[0], int(r[1]), int(r[2])) for r in rows if r[0] not in set(configured)]
 
 
 def load_batches(conn: sqlite3.Connection, route: str, exclude: Sequence[str] = ()) -> list[Batch]:

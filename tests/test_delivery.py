@@ -498,3 +498,33 @@ def test_dlq_replay_works_while_the_gateway_is_stopped(
         what="replayed packets delivered after start",
     )
     gw.terminate()
+
+
+async def test_a_webhook_removed_from_the_config_does_not_pin_packets_on_disk(
+    mosquitto: Broker, tmp_path: Path, receiver: Receiver, run_gateway, caplog
+) -> None:
+    failing = Receiver().start()
+    failing.behaviour = lambda n, r: Reply(503)
+    try:
+        both = hook(receiver.url, batch="{ window_ms = 100 }") + hook(
+            failing.url, batch="{ window_ms = 100 }"
+        ).replace('name = "cloud"', 'name = "gone"')
+        task = await run_gateway(gw_config(tmp_path, mosquitto, both))
+        await connected(tmp_path)
+        await pub(mosquitto, [(TOPIC, f"a{i}".encode()) for i in range(20)])
+        await until(lambda: len(receiver.delivered()) == 20, what="20 delivered to cloud")
+        await until(lambda: failing.requests, what="the failing webhook tried")
+        assert pending(tmp_path) == 20  # held for "gone"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        failing.stop()
+    # "gone" is removed from the config: its open batches must not hold packets back.
+    await run_gateway(
+        gw_config(tmp_path, mosquitto, hook(receiver.url, batch="{ window_ms = 100 }"))
+    )
+    await connected(tmp_path)
+    await pub(mosquitto, [(TOPIC, f"b{i}".encode()) for i in range(20)])
+    await until(lambda: len(receiver.delivered()) == 40, what="40 delivered to cloud")
+    await until(lambda: pending(tmp_path) == 0, what="every packet released")
+    assert "webhook gone is no longer configured" in caplog.text

@@ -63,6 +63,7 @@ class Ingest:
         self._iccid = iccid_matcher(cfg.iccid_from_topic)
         self._stop = threading.Event()
         self._accepting = True
+        self._slow_store_logged = False
         # Each connection gets a higher epoch; PUBACKs are only sent on the connection the
         # packet came in on, and a DUP packet matches only packets of an earlier connection.
         self.epoch = store.run_sync(
@@ -152,7 +153,7 @@ class Ingest:
         payload = msg.payload
         self.stats.received += 1
         self.stats.last_packet_ns = time.time_ns()
-        self.store.submit_packet(
+        room = self.store.submit_packet(
             Incoming(
                 topic=topic,
                 payload=bytes(payload),
@@ -161,8 +162,16 @@ class Ingest:
                 dup=bool(msg.dup),
                 epoch=self.epoch,
                 too_large=len(payload) > self.cfg.max_payload_bytes,
-            )
+            ),
+            # Bounded so the network thread still answers the broker's keepalive.
+            wait_s=self.cfg.keepalive_s / 2,
         )
+        if not room and not self._slow_store_logged:
+            self._slow_store_logged = True
+            log.warning(
+                "store is not keeping up (%d packets waiting to be committed); taking more",
+                self.store.max_pending,
+            )
 
     # -- writer thread --------------------------------------------------------------------
 

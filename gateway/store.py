@@ -309,6 +309,10 @@ class Store:
         self._failing_since_ns = 0
         self._page_size = self._scalar("PRAGMA page_size")
         self._buffer_high = False
+        # Packets handed over by the MQTT thread and not yet committed (see submit_packet).
+        self.max_pending = max(2 * commit_max_packets, 1000)
+        self._pending = 0
+        self._room = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
@@ -325,9 +329,22 @@ class Store:
         finally:
             store.close()
 
-    def submit_packet(self, pkt: Incoming) -> None:
-        """Queue a packet for the next group commit (called from the MQTT thread)."""
+    def submit_packet(self, pkt: Incoming, wait_s: float = 0.0) -> bool:
+        """Queue a packet for the next group commit (called from the MQTT thread).
+
+        With `wait_s`, wait up to that long while `max_pending` packets are already in
+        memory uncommitted: blocking the MQTT thread stops it reading the socket, so a
+        broker that sends faster than the disk commits (or ignores our Receive Maximum,
+        as mosquitto does with `max_inflight_messages 0`) meets TCP backpressure instead
+        of filling the gateway's memory. Returns False when the wait ran out.
+        """
+        room = True
+        with self._room:
+            if self._pending >= self.max_pending and wait_s > 0:
+                room = self._room.wait_for(lambda: self._pending < self.max_pending, wait_s)
+            self._pending += 1
         self._q.put(pkt)
+        return room
 
     def call(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Run fn(conn, *args) on the writer thread."""
@@ -421,6 +438,8 @@ class Store:
             if packets:
                 self._commit_packets(packets)
                 self._watch_buffer()
+                # What is still held (buffer full, write failing) stays pending.
+                self._release_pending(len(packets) - len(self._held))
             for c in calls:
                 self._run_call(c)
             if stop:
@@ -438,6 +457,12 @@ class Store:
                     held, self._held = self._held, []
                     self._commit_packets(held)
                 return
+
+    def _release_pending(self, n: int) -> None:
+        if n:
+            with self._room:
+                self._pending -= n
+                self._room.notify_all()
 
     def _watch_buffer(self) -> None:
         """Record an event when the buffer passes 80 % full, and when it is below 70 % again."""

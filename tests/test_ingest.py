@@ -200,3 +200,44 @@ def test_status_reads_the_store_while_the_gateway_is_stopped(
         gateway_cmd("status", "-c", str(cfg)), capture_output=True, text=True, check=True
     ).stdout
     assert "received=7" in table
+
+
+def test_a_store_that_falls_behind_holds_the_mqtt_thread_instead_of_filling_memory(
+    tmp_path: Path,
+) -> None:
+    """submit_packet waits while max_pending packets are uncommitted (the broker then
+    meets TCP backpressure), gives up after wait_s so keepalives still go out, and
+    resumes as soon as the writer catches up; every packet is committed."""
+    from gateway.store import Incoming, Store
+
+    with Store.open(tmp_path) as store:
+        gate, inside = threading.Event(), threading.Event()
+
+        def busy(_c: object) -> None:
+            inside.set()
+            gate.wait(10)
+
+        blocked = store.call(busy)
+        assert inside.wait(5)  # the writer is busy from here on
+
+        def pkt(i: int) -> Incoming:
+            return Incoming("devices/x/up", f"p{i}".encode(), "", i % 65535 + 1, False, 1)
+
+        for i in range(store.max_pending):
+            assert store.submit_packet(pkt(i), wait_s=1.0)
+        began = time.monotonic()
+        assert not store.submit_packet(pkt(store.max_pending), wait_s=0.3)  # full: waited
+        assert time.monotonic() - began >= 0.3
+        gate.set()
+        blocked.result(5)
+        began = time.monotonic()
+        assert store.submit_packet(pkt(store.max_pending + 1), wait_s=10)
+        assert time.monotonic() - began < 5
+        n = store.max_pending + 2
+
+        def committed() -> bool:
+            return store.run_sync(
+                lambda c: c.execute("SELECT COUNT(*) FROM packets").fetchone()[0] == n
+            )
+
+        wait_for(committed, timeout=10, what=f"{n} packets committed")

@@ -277,6 +277,8 @@ class Tally:
     records: int = 0
     # webhook-ids answered 2xx more than once: batches sent again after a crash or timeout
     resent_ids: set[str] = field(default_factory=set)
+    # 2xx answers beyond the first of each webhook-id (a batch can be sent again twice)
+    resends: int = 0
 
     @classmethod
     def of(cls, *receivers: Accepting) -> Tally:
@@ -287,6 +289,7 @@ class Tally:
                 wid = req.webhook_id
                 if wid in answered:
                     t.resent_ids.add(wid)
+                    t.resends += 1
                 answered.add(wid)
                 for rec in req.records:
                     seq, copy = parse(rec["Payload"])

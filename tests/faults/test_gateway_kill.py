@@ -81,16 +81,18 @@ def test_kill9_at_random_moments_delivers_every_packet_and_duplicates_keep_their
     gw.terminate()
     record_property("duplicates", t.duplicates)
     record_property("resent_batches", len(t.resent_ids))
+    record_property("resends", t.resends)
     record_property("redelivered_by_broker", stats["redelivered"])
     record_property("seconds", round(time.monotonic() - began, 1))
 
     assert pub.reconnects == 0  # the broker never went away: each packet published once
-    assert t.missing(total) == [], f"seed {seed}"
-    assert t.seqs_with_several_ids() == {}, f"seed {seed}: a packet sent under two webhook-ids"
+    missing, several = t.missing(total), t.seqs_with_several_ids()
+    assert missing == [], f"seed {seed}: {len(missing)} missing, first {missing[:10]}"
+    assert several == {}, f"seed {seed}: {len(several)} packets sent under two webhook-ids"
     # A batch sent again is the same request: same id, same body.
     assert all(len(b) == 1 for b in bodies_by_id(receiver).values()), f"seed {seed}"
-    # Duplicates only from batches open at a kill.
-    assert len(t.resent_ids) <= kills * MAX_OPEN, f"seed {seed}: {len(t.resent_ids)} resent"
-    assert t.duplicates <= len(t.resent_ids) * MAX_ITEMS
+    # Duplicates only from batches open at a kill (a batch can be open at two kills).
+    assert t.resends <= kills * MAX_OPEN, f"seed {seed}: {t.resends} batches sent again"
+    assert t.duplicates <= t.resends * MAX_ITEMS, f"seed {seed}: {t.duplicates} duplicates"
     # The store took each packet once: a broker redelivery of a committed packet is recognised.
     assert stats["received"] == total, f"seed {seed}: {stats}"

@@ -1,0 +1,254 @@
+"""Parts bench/live.py and bench/footprint.py share: paced publisher processes, a
+receiver that timestamps records and counts wire bytes, percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import queue
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from aiohttp import web
+from drain import ROOT, free_port, gateway_config, register_session
+
+# Publisher, sequence number, publish time (ns) and some sensor fields: 70-odd bytes,
+# about drain.py's PAYLOAD.
+PAYLOAD = b'{"p":%d,"s":%d,"t":%d,"temp":21.5,"hum":40,"bat":97}'
+
+
+def _publisher(
+    port: int, idx: int, rate: float, seconds: float, go: Any, out: Any
+) -> None:  # pragma: no cover - runs in a child process
+    acked = 0
+
+    def on_publish(*_a: object) -> None:
+        nonlocal acked
+        acked += 1
+
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"live-pub-{idx}", protocol=mqtt.MQTTv5
+    )
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    c.on_publish = on_publish
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    out.put(("ready", idx))
+    go.wait(60)
+    total = int(rate * seconds)
+    topic = f"devices/89811000000000{idx:02d}000/up"
+    sent = 0
+    lag_max = 0.0
+    t0 = time.monotonic()
+    while sent < total:
+        due = min(total, int((time.monotonic() - t0) * rate) + 1)
+        lag_max = max(lag_max, (due - sent - 1) / rate)
+        while sent < due:
+            c.publish(topic, PAYLOAD % (idx, sent, time.time_ns()), qos=1)
+            sent += 1
+        time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+    publish_s = time.monotonic() - t0
+    deadline = time.monotonic() + 60
+    while acked < sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    c.disconnect()
+    c.loop_stop()
+    out.put(
+        (
+            "done",
+            {
+                "idx": idx,
+                "sent": sent,
+                "acked": acked,
+                "publish_s": publish_s,
+                "lag_max_ms": lag_max * 1000,
+            },
+        )
+    )
+
+
+class Publishers:
+    """`n` publisher processes, each paced to rate/n packets/s, started together."""
+
+    def __init__(self, port: int, rate: float, seconds: float, n: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.out: Any = ctx.Queue()
+        go = ctx.Event()
+        self.procs = [
+            ctx.Process(target=_publisher, args=(port, i, rate / n, seconds, go, self.out))
+            for i in range(n)
+        ]
+        for p in self.procs:
+            p.start()
+        for _ in range(n):
+            kind, _idx = self.out.get(timeout=60)
+            assert kind == "ready"
+        self._results: list[dict[str, Any]] = []
+        self.deadline = time.monotonic() + seconds + 120
+        go.set()
+
+    def done(self) -> bool:
+        """Whether every publisher has finished (all its packets acknowledged, or 60 s)."""
+        try:
+            while True:
+                _kind, result = self.out.get_nowait()
+                self._results.append(result)
+        except queue.Empty:
+            pass
+        if time.monotonic() > self.deadline:
+            raise SystemExit("publishers did not finish")
+        return len(self._results) == len(self.procs)
+
+    def results(self) -> list[dict[str, Any]]:
+        for p in self.procs:
+            p.join(10)
+        return self._results
+
+
+def start_publishers(port: int, rate: float, seconds: float, n: int) -> Publishers:
+    return Publishers(port, rate, seconds, n)
+
+
+def gateway_toml(
+    path: Path, port: int, state: Path, client_id: str, hook: str, web: bool = False
+) -> Path:
+    """drain.py's gateway config; with `web`, the dashboard on a free loopback port."""
+    gateway_config(path, port, state, client_id, hook)
+    if web:
+        listen = f'listen = "127.0.0.1:{free_port()}"'
+        path.write_text(path.read_text().replace("[web]\nenabled = false", f"[web]\n{listen}"))
+    return path
+
+
+def sink_hook(port: int, batch: str, extra: str = "") -> str:
+    """A [[webhooks]] table for a receiver on this host."""
+    return f'[[webhooks]]\nname = "sink"\nurl = "http://127.0.0.1:{port}/in"\n{batch}\n{extra}\n'
+
+
+def stored(db: Path) -> int:
+    """packets_received from a gateway's store (0 until it exists)."""
+    if not db.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = conn.execute(
+                "SELECT value FROM counters WHERE name='packets_received'"
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+    return int(row[0]) if row else 0
+
+
+def forget_session(port: int, client_id: str) -> None:
+    """End a persistent session, so that it stops collecting copies of later packets."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", port, clean_start=True)
+    c.disconnect()
+
+
+def start_gateway(
+    cfg: Path, port: int, client_id: str, log: Path, register: bool = True
+) -> subprocess.Popen[bytes]:
+    """`gateway run`, once it says it is connected. With `register`, its session and
+    subscription are made first, so that nothing published after this is missed;
+    without, the caller has made them (a client that registers takes what is queued)."""
+    if register:
+        register_session(port, client_id)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(cfg)],
+            stdout=out,
+            stderr=out,
+            cwd=ROOT,
+        )
+    deadline = time.monotonic() + 20
+    while "connected to" not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit(f"gateway did not connect: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+class LatencySink:
+    """aiohttp receiver in a thread: for every monoZ record, the latency from its
+    publisher's clock to now; counts requests and bytes on the wire."""
+
+    def __init__(self) -> None:
+        self.latencies_ns: list[int] = []
+        self.seen: set[tuple[int, int]] = set()
+        self.duplicates = 0
+        self.records = 0
+        self.requests = 0
+        self.body_bytes = 0  # as sent (compressed with gzip = true)
+        self.header_bytes = 0  # request line and headers, as HTTP/1.1 puts them
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise SystemExit("sink did not start")
+
+    async def _handle(self, req: web.Request) -> web.Response:
+        body = await req.read()
+        now = time.time_ns()
+        self.requests += 1
+        self.body_bytes += int(req.headers.get("Content-Length", len(body)))
+        self.header_bytes += len(f"POST {req.path_qs} HTTP/1.1\r\n\r\n") + sum(
+            len(k) + len(v) + 4 for k, v in req.raw_headers
+        )
+        recs = orjson.loads(body)
+        for rec in recs if isinstance(recs, list) else [recs]:
+            self.records += 1
+            try:
+                p = orjson.loads(rec["Payload"])
+                key = (p["p"], p["s"])
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue  # not one of ours (a simulated device's reading): counted only
+            if key in self.seen:
+                self.duplicates += 1
+                continue
+            self.seen.add(key)
+            self.latencies_ns.append(now - p["t"])
+        return web.Response(text="ok")
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/{t:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        self.loop.run_until_complete(self._runner.setup())
+        self.loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+        ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self._runner.cleanup())
+        self.loop.close()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def percentiles(latencies_ns: list[int]) -> dict[str, float]:
+    """p50, p99 and max in ms (nan when empty)."""
+    if not latencies_ns:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+    s = sorted(latencies_ns)
+
+    def at(q: float) -> float:
+        return s[min(len(s) - 1, int(q * len(s)))] / 1e6
+
+    return {"p50_ms": at(0.50), "p99_ms": at(0.99), "max_ms": s[-1] / 1e6}

@@ -163,21 +163,11 @@ def test_retry_after_seconds_and_http_dates_mean_the_same_wait(seconds: int, now
     assert parse_retry_after(date, now=int(now)) == min(seconds, MAX_RETRY_AFTER_S)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: parse_retry_after trusts str.isdigit(), which is true for '²' "
-    "and other non-ASCII digits that float() rejects, so it raises ValueError",
-)
 @pytest.mark.parametrize("value", ["²", "³", "¹"])
 def test_retry_after_with_a_non_ascii_digit_is_ignored_not_an_error(value: str) -> None:
     assert parse_retry_after(value) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: the ValueError from parse_retry_after('²') is caught in Sender.post "
-    "as if no response had come, so a 400 is retried instead of dead-lettered",
-)
 def test_a_400_with_a_non_ascii_digit_retry_after_is_dead_lettered_at_once(
     mosquitto: Broker, tmp_path: Path, launch
 ) -> None:

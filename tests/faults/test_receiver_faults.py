@@ -27,7 +27,7 @@ from tests.receiver import Receiver, Recorded, Reply
 
 TOTAL = 2_000
 RATE = 1_000
-TIMEOUT_S = 0.5
+TIMEOUT_S = 1.0
 
 
 def test_random_500_429_503_and_timeouts_are_retried_as_the_durable_preset_says(

@@ -231,6 +231,12 @@ def run_gateway(
         cwd=ROOT,
     )
     ps = psutil.Process(proc.pid)
+    if py_spy is not None:
+        # Measure and stop the gateway, not py-spy: py-spy writes its file when it exits.
+        deadline = time.monotonic() + 10
+        while not ps.children() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ps = ps.children()[0]
     peak = 0
     io0 = None
     deadline = time.monotonic() + 900
@@ -260,7 +266,7 @@ def run_gateway(
         took = time.monotonic() - began
         io1 = ps.io_counters()
     finally:
-        proc.terminate()
+        ps.terminate()
         proc.wait(30)
     written = io1.write_bytes - (io0.write_bytes if io0 else 0)
     return {"seconds": took, "peak_rss_mb": peak / 1e6, "disk_bytes_per_packet": written / n}

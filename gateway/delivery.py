@@ -13,6 +13,7 @@ import base64
 import contextlib
 import email.utils
 import gzip
+import itertools
 import logging
 import random
 import secrets
@@ -182,6 +183,14 @@ class Sender:
             )
 
 
+def window_prefix(rows: Sequence[Row], end_ns: int) -> list[Row]:
+    """The records of a batching window: the oldest-first run received before `end_ns`.
+
+    A run, not a filter: after the clock went back a later record can carry an earlier
+    time, and skipping over a record would move the cursor past it for good."""
+    return list(itertools.takewhile(lambda r: ts_ns(r) < end_ns, rows))
+
+
 class Route:
     """One webhook's records (packets, CDRs, events or report notices): window batching,
     persistence, sending, retries."""
@@ -247,6 +256,9 @@ class Route:
             self._spawn(b, None)
         window_ns = self.cfg.batch.window_ms * 1_000_000
         last_rescan = time.monotonic()
+        # Records fetched but not taken yet (those after `cursor`, oldest first): a window
+        # shorter than a fetch would otherwise read the same rows again and again.
+        ahead: list[Row] = []
         while True:
             if self.disabled:
                 await asyncio.Event().wait()
@@ -261,27 +273,31 @@ class Route:
                     await asyncio.wait_for(self._slot_freed.wait(), 1.0)
                 continue
             limit = min(self.FETCH_LIMIT, room * self.cfg.batch.max_items)
-            rows: list[Row] = await self._db(self.source.fetch, cursor, limit)
-            if not rows:
+            if len(ahead) < limit:
+                after = ahead[-1].id if ahead else cursor
+                ahead += await self._db(self.source.fetch, after, limit - len(ahead))
+            if not ahead:
                 self.wake.clear()
-                rows = await self._db(self.source.fetch, cursor, limit)
-                if not rows:
+                ahead = await self._db(self.source.fetch, cursor, limit)
+                if not ahead:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), 1.0)
                     continue
+            rows = ahead[:limit]
             if window_ns:
                 end = ts_ns(rows[0]) + window_ns
                 wait_ns = min(end - time.time_ns(), window_ns)
                 if wait_ns > 0 and not self._continuing_window:
                     await asyncio.sleep(wait_ns / 1e9)
                     continue
-                taken = [r for r in rows if ts_ns(r) < end]
+                taken = window_prefix(rows, end)
                 # The window holds more than one fetch: every request of it is an array.
                 more_in_window = len(taken) == len(rows) == limit
             else:
                 taken = rows
                 more_in_window = False
             cursor = await self._take(taken, cursor, more_in_window)
+            del ahead[: len(taken)]
 
     async def _take(self, rows: Sequence[Row], cursor: int, more: bool) -> int:
         matched = [r for r in rows if self._wants(r)]

@@ -251,7 +251,22 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any error."""
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any error.
+
+    Inside a transaction already open (the writer's group commit) it is a savepoint: on
+    error only its own changes are rolled back, and they commit with the group."""
+    if conn.in_transaction:
+        conn.execute("SAVEPOINT nested")
+        try:
+            yield conn
+            conn.execute("RELEASE nested")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO nested")
+                    conn.execute("RELEASE nested")
+            raise
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
@@ -263,6 +278,10 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         raise
+
+
+class _GroupAborted(Exception):
+    """SQLite rolled a group commit back by itself (disk full, I/O error)."""
 
 
 _STOP = object()
@@ -440,8 +459,7 @@ class Store:
                 self._watch_buffer()
                 # What is still held (buffer full, write failing) stays pending.
                 self._release_pending(len(packets) - len(self._held))
-            for c in calls:
-                self._run_call(c)
+            self._run_calls(calls)
             if stop:
                 # Drain anything that raced with close so no caller waits forever.
                 while True:
@@ -482,8 +500,10 @@ class Store:
             add_event(self.conn, "buffer_high" if high else "buffer_ok", data)
 
     def _run_call(self, c: _Call) -> None:
-        if not c.future.set_running_or_notify_cancel():
-            return
+        if c.future.set_running_or_notify_cancel():
+            self._run_one(c)
+
+    def _run_one(self, c: _Call) -> None:
         try:
             c.future.set_result(c.fn(self.conn, *c.args))
         except BaseException as exc:
@@ -491,6 +511,48 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute("ROLLBACK")
             c.future.set_exception(exc)
+
+    def _run_calls(self, calls: list[_Call]) -> None:
+        """Run the queued calls in one transaction: one commit (one fsync) for all of them.
+
+        Each call runs in a savepoint of its own, so one that fails leaves the others'
+        changes; results are handed out only once the group has committed. If the group
+        cannot commit, each call runs again on its own and gets its own result or error."""
+        calls = [c for c in calls if c.future.set_running_or_notify_cancel()]
+        if len(calls) <= 1:
+            for c in calls:
+                self._run_one(c)
+            return
+        conn = self.conn
+        results: list[tuple[_Call, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for c in calls:
+                conn.execute("SAVEPOINT call")
+                try:
+                    value = c.fn(conn, *c.args)
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        raise _GroupAborted from exc
+                    conn.execute("ROLLBACK TO call")
+                    conn.execute("RELEASE call")
+                    results.append((c, None, exc))
+                else:
+                    conn.execute("RELEASE call")
+                    results.append((c, value, None))
+            conn.execute("COMMIT")
+        except (sqlite3.Error, _GroupAborted):
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            for c in calls:
+                self._run_one(c)
+            return
+        for c, value, error in results:
+            if error is None:
+                c.future.set_result(value)
+            else:
+                c.future.set_exception(error)
 
     def _commit_packets(self, packets: list[Incoming]) -> None:
         conn = self.conn

@@ -1,0 +1,96 @@
+"""The store's writer thread: calls queued together commit together, each on its own terms."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from gateway.store import Store, transaction
+
+
+def _add(conn: sqlite3.Connection, key: str) -> str:
+    with transaction(conn):
+        conn.execute("INSERT INTO meta(key, value) VALUES (?, 'x')", (key,))
+    return key
+
+
+def _add_then_fail(conn: sqlite3.Connection, key: str) -> None:
+    conn.execute("INSERT INTO meta(key, value) VALUES (?, 'x')", (key,))
+    raise ValueError(f"{key} failed after writing")
+
+
+def _keys(db: Path) -> set[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return {r[0] for r in conn.execute("SELECT key FROM meta WHERE value = 'x'")}
+    finally:
+        conn.close()
+
+
+def test_queued_calls_commit_together_and_a_failing_one_leaves_the_others(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "gateway.db"
+    store = Store(db)
+    try:
+        gate = threading.Event()
+        # Hold the writer so that everything below is queued while it waits: the next
+        # turn of its loop takes all of it as one group.
+        blocker = store.call(lambda _c: gate.wait(10))
+        seen_at_result: dict[str, set[str]] = {}
+        futures = []
+        for i in range(20):
+            key = f"k{i}"
+            fn = _add_then_fail if i == 7 else _add
+            fut = store.call(fn, key)
+            # What another connection sees when the caller learns the result.
+            fut.add_done_callback(lambda _f, k=key: seen_at_result.setdefault(k, _keys(db)))
+            futures.append(fut)
+        gate.set()
+        assert blocker.result(10) is True
+        for i, fut in enumerate(futures):
+            if i == 7:
+                with pytest.raises(ValueError, match="k7 failed after writing"):
+                    fut.result(10)
+            else:
+                assert fut.result(10) == f"k{i}"
+        expected = {f"k{i}" for i in range(20) if i != 7}
+        # The failed call's own write is rolled back; the others' are kept.
+        assert _keys(db) == expected
+        # Each caller hears back only once its change is committed (visible elsewhere).
+        for i in range(20):
+            if i != 7:
+                assert f"k{i}" in seen_at_result[f"k{i}"]
+    finally:
+        store.close()
+
+
+def test_a_group_that_cannot_commit_runs_its_calls_one_by_one(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    store = Store(db)
+    try:
+        gate = threading.Event()
+        blocker = store.call(lambda _c: gate.wait(10))
+
+        def end_the_transaction(conn: sqlite3.Connection) -> str:
+            # Ends the group's transaction under it, as SQLite does on an I/O error: the
+            # group cannot commit, so every call is run again on its own.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+                raise sqlite3.OperationalError("disk I/O error")
+            return "alone"
+
+        first = store.call(_add, "before")
+        middle = store.call(end_the_transaction)
+        last = store.call(_add, "after")
+        gate.set()
+        assert blocker.result(10) is True
+        assert first.result(10) == "before"
+        assert middle.result(10) == "alone"
+        assert last.result(10) == "after"
+        assert _keys(db) == {"before", "after"}
+    finally:
+        store.close()

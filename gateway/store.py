@@ -208,6 +208,10 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2}
 
 
+# Bytes per database page for a new store (an existing one keeps its own).
+PAGE_SIZE = 1024
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """A connection with the store's pragmas (WAL, busy timeout)."""
     try:
@@ -220,6 +224,9 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 10000")
         if not readonly:
+            # Small pages for a new database: a commit writes whole pages to the WAL, and
+            # the typical commit (one packet, its counters) changes a few hundred bytes.
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
     except (sqlite3.Error, OSError) as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.store import Store, transaction
+from tests.conftest import wait_for
 
 
 def _add(conn: sqlite3.Connection, key: str) -> str:
@@ -61,6 +62,8 @@ def test_queued_calls_commit_together_and_a_failing_one_leaves_the_others(
         # The failed call's own write is rolled back; the others' are kept.
         assert _keys(db) == expected
         # Each caller hears back only once its change is committed (visible elsewhere).
+        # (Callbacks run on the writer thread, possibly after result() has returned here.)
+        wait_for(lambda: len(seen_at_result) == 20, 10, "the done callbacks")
         for i in range(20):
             if i != 7:
                 assert f"k{i}" in seen_at_result[f"k{i}"]

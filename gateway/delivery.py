@@ -13,6 +13,7 @@ import base64
 import contextlib
 import email.utils
 import gzip
+import itertools
 import logging
 import random
 import secrets
@@ -83,6 +84,13 @@ def next_delay(policy: RetryPolicy, attempts: int, retry_after: float | None) ->
     if retry_after is not None and policy.honour_retry_after:
         delay = max(delay, retry_after)
     return delay
+
+
+def window_rows(rows: Sequence[Row], end_ns: int) -> list[Row]:
+    """The rows of a batching window that ends at end_ns: the longest prefix received before
+    it. A prefix, not a filter: once the clock went back, a later row can carry an earlier
+    time, and taking it would move the cursor past the rows in between."""
+    return list(itertools.takewhile(lambda r: ts_ns(r) < end_ns, rows))
 
 
 def classify(policy: RetryPolicy, outcome: Outcome) -> str:
@@ -210,6 +218,9 @@ class Route:
         self.on_result = on_result
         self._slot_freed = asyncio.Event()
         self._continuing_window = False
+        # The open window's first record, and when (monotonic ns) this process first saw it.
+        self._window_first = 0
+        self._window_seen_ns = 0
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.store.call(fn, *args))
@@ -270,12 +281,18 @@ class Route:
                         await asyncio.wait_for(self.wake.wait(), 1.0)
                     continue
             if window_ns:
+                if rows[0].id != self._window_first:
+                    self._window_first, self._window_seen_ns = rows[0].id, time.monotonic_ns()
                 end = ts_ns(rows[0]) + window_ns
-                wait_ns = min(end - time.time_ns(), window_ns)
+                # Closed by the wall clock, or one window after this process first saw its
+                # first record: a clock set back must not hold it open for the jump.
+                wait_ns = min(
+                    end - time.time_ns(), self._window_seen_ns + window_ns - time.monotonic_ns()
+                )
                 if wait_ns > 0 and not self._continuing_window:
                     await asyncio.sleep(wait_ns / 1e9)
                     continue
-                taken = [r for r in rows if ts_ns(r) < end]
+                taken = window_rows(rows, end)
                 # The window holds more than one fetch: every request of it is an array.
                 more_in_window = len(taken) == len(rows) == limit
             else:

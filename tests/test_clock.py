@@ -24,7 +24,7 @@ from gateway.config import WebhookConfig
 from gateway.delivery import Route, Sender
 from gateway.store import Incoming, Store
 from tests.conftest import until, write_config
-from tests.receiver import Receiver
+from tests.receiver import Receiver, Reply
 
 HOUR_NS = 3600 * 10**9
 TOPIC = "devices/8981100000000000012/up"
@@ -162,3 +162,106 @@ async def test_a_window_opened_before_the_clock_went_back_closes_after_one_windo
     assert time.monotonic() - began < 3
     assert payloads(receiver) == ["p0", "p1"]
     assert len(receiver.ok()) == 1
+
+
+# -- retries ------------------------------------------------------------------------------
+
+
+async def test_a_clock_jumping_days_forward_does_not_expire_a_batch_being_retried(
+    tmp_path: Path, store: Store, receiver: Receiver, clock: Callable[[Any], Clock]
+) -> None:
+    wall = clock(delivery)
+
+    def behaviour(n: int, _r: object) -> Reply:
+        if n == 0:
+            wall.offset_s = 2 * 86400  # NTP sets the clock of a board without RTC
+        return Reply(500) if n < 3 else Reply(200)
+
+    receiver.behaviour = behaviour
+    preload(store, [time.time_ns() - 10**9])
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        batch="{ window_ms = 50 }",
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.2, max_age_s = 3600 }',
+    )
+    async with Running(cfg, store):
+        await until(lambda: receiver.ok() or dead_letters(store), timeout=10, what="an outcome")
+    assert not dead_letters(store)
+    assert [r.status for r in receiver.requests] == [500, 500, 500, 200]
+
+
+async def test_a_batch_created_before_the_clock_went_back_still_expires_after_max_age(
+    tmp_path: Path, store: Store, receiver: Receiver
+) -> None:
+    receiver.behaviour = lambda n, r: Reply(500)
+    # Created, by the clock of the time, an hour later than the clock now says it is.
+    stored_batch(store, time.time_ns() + HOUR_NS)
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.2, max_age_s = 1 }',
+    )
+    async with Running(cfg, store):
+        await until(lambda: dead_letters(store), timeout=5, what="the batch to expire")
+    (dl,) = dead_letters(store)
+    assert dl["reason"] == "expired"
+
+
+def stored_batch(store: Store, created_ns: int, attempts: int = 0, next_at_ns: int = 0) -> None:
+    """A batch with its body, as a gateway stopped meanwhile left it."""
+
+    def insert(conn: Any) -> None:
+        with st.transaction(conn):
+            conn.execute(
+                "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
+                " attempts, created_ns, next_at_ns)"
+                " VALUES ('msg_stored', 'cloud', 'packets', '[]', NULL, 1, 1, ?, ?, ?, ?)",
+                (b'{"x":1}', attempts, created_ns, next_at_ns),
+            )
+
+    store.run_sync(insert)
+
+
+async def test_a_retry_due_an_hour_ahead_after_a_restart_waits_no_longer_than_the_policy(
+    tmp_path: Path, store: Store, receiver: Receiver
+) -> None:
+    # Stopped with a retry due in 0.1 s; the clock was set back an hour meanwhile.
+    stored_batch(store, time.time_ns(), 1, time.time_ns() + HOUR_NS + 100_000_000)
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.5,'
+        " honour_retry_after = false }",
+    )
+    began = time.monotonic()
+    async with Running(cfg, store):
+        await until(lambda: receiver.ok(), timeout=5, what="the retry")
+    assert time.monotonic() - began < 2
+
+
+async def test_a_retry_after_a_restart_is_sent_once_the_clock_is_set_right(
+    tmp_path: Path, store: Store, receiver: Receiver, clock: Callable[[Any], Clock]
+) -> None:
+    # A board without RTC boots a day behind; its retry (which may honour a Retry-After
+    # of up to a day) looks a day away until NTP sets the clock.
+    wall = clock(delivery)
+    wall.offset_s = -86400
+    stored_batch(store, time.time_ns(), 1, time.time_ns() + 100_000_000)
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.5 }',
+    )
+    async with Running(cfg, store):
+        await asyncio.sleep(0.5)
+        assert not receiver.requests
+        wall.offset_s = 0
+        began = time.monotonic()
+        await until(lambda: receiver.ok(), timeout=5, what="the retry")
+    assert time.monotonic() - began < 2
+
+
+def bump_received(conn: Any, n: int) -> None:
+    with st.transaction(conn):
+        st.bump(conn, "packets_received", n)

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from gateway import config, delivery, sources
+from gateway import config, delivery, sources, web
 from gateway import store as st
 from gateway.config import WebhookConfig
 from gateway.delivery import Route, Sender
 from gateway.store import Incoming, Store
-from tests.conftest import until, write_config
+from tests.conftest import free_port, until, write_config
 from tests.receiver import Receiver, Reply
 
 HOUR_NS = 3600 * 10**9
@@ -265,3 +266,44 @@ async def test_a_retry_after_a_restart_is_sent_once_the_clock_is_set_right(
 def bump_received(conn: Any, n: int) -> None:
     with st.transaction(conn):
         st.bump(conn, "packets_received", n)
+
+
+# -- dashboard ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def test_uptime_and_rates_survive_the_clock_going_back_an_hour(
+    tmp_path: Path, store: Store, http: aiohttp.ClientSession, clock: Callable[[Any], Clock]
+) -> None:
+    wall = clock(web)
+    path = write_config(
+        tmp_path / "gw.toml",
+        1883,
+        tmp_path / "state",
+        web=f'listen = "127.0.0.1:{free_port()}"\nsample_s = 0.1',
+    )
+    w = web.Web(config.load(path), store, http)
+    try:
+        samples = []
+        for i in range(4):
+            store.run_sync(bump_received, 100)
+            samples.append(w.reader.run_sync(web.take_sample))
+            w.throughput.add(samples[-1])
+            await asyncio.sleep(0.2)
+            if i == 1:
+                wall.offset_s = -3600
+        snap = await asyncio.to_thread(w.status_sync)
+    finally:
+        w.reader.close()
+    assert 0 < snap["gateway"]["uptime_s"] < 60
+    assert 0 < snap["rates"]["received_per_s"] < 2_000  # 100 every 0.2 s
+    xs = [p[0] for p in snap["throughput"]["points"]]
+    assert xs == sorted(xs)
+    assert all(p[3] < 2_000 for p in snap["throughput"]["points"])
+    # The chart is drawn against the gateway's clock as it reads now.
+    assert abs(xs[-1] - wall.time()) < 5

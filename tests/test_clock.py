@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import config, delivery, sources, web
+from gateway import config, delivery, reports, sources, web
 from gateway import store as st
 from gateway.config import WebhookConfig
 from gateway.delivery import Route, Sender
@@ -307,3 +307,32 @@ async def test_uptime_and_rates_survive_the_clock_going_back_an_hour(
     assert all(p[3] < 2_000 for p in snap["throughput"]["points"])
     # The chart is drawn against the gateway's clock as it reads now.
     assert abs(xs[-1] - wall.time()) < 5
+
+
+# -- reports ------------------------------------------------------------------------------
+
+
+async def test_scheduled_reports_keep_coming_after_the_clock_went_back_an_hour(
+    tmp_path: Path, store: Store, clock: Callable[[Any], Clock]
+) -> None:
+    wall = clock(reports)
+    path = write_config(
+        tmp_path / "gw.toml",
+        1883,
+        tmp_path / "state",
+        extra='[[reports]]\nname = "r"\nevery = "0.3s"\n',
+    )
+    cfg = config.load(path)
+
+    def made() -> int:
+        return len(store.run_sync(reports.list_reports))
+
+    task = asyncio.create_task(reports.run_schedule(cfg, store))
+    try:
+        await until(lambda: made() >= 2, timeout=5, what="two reports")
+        wall.offset_s = -3600
+        before = made()
+        await until(lambda: made() >= before + 3, timeout=5, what="reports after the jump")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

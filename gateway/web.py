@@ -139,9 +139,12 @@ class Throughput:
         t is Unix time by the gateway's clock as it reads now, less the sample's age: a
         clock that was set moves the whole chart instead of folding it back on itself."""
         now, mono = time.time(), time.monotonic()
+        # /api/status runs in a worker thread while the sampler appends on the event loop:
+        # iterate a copy (list() copies a deque without letting another thread run).
+        samples = list(self.samples)
         return [
             [round(now - (mono - b.mono), 3), *(round(x, 3) for x in self._rates(a, b))]
-            for a, b in itertools.pairwise(self.samples)
+            for a, b in itertools.pairwise(samples)
         ]
 
     def rates(self) -> dict[str, float]:

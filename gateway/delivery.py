@@ -38,6 +38,8 @@ log = logging.getLogger("gateway.delivery")
 EXCERPT_BYTES = 200
 MAX_RESPONSE_READ = 64 * 1024
 MAX_RETRY_AFTER_S = 24 * 3600.0
+# How often a retry that an earlier run persisted reads the wall clock again while it waits.
+RECHECK_CLOCK_S = 1.0
 
 
 def new_webhook_id() -> str:
@@ -84,6 +86,26 @@ def next_delay(policy: RetryPolicy, attempts: int, retry_after: float | None) ->
     if retry_after is not None and policy.honour_retry_after:
         delay = max(delay, retry_after)
     return delay
+
+
+def window_rows(rows: Sequence[Row], end_ns: int) -> list[Row]:
+    """The rows of a batching window that ends at end_ns: the longest prefix received before
+    it. A prefix, not a filter: once the clock went back, a later row can carry an earlier
+    time, and taking it would move the cursor past the rows in between."""
+    return list(itertools.takewhile(lambda r: ts_ns(r) < end_ns, rows))
+
+
+def max_delay_s(policy: RetryPolicy) -> float:
+    """The longest wait between two attempts that next_delay can ask for under `policy`."""
+    return max(policy.backoff_max_s, MAX_RETRY_AFTER_S if policy.honour_retry_after else 0.0)
+
+
+def batch_age_s(created_ns: int, taken_ns: int, taken_mono_ns: int, mono_ns: int) -> float:
+    """How long a batch has waited: its wall-clock age when this process took it up (never
+    below zero), then monotonic time. The wall clock jumping while the batch is retried
+    (NTP setting a board without RTC days forward, or an hour back) neither expires it at
+    once nor keeps it young."""
+    return (max(0, taken_ns - created_ns) + mono_ns - taken_mono_ns) / 1e9
 
 
 def classify(policy: RetryPolicy, outcome: Outcome) -> str:
@@ -183,14 +205,6 @@ class Sender:
             )
 
 
-def window_prefix(rows: Sequence[Row], end_ns: int) -> list[Row]:
-    """The records of a batching window: the oldest-first run received before `end_ns`.
-
-    A run, not a filter: after the clock went back a later record can carry an earlier
-    time, and skipping over a record would move the cursor past it for good."""
-    return list(itertools.takewhile(lambda r: ts_ns(r) < end_ns, rows))
-
-
 class Route:
     """One webhook's records (packets, CDRs, events or report notices): window batching,
     persistence, sending, retries."""
@@ -219,6 +233,9 @@ class Route:
         self.on_result = on_result
         self._slot_freed = asyncio.Event()
         self._continuing_window = False
+        # The open window's first record, and when (monotonic ns) this process first saw it.
+        self._window_first = 0
+        self._window_seen_ns = 0
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.store.call(fn, *args))
@@ -285,12 +302,18 @@ class Route:
                     continue
             rows = ahead[:limit]
             if window_ns:
+                if rows[0].id != self._window_first:
+                    self._window_first, self._window_seen_ns = rows[0].id, time.monotonic_ns()
                 end = ts_ns(rows[0]) + window_ns
-                wait_ns = min(end - time.time_ns(), window_ns)
+                # Closed by the wall clock, or one window after this process first saw its
+                # first record: a clock set back must not hold it open for the jump.
+                wait_ns = min(
+                    end - time.time_ns(), self._window_seen_ns + window_ns - time.monotonic_ns()
+                )
                 if wait_ns > 0 and not self._continuing_window:
                     await asyncio.sleep(wait_ns / 1e9)
                     continue
-                taken = window_prefix(rows, end)
+                taken = window_rows(rows, end)
                 # The window holds more than one fetch: every request of it is an array.
                 more_in_window = len(taken) == len(rows) == limit
             else:
@@ -366,10 +389,10 @@ class Route:
             return
         policy = self.cfg.retry
         attempts = batch.attempts
-        next_at = batch.next_at_ns
+        taken_ns, taken_mono_ns = time.time_ns(), time.monotonic_ns()
+        if batch.next_at_ns:
+            await self._wait_for_retry(batch.next_at_ns)
         while True:
-            if next_at:
-                await asyncio.sleep(max(0.0, (next_at - time.time_ns()) / 1e9))
             if self.disabled:
                 # Disabled by a 410 until the gateway restarts: hold the batch, send nothing.
                 await asyncio.Event().wait()
@@ -395,7 +418,7 @@ class Route:
                 self.disabled = f"receiver answered 410 Gone at {formats.iso_ms(time.time_ns())}"
                 log.error("webhook %s disabled: %s", self.cfg.name, self.disabled)
                 await self._db_write(st.set_disabled, self.cfg.name, self.disabled)
-            age_s = (time.time_ns() - batch.created_ns) / 1e9
+            age_s = batch_age_s(batch.created_ns, taken_ns, taken_mono_ns, time.monotonic_ns())
             delay = next_delay(policy, attempts, outcome.retry_after_s)
             reason = ""
             if verdict in ("dead", "gone"):
@@ -452,6 +475,20 @@ class Route:
                 error,
                 delay,
             )
+            await asyncio.sleep(delay)
+
+    async def _wait_for_retry(self, next_at_ns: int) -> None:
+        """Wait until a retry that an earlier run persisted (as wall-clock time) is due.
+
+        The clock may have been set back since: wait no longer than the policy's longest
+        delay, and read the clock again every RECHECK_CLOCK_S, so that a clock set right
+        meanwhile (NTP on a board without RTC) ends the wait."""
+        latest = time.monotonic() + max_delay_s(self.cfg.retry)
+        while True:
+            left = min((next_at_ns - time.time_ns()) / 1e9, latest - time.monotonic())
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, RECHECK_CLOCK_S))
 
 
 def _describe(o: Outcome) -> str:

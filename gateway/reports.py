@@ -222,38 +222,46 @@ def next_run_ns(rc: ReportConfig, last_ns: int, started_ns: int, now_ns: int) ->
     return min(due, now_ns + int(rc.every_s * 1e9))
 
 
-def _last_run(conn: sqlite3.Connection, name: str) -> int:
-    return int(
-        conn.execute(
-            "SELECT COALESCE(MAX(created_ns), 0) FROM reports WHERE name = ?", (name,)
-        ).fetchone()[0]
-    )
+def _last_run(conn: sqlite3.Connection, name: str) -> tuple[int, int]:
+    """(id, created_ns) of a report's newest run; (0, 0) when it never ran."""
+    row = conn.execute(
+        "SELECT id, created_ns FROM reports WHERE name = ? ORDER BY id DESC LIMIT 1", (name,)
+    ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
 async def run_schedule(cfg: Config, store: Store, wake: asyncio.Event | None = None) -> None:
     """Export every [[reports]] entry when due, until cancelled."""
     started = time.time_ns()
+    # Per report: the run it counts from (its id) and when it is next due, in monotonic
+    # seconds. An `every` report's due time is worked out from the wall clock once per run
+    # (here or by `gateway cdr export`): a clock set back afterwards must not postpone it
+    # by the size of the jump. An `at` report follows the wall clock: worked out each pass.
+    due: dict[str, tuple[int, float]] = {}
     while True:
-        now = time.time_ns()
-        soonest = now + int(3600e9)
+        now, mono = time.time_ns(), time.monotonic()
+        soonest = 3600.0
         for rc in cfg.reports:
             try:
-                last = await asyncio.wrap_future(store.call(_last_run, rc.name))
-                due = next_run_ns(rc, last, started, now)
-                if due <= now:
+                last_id, last_ns = await asyncio.wrap_future(store.call(_last_run, rc.name))
+                if rc.at or rc.name not in due or due[rc.name][0] != last_id:
+                    wait = (next_run_ns(rc, last_ns, started, now) - now) / 1e9
+                    due[rc.name] = (last_id, mono + wait)
+                wait = due[rc.name][1] - mono
+                if wait <= 0:
                     await asyncio.wrap_future(store.call(export, cfg, rc, time.time_ns()))
                     if wake is not None:
                         wake.set()
-                    due = next_run_ns(rc, time.time_ns(), started, time.time_ns())
-                soonest = min(soonest, due)
+                    wait = 0.0  # the next pass counts from this run
+                soonest = min(soonest, wait)
             except (GatewayError, sqlite3.Error) as exc:
                 log.warning("report %s: %s", rc.name, exc)
-                soonest = min(soonest, now + int(60e9))
+                soonest = min(soonest, 60.0)
         try:
             await asyncio.wrap_future(store.call(prune_files, time.time_ns()))
         except (GatewayError, sqlite3.Error) as exc:
             log.warning("reports: cannot prune old files: %s", exc)
-        await asyncio.sleep(max(0.05, min((soonest - time.time_ns()) / 1e9, 60.0)))
+        await asyncio.sleep(max(0.05, min(soonest, 60.0)))
 
 
 def list_reports(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:

@@ -93,9 +93,10 @@ class Reader:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """Store counters at one moment (Unix time in seconds)."""
+    """Store counters at one moment (monotonic seconds: a rate must not change when the
+    wall clock is set)."""
 
-    t: float
+    mono: float
     received: int
     delivered: int
     failed: int
@@ -105,7 +106,9 @@ def take_sample(conn: Any) -> Sample:
     """The counters the throughput chart is drawn from (two tiny queries)."""
     c = st.counters(conn)
     failed = conn.execute("SELECT COALESCE(SUM(requests_failed), 0) FROM webhook_stats")
-    return Sample(time.time(), c["packets_received"], c["packets_delivered"], failed.fetchone()[0])
+    return Sample(
+        time.monotonic(), c["packets_received"], c["packets_delivered"], failed.fetchone()[0]
+    )
 
 
 class Throughput:
@@ -123,7 +126,7 @@ class Throughput:
 
     @staticmethod
     def _rates(a: Sample, b: Sample) -> tuple[float, float, float]:
-        dt = max(b.t - a.t, 1e-6)
+        dt = max(b.mono - a.mono, 1e-6)
         return (
             max(b.delivered - a.delivered, 0) / dt,
             max(b.failed - a.failed, 0) / dt * 60,
@@ -131,10 +134,17 @@ class Throughput:
         )
 
     def points(self) -> list[list[float]]:
-        """[t, delivered/s, failures/min, received/s] between consecutive samples."""
+        """[t, delivered/s, failures/min, received/s] between consecutive samples.
+
+        t is Unix time by the gateway's clock as it reads now, less the sample's age: a
+        clock that was set moves the whole chart instead of folding it back on itself."""
+        now, mono = time.time(), time.monotonic()
+        # /api/status runs in a worker thread while the sampler appends on the event loop:
+        # iterate a copy (list() copies a deque without letting another thread run).
+        samples = list(self.samples)
         return [
-            [round(b.t, 3), *(round(x, 3) for x in self._rates(a, b))]
-            for a, b in itertools.pairwise(self.samples)
+            [round(now - (mono - b.mono), 3), *(round(x, 3) for x in self._rates(a, b))]
+            for a, b in itertools.pairwise(samples)
         ]
 
     def rates(self) -> dict[str, float]:
@@ -143,7 +153,7 @@ class Throughput:
         if len(s) < 2:
             return {"received_per_s": 0.0, "delivered_per_s": 0.0, "failures_per_min": 0.0}
         newest = s[-1]
-        older = next((x for x in s if newest.t - x.t <= RATE_OVER_S), s[-2])
+        older = next((x for x in s if newest.mono - x.mono <= RATE_OVER_S), s[-2])
         if older is newest:
             older = s[-2]
         d, f, r = self._rates(older, newest)
@@ -312,6 +322,7 @@ class Web:
         self.ingest: Ingest | None = None
         self.reader = Reader(store.path)
         self.started = time.time()
+        self.started_mono = time.monotonic()
         self.throughput = Throughput(cfg.web.sample_s)
         self.metrics = metrics.Metrics(self.status_sync, [w.name for w in cfg.webhooks])
         self.hooks = {w.name: w for w in cfg.webhooks}
@@ -339,7 +350,6 @@ class Web:
     def status_sync(self) -> dict[str, Any]:
         """The /api/status document (reads the store: call it off the event loop)."""
         snap = self.reader.run_sync(status.snapshot, self.cfg)
-        now = time.time()
         ing = self.ingest
         stats = ing.stats if ing is not None else None
         snap["gateway"] = {
@@ -347,7 +357,7 @@ class Web:
             "auth": bool(self.token),
             "started": _iso_s(self.started),
             "started_s": round(self.started, 3),
-            "uptime_s": round(now - self.started, 1),
+            "uptime_s": round(time.monotonic() - self.started_mono, 1),
             "store": {
                 "bytes": store_bytes(self.store.path),
                 "writable": not self.store.write_error,

@@ -14,6 +14,7 @@ import json
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import zipfile
 from collections.abc import AsyncIterator
@@ -608,3 +609,32 @@ async def test_the_api_holds_to_its_openapi_document_under_generated_requests(
         ("POST", "/api/dead-letters"),
         ("POST", "/api/webhooks/{name}/test"),
     }
+
+
+def test_the_chart_can_be_read_while_the_sampler_adds_to_it() -> None:
+    # /api/status reads the samples in a worker thread while the event loop adds to them.
+    tp = web.Throughput(0.1)
+    for i in range(100):
+        tp.add(web.Sample(i, i, i, 0))
+    stop = threading.Event()
+    errors: list[Exception] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                tp.points()
+                tp.rates()
+            except RuntimeError as exc:  # deque mutated during iteration
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.monotonic() + 1.0
+    i = 100
+    while time.monotonic() < deadline and not errors:
+        tp.add(web.Sample(i, i, i, 0))
+        i += 1
+    stop.set()
+    reader.join()
+    assert errors == []

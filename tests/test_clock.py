@@ -1,0 +1,338 @@
+"""A wall clock that jumps (set back, or forward by days) breaks neither batching, retries,
+the dashboard's rates nor the report schedule.
+
+Each test runs one gateway component on a real store and, where it sends, to a real
+receiver. Some preload records stamped as a moved clock leaves them; the others give the
+component's module a wall clock that a test can move while monotonic time runs on, as
+`date -s` does. tests/faults/test_clock_jumps.py moves the clock of a whole gateway
+process with libfaketime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway import config, delivery, reports, sources, web
+from gateway import store as st
+from gateway.config import WebhookConfig
+from gateway.delivery import Route, Sender
+from gateway.store import Incoming, Store
+from tests.conftest import free_port, until, write_config
+from tests.receiver import Receiver, Reply
+
+HOUR_NS = 3600 * 10**9
+TOPIC = "devices/8981100000000000012/up"
+
+
+class Clock:
+    """The time module as one gateway module sees it: time() and time_ns() are off by
+    `offset_s`, which a test sets; monotonic time and everything else are the real ones."""
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+    def time_ns(self) -> int:
+        return time.time_ns() + int(self.offset_s * 1e9)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], Clock]:
+    """clock(module): give a gateway module a wall clock the test can move."""
+
+    def give(module: Any) -> Clock:
+        c = Clock()
+        monkeypatch.setattr(module, "time", c)
+        return c
+
+    return give
+
+
+def webhook(tmp_path: Path, url: str, **fields: str) -> WebhookConfig:
+    lines = ["[[webhooks]]", 'name = "cloud"', f'url = "{url}"']
+    lines += [f"{k} = {v}" for k, v in fields.items()]
+    path = write_config(tmp_path / "gw.toml", 1883, tmp_path / "state", extra="\n".join(lines))
+    return config.load(path).webhooks[0]
+
+
+def preload(store: Store, stamps_ns: list[int]) -> None:
+    """Packets p0, p1, ... received (by the gateway's clock) at the given times."""
+    for i, ts in enumerate(stamps_ns):
+        store.submit_packet(Incoming(TOPIC, f"p{i}".encode(), "x", i + 1, False, 1, ts))
+    until_sync(lambda: len(store.run_sync(st.fetch_packets, 0, 100)) == len(stamps_ns))
+
+
+def until_sync(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "store did not commit the preloaded packets"
+        time.sleep(0.02)
+
+
+class Running:
+    """A Route of webhook `cfg` delivering from `store`, until the context ends."""
+
+    def __init__(self, cfg: WebhookConfig, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+
+    async def __aenter__(self) -> Route:
+        self.session = delivery.client_session()
+        self.http = await self.session.__aenter__()
+        self.store.set_packet_routes([self.cfg.name])
+        route = Route(
+            self.cfg,
+            self.store,
+            Sender(self.cfg, self.http),
+            sources.for_webhook(self.cfg, "auto"),
+            asyncio.Event(),
+        )
+        self.route = route
+        self.task = asyncio.create_task(route.run())
+        return route
+
+    async def __aexit__(self, *exc: object) -> None:
+        tasks = [self.task, *self.route.open.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.session.__aexit__(None, None, None)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    with Store.open(tmp_path / "state") as s:
+        yield s
+
+
+def payloads(receiver: Receiver) -> list[str]:
+    return [rec["Payload"] for rec in receiver.delivered()]
+
+
+def dead_letters(store: Store) -> list[dict[str, Any]]:
+    return store.run_sync(st.list_dead_letters, None, 100)
+
+
+# -- batching windows ---------------------------------------------------------------------
+
+
+def test_a_window_takes_the_rows_before_the_first_one_stamped_after_it(store: Store) -> None:
+    t = time.time_ns() - 60 * 10**9
+    # p1 came after p0's window; then the clock went back an hour, and p2 came.
+    preload(store, [t, t + 10**9, t - HOUR_NS])
+    rows = store.run_sync(st.fetch_packets, 0, 100)
+    assert [r.id for r in delivery.window_rows(rows, t + 200_000_000)] == [rows[0].id]
+    assert delivery.window_rows(rows, t) == []
+    assert delivery.window_rows(rows, t + 2 * 10**9) == rows
+
+
+async def test_a_packet_stamped_before_a_jump_back_is_not_skipped_by_the_window_after_it(
+    tmp_path: Path, store: Store, receiver: Receiver
+) -> None:
+    t = time.time_ns() - 60 * 10**9
+    preload(store, [t, t + 10**9, t - HOUR_NS])
+    cfg = webhook(tmp_path, receiver.url, batch="{ window_ms = 200 }")
+    async with Running(cfg, store):
+        await until(lambda: len(payloads(receiver)) == 3, timeout=5, what="all three packets")
+        await until(lambda: not store.run_sync(st.fetch_packets, 0, 10), what="store drained")
+    assert payloads(receiver) == ["p0", "p1", "p2"]
+
+
+async def test_a_window_opened_before_the_clock_went_back_closes_after_one_window(
+    tmp_path: Path, store: Store, receiver: Receiver
+) -> None:
+    # Received an hour "ahead": the clock was set back an hour since.
+    ahead = time.time_ns() + HOUR_NS
+    preload(store, [ahead, ahead + 1_000_000])
+    cfg = webhook(tmp_path, receiver.url, batch="{ window_ms = 200 }")
+    began = time.monotonic()
+    async with Running(cfg, store):
+        await until(lambda: len(payloads(receiver)) == 2, timeout=5, what="the window sent")
+    assert time.monotonic() - began < 3
+    assert payloads(receiver) == ["p0", "p1"]
+    assert len(receiver.ok()) == 1
+
+
+# -- retries ------------------------------------------------------------------------------
+
+
+async def test_a_clock_jumping_days_forward_does_not_expire_a_batch_being_retried(
+    tmp_path: Path, store: Store, receiver: Receiver, clock: Callable[[Any], Clock]
+) -> None:
+    wall = clock(delivery)
+
+    def behaviour(n: int, _r: object) -> Reply:
+        if n == 0:
+            wall.offset_s = 2 * 86400  # NTP sets the clock of a board without RTC
+        return Reply(500) if n < 3 else Reply(200)
+
+    receiver.behaviour = behaviour
+    preload(store, [time.time_ns() - 10**9])
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        batch="{ window_ms = 50 }",
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.2, max_age_s = 3600 }',
+    )
+    async with Running(cfg, store):
+        await until(lambda: receiver.ok() or dead_letters(store), timeout=10, what="an outcome")
+    assert not dead_letters(store)
+    assert [r.status for r in receiver.requests] == [500, 500, 500, 200]
+
+
+async def test_a_batch_created_before_the_clock_went_back_still_expires_after_max_age(
+    tmp_path: Path, store: Store, receiver: Receiver
+) -> None:
+    receiver.behaviour = lambda n, r: Reply(500)
+    # Created, by the clock of the time, an hour later than the clock now says it is.
+    stored_batch(store, time.time_ns() + HOUR_NS)
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.2, max_age_s = 1 }',
+    )
+    async with Running(cfg, store):
+        await until(lambda: dead_letters(store), timeout=5, what="the batch to expire")
+    (dl,) = dead_letters(store)
+    assert dl["reason"] == "expired"
+
+
+def stored_batch(store: Store, created_ns: int, attempts: int = 0, next_at_ns: int = 0) -> None:
+    """A batch with its body, as a gateway stopped meanwhile left it."""
+
+    def insert(conn: Any) -> None:
+        with st.transaction(conn):
+            conn.execute(
+                "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
+                " attempts, created_ns, next_at_ns)"
+                " VALUES ('msg_stored', 'cloud', 'packets', '[]', NULL, 1, 1, ?, ?, ?, ?)",
+                (b'{"x":1}', attempts, created_ns, next_at_ns),
+            )
+
+    store.run_sync(insert)
+
+
+async def test_a_retry_due_an_hour_ahead_after_a_restart_waits_no_longer_than_the_policy(
+    tmp_path: Path, store: Store, receiver: Receiver
+) -> None:
+    # Stopped with a retry due in 0.1 s; the clock was set back an hour meanwhile.
+    stored_batch(store, time.time_ns(), 1, time.time_ns() + HOUR_NS + 100_000_000)
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.5,'
+        " honour_retry_after = false }",
+    )
+    began = time.monotonic()
+    async with Running(cfg, store):
+        await until(lambda: receiver.ok(), timeout=5, what="the retry")
+    assert time.monotonic() - began < 2
+
+
+async def test_a_retry_after_a_restart_is_sent_once_the_clock_is_set_right(
+    tmp_path: Path, store: Store, receiver: Receiver, clock: Callable[[Any], Clock]
+) -> None:
+    # A board without RTC boots a day behind; its retry (which may honour a Retry-After
+    # of up to a day) looks a day away until NTP sets the clock.
+    wall = clock(delivery)
+    wall.offset_s = -86400
+    stored_batch(store, time.time_ns(), 1, time.time_ns() + 100_000_000)
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.5 }',
+    )
+    async with Running(cfg, store):
+        await asyncio.sleep(0.5)
+        assert not receiver.requests
+        wall.offset_s = 0
+        began = time.monotonic()
+        await until(lambda: receiver.ok(), timeout=5, what="the retry")
+    assert time.monotonic() - began < 2
+
+
+def bump_received(conn: Any, n: int) -> None:
+    with st.transaction(conn):
+        st.bump(conn, "packets_received", n)
+
+
+# -- dashboard ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def test_uptime_and_rates_survive_the_clock_going_back_an_hour(
+    tmp_path: Path, store: Store, http: aiohttp.ClientSession, clock: Callable[[Any], Clock]
+) -> None:
+    wall = clock(web)
+    path = write_config(
+        tmp_path / "gw.toml",
+        1883,
+        tmp_path / "state",
+        web=f'listen = "127.0.0.1:{free_port()}"\nsample_s = 0.1',
+    )
+    w = web.Web(config.load(path), store, http)
+    try:
+        samples = []
+        for i in range(4):
+            store.run_sync(bump_received, 100)
+            samples.append(w.reader.run_sync(web.take_sample))
+            w.throughput.add(samples[-1])
+            await asyncio.sleep(0.2)
+            if i == 1:
+                wall.offset_s = -3600
+        snap = await asyncio.to_thread(w.status_sync)
+    finally:
+        w.reader.close()
+    assert 0 < snap["gateway"]["uptime_s"] < 60
+    assert 0 < snap["rates"]["received_per_s"] < 2_000  # 100 every 0.2 s
+    xs = [p[0] for p in snap["throughput"]["points"]]
+    assert xs == sorted(xs)
+    assert all(p[3] < 2_000 for p in snap["throughput"]["points"])
+    # The chart is drawn against the gateway's clock as it reads now.
+    assert abs(xs[-1] - wall.time()) < 5
+
+
+# -- reports ------------------------------------------------------------------------------
+
+
+async def test_scheduled_reports_keep_coming_after_the_clock_went_back_an_hour(
+    tmp_path: Path, store: Store, clock: Callable[[Any], Clock]
+) -> None:
+    wall = clock(reports)
+    path = write_config(
+        tmp_path / "gw.toml",
+        1883,
+        tmp_path / "state",
+        extra='[[reports]]\nname = "r"\nevery = "0.3s"\n',
+    )
+    cfg = config.load(path)
+
+    def made() -> int:
+        return len(store.run_sync(reports.list_reports))
+
+    task = asyncio.create_task(reports.run_schedule(cfg, store))
+    try:
+        await until(lambda: made() >= 2, timeout=5, what="two reports")
+        wall.offset_s = -3600
+        before = made()
+        await until(lambda: made() >= before + 3, timeout=5, what="reports after the jump")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -262,28 +262,26 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
     Inside a transaction already open (the writer's group commit) it is a savepoint: on
     error only its own changes are rolled back, and they commit with the group."""
+    rollback: tuple[str, ...]
     if conn.in_transaction:
-        conn.execute("SAVEPOINT nested")
-        try:
-            yield conn
-            conn.execute("RELEASE nested")
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK TO nested")
-                    conn.execute("RELEASE nested")
-            raise
-        return
-    conn.execute("BEGIN IMMEDIATE")
+        begin, commit, rollback = (
+            "SAVEPOINT nested",
+            "RELEASE nested",
+            ("ROLLBACK TO nested", "RELEASE nested"),
+        )
+    else:
+        begin, commit, rollback = "BEGIN IMMEDIATE", "COMMIT", ("ROLLBACK",)
+    conn.execute(begin)
     try:
         yield conn
-        conn.execute("COMMIT")
+        conn.execute(commit)
     except BaseException:
         # SQLITE_FULL and I/O errors may have rolled the transaction back already; a
         # failing ROLLBACK must not replace the error that says what went wrong.
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+                for sql in rollback:
+                    conn.execute(sql)
         raise
 
 

@@ -226,9 +226,7 @@ class Route:
         self.source = source
         self.wake = wake
         self.filter = Filter(cfg.when)
-        # Batches between being made and being finished: enough for small batches to keep
-        # the requests' slots busy while others wait on the store (about 2,000 records).
-        self.max_open = max(cfg.concurrency * 4, 8, 2000 // cfg.batch.max_items)
+        self.max_open = max(cfg.concurrency * 4, 8)
         self.open: dict[str, asyncio.Task[None]] = {}
         self.slots = asyncio.Semaphore(cfg.concurrency)
         self.disabled = ""

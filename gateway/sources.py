@@ -112,19 +112,31 @@ class PacketSource(Source):
         return formats.flat(rec), int(failed)
 
 
-class CdrSource(Source):
-    name = "cdrs"
-    envelope_key = "cdr"
-    _COLS = "SELECT id, period_end_ns, data FROM cdrs"
+class TableSource(Source):
+    """Records stored one per row in a table of their own (`_COLS` selects id, time, …)."""
+
+    _COLS = ""
+
+    def _row(self, r: tuple[Any, ...]) -> RecordRow:
+        raise NotImplementedError
 
     def fetch(self, conn: sqlite3.Connection, after: int, limit: int) -> list[Row]:
         rows = conn.execute(f"{self._COLS} WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
-        return [RecordRow(r[0], r[1], orjson.loads(r[2])) for r in rows]
+        return [self._row(r) for r in rows]
 
     def by_ids(self, conn: sqlite3.Connection, ids: Sequence[int]) -> list[Row]:
         marks = ",".join("?" * len(ids))
         rows = conn.execute(f"{self._COLS} WHERE id IN ({marks}) ORDER BY id", tuple(ids))
-        return [RecordRow(r[0], r[1], orjson.loads(r[2])) for r in rows]
+        return [self._row(r) for r in rows]
+
+
+class CdrSource(TableSource):
+    name = "cdrs"
+    envelope_key = "cdr"
+    _COLS = "SELECT id, period_end_ns, data FROM cdrs"
+
+    def _row(self, r: tuple[Any, ...]) -> RecordRow:
+        return RecordRow(r[0], r[1], orjson.loads(r[2]))
 
 
 _HOST = socket.gethostname()
@@ -141,19 +153,13 @@ def event_record(eid: int, ts: int, kind: str, data: str) -> dict[str, Any]:
     }
 
 
-class EventSource(Source):
+class EventSource(TableSource):
     name = "events"
     envelope_key = "event"
     _COLS = "SELECT id, ts_ns, kind, data FROM events"
 
-    def fetch(self, conn: sqlite3.Connection, after: int, limit: int) -> list[Row]:
-        rows = conn.execute(f"{self._COLS} WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
-        return [RecordRow(r[0], r[1], event_record(*r)) for r in rows]
-
-    def by_ids(self, conn: sqlite3.Connection, ids: Sequence[int]) -> list[Row]:
-        marks = ",".join("?" * len(ids))
-        rows = conn.execute(f"{self._COLS} WHERE id IN ({marks}) ORDER BY id", tuple(ids))
-        return [RecordRow(r[0], r[1], event_record(*r)) for r in rows]
+    def _row(self, r: tuple[Any, ...]) -> RecordRow:
+        return RecordRow(r[0], r[1], event_record(*r))
 
 
 def for_webhook(cfg: WebhookConfig, payload_encoding: str) -> Source:

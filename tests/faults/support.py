@@ -74,6 +74,11 @@ class Publisher:
         self._thread.start()
         return self
 
+    def first_ack_at(self) -> float:
+        """Wall-clock time of the earliest PUBACK seen (inf before any)."""
+        with self._lock:
+            return min(self.acked.values(), default=float("inf"))
+
     def acked_before(self, t: float) -> list[int]:
         """Packets whose PUBACK was seen before wall-clock time t."""
         with self._lock:

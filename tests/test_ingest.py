@@ -9,6 +9,11 @@ import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from tests.conftest import (
     Broker,
     db_rows,
@@ -241,3 +246,52 @@ def test_a_store_that_falls_behind_holds_the_mqtt_thread_instead_of_filling_memo
             )
 
         wait_for(committed, timeout=10, what=f"{n} packets committed")
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], ids=["v5", "v3.1.1"])
+def test_pubacks_sent_in_one_write_acknowledge_every_packet_to_the_broker(
+    mosquitto: Broker, protocol: int
+) -> None:
+    """The gateway acknowledges a commit group with one write of all its PUBACKs. The
+    broker must take each of them: a session resumed after a clean disconnect gets
+    nothing again, while the packets left unacknowledged come back."""
+    from gateway.ingest import send_pubacks
+
+    total = 60
+    topic = "devices/acks/up"
+
+    def session(expect: int, ack: int) -> list[int]:
+        """Resume the session, take what arrives, acknowledge the first `ack` at once."""
+        got: list[int] = []
+        v5 = protocol == mqtt.MQTTv5
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id="acks",
+            protocol=protocol,
+            clean_session=None if v5 else False,
+            manual_ack=True,
+        )
+        c.on_message = lambda _c, _u, m: got.append(m.mid)
+        kwargs: dict[str, object] = {}
+        if v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 3600
+            props.ReceiveMaximum = 1000
+            kwargs = {"clean_start": False, "properties": props}
+        c.connect("127.0.0.1", mosquitto.port, **kwargs)  # type: ignore[arg-type]
+        c.loop_start()
+        c.subscribe(topic, qos=1)
+        wait_for(lambda: len(got) >= expect, what=f"{expect} packets")
+        time.sleep(0.5)  # anything beyond `expect` (a redelivery) has time to show
+        send_pubacks(c, got[:ack])
+        c.disconnect()  # queued after the PUBACKs, so they are on the wire first
+        c.loop_stop()
+        return got
+
+    session(0, 0)  # the persistent session, subscribed
+    publish(mosquitto.port, [(topic, f"p{i}".encode()) for i in range(total)])
+    first = session(total, total - 10)
+    assert len(first) == total
+    again = session(10, 10)
+    assert sorted(again) == sorted(first[total - 10 :])  # only the unacknowledged ones
+    assert session(0, 0) == []

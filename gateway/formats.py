@@ -10,6 +10,7 @@ import binascii
 import datetime as dt
 import decimal
 import fractions
+import functools
 import io
 import math
 import re
@@ -36,10 +37,16 @@ class PayloadOptions:
     iccid_as: str = "auto"
 
 
+@functools.lru_cache(maxsize=256)
+def _iso_seconds(secs: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+
+
 def iso_ms(ns: int) -> str:
     """UTC ISO 8601 with milliseconds and Z: 2023-10-16T09:17:32.123Z."""
     secs, rem = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rem // 1_000_000:03d}Z"
+    # Records of one batch mostly share their second: format it once.
+    return f"{_iso_seconds(secs)}.{rem // 1_000_000:03d}Z"
 
 
 class DecodeFailed(ValueError):

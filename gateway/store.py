@@ -335,7 +335,8 @@ class Store:
         self._buffer_high = False
         # Packets handed over by the MQTT thread and not yet committed (see submit_packet).
         self.max_pending = max(2 * commit_max_packets, 1000)
-        self._pending = 0
+        self._submitted = 0
+        self._released = 0
         self._room = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -354,7 +355,7 @@ class Store:
             store.close()
 
     def submit_packet(self, pkt: Incoming, wait_s: float = 0.0) -> bool:
-        """Queue a packet for the next group commit (called from the MQTT thread).
+        """Queue a packet for the next group commit (called from one thread: MQTT's).
 
         With `wait_s`, wait up to that long while `max_pending` packets are already in
         memory uncommitted: blocking the MQTT thread stops it reading the socket, so a
@@ -363,12 +364,19 @@ class Store:
         of filling the gateway's memory. Returns False when the wait ran out.
         """
         room = True
-        with self._room:
-            if self._pending >= self.max_pending and wait_s > 0:
-                room = self._room.wait_for(lambda: self._pending < self.max_pending, wait_s)
-            self._pending += 1
+        if self.pending_packets >= self.max_pending and wait_s > 0:
+            with self._room:
+                room = self._room.wait_for(lambda: self.pending_packets < self.max_pending, wait_s)
+        # Only this thread adds to _submitted and only the writer to _released, so
+        # neither needs a lock; the writer notifies `_room` under it.
+        self._submitted += 1
         self._q.put(pkt)
         return room
+
+    @property
+    def pending_packets(self) -> int:
+        """Packets handed over with submit_packet and not committed yet."""
+        return self._submitted - self._released
 
     def call(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Run fn(conn, *args) on the writer thread."""
@@ -484,7 +492,7 @@ class Store:
     def _release_pending(self, n: int) -> None:
         if n:
             with self._room:
-                self._pending -= n
+                self._released += n
                 self._room.notify_all()
 
     def _watch_buffer(self) -> None:

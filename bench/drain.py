@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import socket
 import sqlite3
@@ -144,7 +145,7 @@ def run_mosquitto_sub(port: int, client_id: str, n: int) -> float:
     return time.monotonic() - began
 
 
-def run_bare_paho(port: int, client_id: str, n: int) -> float:
+def run_bare_paho(port: int, client_id: str, n: int) -> dict[str, float]:
     done = threading.Event()
     pending: list[int] = []
     count = 0
@@ -169,12 +170,16 @@ def run_bare_paho(port: int, client_id: str, n: int) -> float:
     props.ReceiveMaximum = 1000
     began = time.monotonic()
     c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     c.loop_start()
     done.wait(600)
     took = time.monotonic() - began
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     c.disconnect()
     c.loop_stop()
-    return took
+    # This process does nothing else meanwhile (the sink thread is idle).
+    cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+    return {"seconds": took, "cpu_us_per_packet": cpu / n * 1e6}
 
 
 class Sink:
@@ -265,11 +270,17 @@ def run_gateway(
             time.sleep(0.02)
         took = time.monotonic() - began
         io1 = ps.io_counters()
+        cpu = ps.cpu_times()
     finally:
         ps.terminate()
         proc.wait(30)
     written = io1.write_bytes - (io0.write_bytes if io0 else 0)
-    return {"seconds": took, "peak_rss_mb": peak / 1e6, "disk_bytes_per_packet": written / n}
+    return {
+        "seconds": took,
+        "peak_rss_mb": peak / 1e6,
+        "disk_bytes_per_packet": written / n,
+        "cpu_us_per_packet": (cpu.user + cpu.system) / n * 1e6,
+    }
 
 
 def main() -> int:
@@ -353,15 +364,16 @@ def main() -> int:
     )
     print(
         f"{'consumer':<16}{'packets/s':>12}{'x paho':>8}{'x sub':>8}{'peak RSS MB':>13}"
-        f"{'disk B/pkt':>12}"
+        f"{'disk B/pkt':>12}{'CPU us/pkt':>12}"
     )
     for r in rows:
         rate = float(r["rate"])  # type: ignore[arg-type]
         rss = f"{r['peak_rss_mb']:.1f}" if "peak_rss_mb" in r else "-"
         disk = f"{r['disk_bytes_per_packet']:.0f}" if "disk_bytes_per_packet" in r else "-"
+        cpu = f"{r['cpu_us_per_packet']:.1f}" if "cpu_us_per_packet" in r else "-"
         print(
             f"{r['consumer']:<16}{rate:>12,.0f}{rate / paho_rate:>8.2f}{rate / sub_rate:>8.2f}"
-            f"{rss:>13}{disk:>12}"
+            f"{rss:>13}{disk:>12}{cpu:>12}"
         )
     print(json.dumps({"bench": "drain", "n": n, "payload_bytes": len(PAYLOAD), "rows": rows}))
     return 0

@@ -29,11 +29,16 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 on_full=cfg.gateway.on_full,
                 commit_max_packets=cfg.gateway.commit_max_packets,
                 min_free_bytes=int(cfg.gateway.min_free_mb * 1024 * 1024),
+                commit_delay_s=cfg.gateway.commit_delay_ms / 1000,
             )
         )
 
         def wake_delivery() -> None:
-            loop.call_soon_threadsafe(wake.set)
+            # Already set: nothing to do, and no event-loop wake-up for every commit. A
+            # route clears it before it looks for new rows, and a commit comes before
+            # this check, so a route that saw it set still finds the rows.
+            if not wake.is_set():
+                loop.call_soon_threadsafe(wake.set)
 
         store.on_change = wake_delivery
         http = await stack.enter_async_context(delivery.client_session())

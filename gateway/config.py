@@ -30,6 +30,7 @@ class GatewaySection:
     max_buffer_mb: float = 512.0
     on_full: str = "backpressure"
     commit_max_packets: int = 2000
+    commit_delay_ms: float = 0.0
     log_level: str = "info"
     log_format: str = "text"
     min_free_mb: float = 64.0
@@ -662,6 +663,7 @@ def parse(
         max_buffer_mb=_float(0, None, above=True),
         on_full=_choice("backpressure", "drop_oldest"),
         commit_max_packets=_int(1, 100_000),
+        commit_delay_ms=_float(0, 1000),
         log_level=_choice("debug", "info", "warning", "error"),
         log_format=_choice("text", "json"),
         min_free_mb=_float(0, None),

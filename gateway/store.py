@@ -312,8 +312,11 @@ class Store:
         on_full: str = "backpressure",
         commit_max_packets: int = 2000,
         min_free_bytes: int = 0,
+        commit_delay_s: float = 0.0,
     ) -> None:
         self.path = path
+        # Hold a commit this long after its first packet, for later ones to share it.
+        self.commit_delay_s = commit_delay_s
         self.max_buffer_bytes = max_buffer_bytes
         self.on_full = on_full
         self.commit_max_packets = commit_max_packets
@@ -467,6 +470,8 @@ class Store:
                     item = self._q.get_nowait()
                 except queue.Empty:
                     item = None
+            if packets and not calls and not stop and self.commit_delay_s:
+                stop = self._wait_for_more(packets, calls)
             if packets:
                 self._commit_packets(packets)
                 self._watch_buffer()
@@ -488,6 +493,28 @@ class Store:
                     held, self._held = self._held, []
                     self._commit_packets(held)
                 return
+
+    def _wait_for_more(self, packets: list[Incoming], calls: list[_Call]) -> bool:
+        """gateway.commit_delay_ms: take packets for up to the delay, so that they share
+        one commit (one fsync) with those already taken. A store call (delivery, status)
+        or close ends the wait at once. Returns whether close was asked for."""
+        deadline = time.monotonic() + self.commit_delay_s
+        while len(packets) < self.commit_max_packets:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                item = self._q.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return True
+            if isinstance(item, Incoming):
+                packets.append(item)
+            else:
+                calls.append(item)
+                break
+        return False
 
     def _release_pending(self, n: int) -> None:
         if n:

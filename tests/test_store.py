@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from gateway.store import Store, transaction
+from gateway.store import Incoming, Store, transaction
 from tests.conftest import wait_for
 
 
@@ -97,3 +98,35 @@ def test_a_group_that_cannot_commit_runs_its_calls_one_by_one(tmp_path: Path) ->
         assert _keys(db) == {"before", "after"}
     finally:
         store.close()
+
+
+def _packet(i: int) -> Incoming:
+    return Incoming("devices/x/up", f"p{i}".encode(), "", i + 1, False, 1)
+
+
+def _stored(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM packets").fetchone()[0])
+
+
+def test_commit_delay_lets_later_packets_share_a_commit_and_a_store_call_ends_it(
+    tmp_path: Path,
+) -> None:
+    """gateway.commit_delay_ms: packets that come within the delay are committed (and
+    acknowledged) together; delivery or status asking the store does not wait for it."""
+    with Store.open(tmp_path, commit_delay_s=30.0) as store:
+        groups: list[list[bytes]] = []
+        store.on_committed = lambda ps: groups.append([p.payload for p in ps])
+        for i in range(3):
+            store.submit_packet(_packet(i))
+        began = time.monotonic()
+        assert store.run_sync(_stored) == 3  # committed before the call ran
+        assert time.monotonic() - began < 15  # far from the 30 s delay
+        assert groups == [[b"p0", b"p1", b"p2"]]
+
+    with Store.open(tmp_path / "short", commit_delay_s=0.2) as store:
+        committed_at: list[float] = []
+        store.on_committed = lambda ps: committed_at.append(time.monotonic())
+        submitted = time.monotonic()
+        store.submit_packet(_packet(0))
+        wait_for(lambda: committed_at, what="a lone packet committed once the delay ran out")
+        assert committed_at[0] - submitted >= 0.19

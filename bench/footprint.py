@@ -1,7 +1,7 @@
 """Footprint: memory with a large backlog, CPU when idle, disk writes and wire bytes.
 
     .venv/bin/python bench/footprint.py [--backlog 1000000] [--idle-s 60] [--packets 20000]
-                                        [--no-baselines]
+                                        [--idle-commit-delay-ms 100] [--no-baselines]
 
 One mosquitto started here on a free loopback port (in memory, as bench/drain.py).
 1. Backlog: --backlog packets of 71 bytes are preloaded into the gateway's persistent
@@ -18,7 +18,8 @@ One mosquitto started here on a free loopback port (in memory, as bench/drain.py
 3. Idle: `python -m firmware_sim fleet --devices 100 --rate 0.1` (10 packets/s in all)
    for --idle-s after a 10 s warm-up, delivered by the gateway (monoZ profile, web
    dashboard on); CPU % of one core and RSS of the gateway, and in the same window of
-   `mosquitto_sub -q 1` and a bare paho subscriber, as baselines.
+   a second gateway with `gateway.commit_delay_ms` (--idle-commit-delay-ms, 100) and,
+   as baselines, `mosquitto_sub -q 1` and a bare paho subscriber.
 Prints a table and one JSON line. Only loopback; every wait is bounded.
 """
 
@@ -191,12 +192,22 @@ def delivery(port: int, n: int, work: Path, gzip: bool) -> dict[str, Any]:
     }
 
 
-def idle(port: int, seconds: float, work: Path, baselines: bool) -> list[dict[str, Any]]:
-    sink = LatencySink()
-    cfg = gateway_toml(
-        work / "idle.toml", port, work / "state-idle", "fp-idle", sink_hook(sink.port, MONOZ), True
-    )
-    gw = start_gateway(cfg, port, "fp-idle", work / "idle.log")
+IDLE_DELAYED = "gateway, delay"  # the second gateway of the idle part
+
+
+def idle(
+    port: int, seconds: float, work: Path, baselines: bool, delay_ms: float
+) -> list[dict[str, Any]]:
+    sinks = {"gateway": LatencySink(), IDLE_DELAYED: LatencySink()}
+    gws = {}
+    delayed = ("fp-idle-delay", f"commit_delay_ms = {delay_ms:g}\n")
+    for k, (name, extra) in zip(sinks, (("fp-idle", ""), delayed), strict=True):
+        cfg = gateway_toml(
+            work / f"{name}.toml", port, work / f"state-{name}", name,
+            sink_hook(sinks[k].port, MONOZ), True,
+        )  # fmt: skip
+        cfg.write_text(cfg.read_text().replace("[gateway]\n", f"[gateway]\n{extra}", 1))
+        gws[k] = start_gateway(cfg, port, name, work / f"{name}.log")
     others: dict[str, Any] = {}
     if baselines:
         others["mosquitto_sub"] = subprocess.Popen(
@@ -228,24 +239,26 @@ def idle(port: int, seconds: float, work: Path, baselines: bool) -> list[dict[st
     rows = []
     try:
         time.sleep(10)  # connections, subscriptions, the first readings
-        procs = {"gateway": psutil.Process(gw.pid)}
+        procs = {k: psutil.Process(gw.pid) for k, gw in gws.items()}
         procs |= {k: psutil.Process(v.pid) for k, v in others.items()}
         before = {k: (p.cpu_times(), p.io_counters()) for k, p in procs.items()}
-        records0, requests0 = sink.records, sink.requests
+        counts0 = {k: (s.records, s.requests) for k, s in sinks.items()}
         time.sleep(seconds)
-        records = sink.records - records0
         for k, p in procs.items():
             (t0, io0), t1, io1 = before[k], p.cpu_times(), p.io_counters()
             busy = t1.user + t1.system - t0.user - t0.system
+            sink = sinks.get(k, sinks["gateway"])  # a baseline: the same stream
+            records = sink.records - counts0.get(k, counts0["gateway"])[0]
             rows.append(
                 {
                     "what": "idle",
                     "consumer": k,
+                    "commit_delay_ms": delay_ms if k == IDLE_DELAYED else 0,
                     "seconds": seconds,
                     "cpu_pct": 100 * busy / seconds,
                     "rss_mb": p.memory_info().rss / 1e6,
                     "delivered_per_s": records / seconds,
-                    "requests": sink.requests - requests0,
+                    "requests": sink.requests - counts0.get(k, counts0["gateway"])[1],
                     "disk_bytes_per_packet": (io1.write_bytes - io0.write_bytes) / max(records, 1),
                 }
             )
@@ -259,10 +272,13 @@ def idle(port: int, seconds: float, work: Path, baselines: bool) -> list[dict[st
             else:
                 v.terminate()
                 v.join(10)
-        gw.terminate()
-        gw.wait(60)
-        sink.stop()
+        for gw in gws.values():
+            gw.terminate()
+            gw.wait(60)
+        for sink in sinks.values():
+            sink.stop()
         forget_session(port, "fp-idle")
+        forget_session(port, "fp-idle-delay")
     return rows
 
 
@@ -277,6 +293,12 @@ def main() -> int:
     ap.add_argument("--steady-s", type=float, default=10.0)
     ap.add_argument("--packets", type=int, default=20_000, help="for the delivery runs")
     ap.add_argument("--idle-s", type=float, default=60.0)
+    ap.add_argument(
+        "--idle-commit-delay-ms",
+        type=float,
+        default=100.0,
+        help="gateway.commit_delay_ms of the idle part's second gateway",
+    )
     ap.add_argument("--parts", default="backlog,deliver,idle")
     ap.add_argument("--no-baselines", action="store_true", help="gateway rows only")
     ap.parse_args(namespace=ARGS)
@@ -289,7 +311,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         if "idle" in parts:
-            rows += idle(port, ARGS.idle_s, work, baselines)
+            rows += idle(port, ARGS.idle_s, work, baselines, ARGS.idle_commit_delay_ms)
         if "deliver" in parts:
             rows += [delivery(port, ARGS.packets, work, gz) for gz in (False, True)]
         if "backlog" in parts:
@@ -311,14 +333,18 @@ def report(rows: list[dict[str, Any]]) -> None:
     idle_rows = [r for r in rows if r["what"] == "idle"]
     if idle_rows:
         print(f"\nidle: 100 devices, one packet each every 10 s, {idle_rows[0]['seconds']:g} s")
-        print(f"{'consumer':<16}{'CPU % of a core':>16}{'RSS MB':>8}{'disk B/pkt':>12}")
+        print(f"{'consumer':<34}{'CPU % of a core':>16}{'RSS MB':>8}{'disk B/pkt':>12}")
         for r in idle_rows:
-            disk = f"{r['disk_bytes_per_packet']:.0f}" if r["consumer"] == "gateway" else "-"
-            print(f"{r['consumer']:<16}{r['cpu_pct']:>16.2f}{r['rss_mb']:>8.1f}{disk:>12}")
-        g = idle_rows[0]
-        print(
-            f"(gateway delivered {g['delivered_per_s']:.1f} packets/s in {g['requests']} requests)"
-        )
+            name = r["consumer"]
+            if name == IDLE_DELAYED:
+                name = f"gateway, commit_delay_ms = {r['commit_delay_ms']:g}"
+            disk = f"{r['disk_bytes_per_packet']:.0f}" if "gateway" in name else "-"
+            print(f"{name:<34}{r['cpu_pct']:>16.2f}{r['rss_mb']:>8.1f}{disk:>12}")
+        for g in idle_rows[:2]:
+            print(
+                f"({g['consumer']} delivered {g['delivered_per_s']:.1f} packets/s"
+                f" in {g['requests']} requests)"
+            )
     back = [r for r in rows if r["what"] == "backlog"]
     if back:
         print(f"\nbacklog: {back[0]['packets']:,} packets of {len(BACKLOG_PAYLOAD)} bytes")

@@ -284,7 +284,11 @@ def test_pubacks_sent_in_one_write_acknowledge_every_packet_to_the_broker(
         wait_for(lambda: len(got) >= expect, what=f"{expect} packets")
         time.sleep(0.5)  # anything beyond `expect` (a redelivery) has time to show
         send_pubacks(c, got[:ack])
-        c.disconnect()  # queued after the PUBACKs, so they are on the wire first
+        # A fence: the broker handles a connection's packets in order, so once it has
+        # acknowledged this one it has taken the PUBACKs before it. (A disconnect right
+        # after them can make mosquitto drop the ones it has not read yet.)
+        c.publish("fence/acks", b"", qos=1).wait_for_publish(10)
+        c.disconnect()
         c.loop_stop()
         return got
 

@@ -207,6 +207,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.add_webhooks(webhooks)
+
+    def add_webhooks(self, webhooks: Iterable[str]) -> None:
+        """Start each webhook's latency histogram at zero (a reload may add some)."""
         for name in webhooks:
             self.latency.labels(name)
 

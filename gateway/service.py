@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from gateway import __version__, cdr, delivery, ingest, reports
 from gateway import store as st
-from gateway.config import Config
+from gateway.config import Config, WebhookConfig
 from gateway.store import Store
 from gateway.supervisor import Supervisor
 
@@ -54,19 +56,23 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))
         _record(store, "gateway_started")
         stack.callback(_record, store, "gateway_stopped")
+
+        def start_delivery(hooks: Sequence[WebhookConfig]) -> Coroutine[Any, Any, None]:
+            if site is not None:
+                site.set_webhooks(hooks)  # the dashboard shows what is delivered
+            return delivery.run(
+                hooks,
+                store,
+                http,
+                cfg.mqtt.payload_encoding,
+                wake,
+                on_result=site.on_result if site is not None else None,
+            )
+
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
                 # systemd: a SIGHUP that changes the webhooks restarts delivery with them.
-                sd.run_delivery(
-                    lambda hooks: delivery.run(
-                        hooks,
-                        store,
-                        http,
-                        cfg.mqtt.payload_encoding,
-                        wake,
-                        on_result=site.on_result if site is not None else None,
-                    )
-                ),
+                sd.run_delivery(start_delivery),
                 name="delivery",
             )
             if cfg.modem is not None:

@@ -24,8 +24,8 @@ import string
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -329,6 +329,12 @@ class Web:
         self.token = cfg.web.token.encode()
         self.html = _dashboard_html()
         self.app = self._app()
+
+    def set_webhooks(self, hooks: Sequence[WebhookConfig]) -> None:
+        """The webhooks after a reload: status, test buttons, replay and metrics follow."""
+        self.cfg = replace(self.cfg, webhooks=tuple(hooks))
+        self.hooks = {w.name: w for w in hooks}
+        self.metrics.add_webhooks(self.hooks)
 
     # -- feeding ------------------------------------------------------------------------
 

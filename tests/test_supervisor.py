@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from gateway.ingest import Ingest
 from gateway.sdnotify import Notifier, socket_address, watchdog_interval_s
 from gateway.store import Store
 from gateway.supervisor import Supervisor
-from tests.conftest import Broker, publish, wait_for, write_config
+from tests.conftest import Broker, free_port, publish, wait_for, write_config
 from tests.receiver import Receiver
 
 ICCID = "8981100000000000012"
@@ -216,3 +217,41 @@ def test_notify_socket_and_watchdog_come_from_the_environment(
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     monkeypatch.setenv("WATCHDOG_USEC", "0")
     assert watchdog_interval_s() is None
+
+
+def test_a_reload_that_adds_a_webhook_shows_it_on_the_dashboard_and_its_test_button_works(
+    mosquitto: Broker, tmp_path: Path, gateway_proc, receiver: Receiver
+) -> None:
+    second = Receiver().start()
+    try:
+        cfg_path = tmp_path / "gw.toml"
+        base = f"http://127.0.0.1:{free_port()}"
+        web = f'listen = "{base.removeprefix("http://")}"'
+
+        def configure(*receivers: Receiver) -> None:
+            write_config(
+                cfg_path, mosquitto.port, tmp_path / "state", extra=hooks_toml(*receivers), web=web
+            )
+
+        def names() -> list[str]:
+            try:
+                with urllib.request.urlopen(base + "/api/status", timeout=5) as r:
+                    return [w["name"] for w in json.load(r)["webhooks"]]
+            except OSError:
+                return []  # not listening yet
+
+        configure(receiver)
+        gw = gateway_proc(cfg_path)
+        gw.start()
+        wait_for(lambda: names() == ["r0"], what="the dashboard with r0")
+        configure(receiver, second)
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: names() == ["r0", "r1"], what="r1 on the dashboard after SIGHUP")
+        test = urllib.request.Request(base + "/api/webhooks/r1/test", method="POST")
+        with urllib.request.urlopen(test, timeout=30) as r:
+            assert json.load(r)["ok"] is True
+        wait_for(lambda: second.requests, what="the test request at the new receiver")
+        assert gw.terminate() == 0
+    finally:
+        second.stop()

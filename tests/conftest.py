@@ -14,8 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests draw new examples on every run; under CI (CI set, as .ci/run does) they
+# draw the same ones each time, so that a failure there can be reproduced.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def free_port() -> int:

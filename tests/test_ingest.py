@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -16,6 +17,7 @@ from paho.mqtt.properties import Properties
 
 from tests.conftest import (
     Broker,
+    GatewayProc,
     db_rows,
     gateway_cmd,
     publish,
@@ -37,14 +39,22 @@ def count(db: Path) -> int:
         return 0  # no file yet, or the file before its schema
 
 
+def connected(
+    gateway_proc: Callable[..., GatewayProc], mosquitto: Broker, tmp_path: Path, **config: str
+) -> GatewayProc:
+    """A gateway with the tests' config (state in tmp_path/state), once it is connected."""
+    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state", **config)
+    gw = gateway_proc(cfg)
+    gw.start()
+    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    return gw
+
+
 def test_every_published_packet_is_stored_with_topic_iccid_and_exact_bytes(
     mosquitto: Broker, tmp_path: Path, gateway_proc
 ) -> None:
-    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
-    gw = gateway_proc(cfg)
-    gw.start()
+    gw = connected(gateway_proc, mosquitto, tmp_path)
     db = tmp_path / "state" / "gateway.db"
-    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
     messages = [
         (f"devices/{ICCID}/up", b'{"temp": 21.5}'),
         (f"devices/{ICCID}/up", bytes(range(256))),  # binary, not UTF-8
@@ -63,10 +73,7 @@ def test_every_published_packet_is_stored_with_topic_iccid_and_exact_bytes(
 def test_two_identical_packets_from_a_device_are_both_kept(
     mosquitto: Broker, tmp_path: Path, gateway_proc
 ) -> None:
-    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
-    gw = gateway_proc(cfg)
-    gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    gw = connected(gateway_proc, mosquitto, tmp_path)
     publish(mosquitto.port, [(f"devices/{ICCID}/up", b"same")] * 2)
     db = tmp_path / "state" / "gateway.db"
     wait_for(lambda: count(db) == 2, what="both identical packets stored")
@@ -77,11 +84,8 @@ def test_packet_survives_kill9_of_the_gateway_twice_during_a_stream(
     mosquitto: Broker, tmp_path: Path, gateway_proc
 ) -> None:
     total = 5000
-    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
-    gw = gateway_proc(cfg)
-    gw.start()
+    gw = connected(gateway_proc, mosquitto, tmp_path)
     db = tmp_path / "state" / "gateway.db"
-    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
 
     def stream() -> None:
         for start in range(0, total, 250):
@@ -105,7 +109,7 @@ def test_packet_survives_kill9_of_the_gateway_twice_during_a_stream(
     assert set(payloads) == {f"pkt-{i}".encode() for i in range(total)}
     status = json.loads(
         subprocess.run(
-            gateway_cmd("status", "--json", "-c", str(cfg)),
+            gateway_cmd("status", "--json", "-c", str(gw.config)),
             capture_output=True,
             check=True,
             text=True,
@@ -118,11 +122,8 @@ def test_packet_survives_kill9_of_the_gateway_twice_during_a_stream(
 def test_broker_restart_in_the_middle_of_a_stream_loses_nothing(
     mosquitto: Broker, tmp_path: Path, gateway_proc
 ) -> None:
-    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
-    gw = gateway_proc(cfg)
-    gw.start()
+    gw = connected(gateway_proc, mosquitto, tmp_path)
     db = tmp_path / "state" / "gateway.db"
-    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
     publish(mosquitto.port, [(f"devices/{ICCID}/up", f"a-{i}".encode()) for i in range(500)])
     mosquitto.restart()
     publish(mosquitto.port, [(f"devices/{ICCID}/up", f"b-{i}".encode()) for i in range(500)])
@@ -136,15 +137,7 @@ def test_broker_restart_in_the_middle_of_a_stream_loses_nothing(
 def test_oversized_payload_is_dead_lettered_with_its_reason_and_acknowledged(
     mosquitto: Broker, tmp_path: Path, gateway_proc
 ) -> None:
-    cfg = write_config(
-        tmp_path / "gw.toml",
-        mosquitto.port,
-        tmp_path / "state",
-        mqtt_extra="max_payload_bytes = 100",
-    )
-    gw = gateway_proc(cfg)
-    gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    gw = connected(gateway_proc, mosquitto, tmp_path, mqtt_extra="max_payload_bytes = 100")
     publish(mosquitto.port, [(f"devices/{ICCID}/up", b"x" * 101), (f"devices/{ICCID}/up", b"ok")])
     db = tmp_path / "state" / "gateway.db"
     wait_for(lambda: count(db) == 1, what="the small packet stored")
@@ -164,7 +157,7 @@ def test_oversized_payload_is_dead_lettered_with_its_reason_and_acknowledged(
     wait_for(lambda: count(db) == 2, what="marker stored")
     assert db_rows(db, "SELECT COUNT(*) FROM dead_letters")[0][0] == 1
     out = subprocess.run(
-        gateway_cmd("dlq", "list", "-c", str(cfg)), capture_output=True, text=True, check=True
+        gateway_cmd("dlq", "list", "-c", str(gw.config)), capture_output=True, text=True, check=True
     ).stdout
     assert "too_large" in out
     gw.terminate()
@@ -173,10 +166,7 @@ def test_oversized_payload_is_dead_lettered_with_its_reason_and_acknowledged(
 def test_sigterm_stops_within_5_seconds_with_exit_code_0(
     mosquitto: Broker, tmp_path: Path, gateway_proc
 ) -> None:
-    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
-    gw = gateway_proc(cfg)
-    gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    gw = connected(gateway_proc, mosquitto, tmp_path)
     publish(mosquitto.port, [(f"devices/{ICCID}/up", b"x")] * 200)
     began = time.monotonic()
     assert gw.terminate(timeout=5) == 0
@@ -186,15 +176,15 @@ def test_sigterm_stops_within_5_seconds_with_exit_code_0(
 def test_status_reads_the_store_while_the_gateway_is_stopped(
     mosquitto: Broker, tmp_path: Path, gateway_proc
 ) -> None:
-    cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state")
-    gw = gateway_proc(cfg)
-    gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    gw = connected(gateway_proc, mosquitto, tmp_path)
     publish(mosquitto.port, [(f"devices/{ICCID}/up", b"x")] * 7)
     wait_for(lambda: count(tmp_path / "state" / "gateway.db") == 7, what="7 stored")
     gw.terminate()
     out = subprocess.run(
-        gateway_cmd("status", "--json", "-c", str(cfg)), capture_output=True, text=True, check=True
+        gateway_cmd("status", "--json", "-c", str(gw.config)),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     snap = json.loads(out)
     assert snap["packets"]["received"] == 7
@@ -202,7 +192,7 @@ def test_status_reads_the_store_while_the_gateway_is_stopped(
     assert snap["packets"]["delivered"] == 0
     assert snap["packets"]["dead"] == 0
     table = subprocess.run(
-        gateway_cmd("status", "-c", str(cfg)), capture_output=True, text=True, check=True
+        gateway_cmd("status", "-c", str(gw.config)), capture_output=True, text=True, check=True
     ).stdout
     assert "received=7" in table
 

@@ -391,7 +391,7 @@ class Route:
         attempts = batch.attempts
         taken_ns, taken_mono_ns = time.time_ns(), time.monotonic_ns()
         if batch.next_at_ns:
-            await self._wait_for_retry(batch.next_at_ns)
+            await self._wait_for_retry(batch.next_at_ns, batch.retry_delay_ns)
         while True:
             if self.disabled:
                 # Disabled by a 410 until the gateway restarts: hold the batch, send nothing.
@@ -463,9 +463,16 @@ class Route:
                     outcome.excerpt or error,
                 )
                 return
-            next_at = time.time_ns() + int(delay * 1e9)
+            delay_ns = int(delay * 1e9)
             await self._db_write(
-                st.record_failure, self.cfg.name, batch.id, attempts, next_at, outcome.status, error
+                st.record_failure,
+                self.cfg.name,
+                batch.id,
+                attempts,
+                time.time_ns() + delay_ns,
+                outcome.status,
+                error,
+                delay_ns,
             )
             log.info(
                 "webhook %s: attempt %d of batch %s failed (%s); retry in %.1f s",
@@ -477,13 +484,15 @@ class Route:
             )
             await asyncio.sleep(delay)
 
-    async def _wait_for_retry(self, next_at_ns: int) -> None:
+    async def _wait_for_retry(self, next_at_ns: int, delay_ns: int) -> None:
         """Wait until a retry that an earlier run persisted (as wall-clock time) is due.
 
-        The clock may have been set back since: wait no longer than the policy's longest
-        delay, and read the clock again every RECHECK_CLOCK_S, so that a clock set right
-        meanwhile (NTP on a board without RTC) ends the wait."""
-        latest = time.monotonic() + max_delay_s(self.cfg.retry)
+        The clock may have been set back since: wait no longer than the delay that was
+        chosen (`delay_ns`; for rows of older versions, the policy's longest delay), and
+        read the clock again every RECHECK_CLOCK_S, so that a clock set right meanwhile
+        (NTP on a board without RTC) ends the wait."""
+        cap_s = delay_ns / 1e9 if delay_ns > 0 else max_delay_s(self.cfg.retry)
+        latest = time.monotonic() + cap_s
         while True:
             left = min((next_at_ns - time.time_ns()) / 1e9, latest - time.monotonic())
             if left <= 0:

@@ -30,7 +30,7 @@ from gateway.errors import StoreError
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 COUNTERS = (
     "packets_received",
@@ -90,6 +90,7 @@ class Batch:
     created_ns: int
     next_at_ns: int
     count: int = 0  # records in the batch
+    retry_delay_ns: int = 0  # the delay that set next_at_ns (0: none or not known)
 
 
 def _table(db: sqlite_utils.Database, name: str) -> sqlite_utils.db.Table:
@@ -205,7 +206,18 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
     _table(db, "reports").create_index(["token_sha256"], if_not_exists=True)
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2}
+def _migrate_v3(db: sqlite_utils.Database) -> None:
+    # The delay chosen after a failed attempt (backoff or Retry-After), beside the
+    # wall-clock time it ends (next_at_ns): after a restart a retry waits at most this
+    # long, however far the clock was set back meanwhile. 0: not known (older rows).
+    db.execute("ALTER TABLE batches ADD COLUMN retry_delay_ns INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migrate_v1,
+    2: _migrate_v2,
+    3: _migrate_v3,
+}
 
 
 # Bytes per database page for a new store (an existing one keeps its own).
@@ -938,14 +950,14 @@ def load_batches(conn: sqlite3.Connection, route: str, exclude: Sequence[str] = 
     skip = set(exclude)
     out = []
     for r in conn.execute(
-        "SELECT id, route, item_ids, single, body, attempts, created_ns, next_at_ns, count"
-        " FROM batches WHERE route = ? ORDER BY rowid",
+        "SELECT id, route, item_ids, single, body, attempts, created_ns, next_at_ns, count,"
+        " retry_delay_ns FROM batches WHERE route = ? ORDER BY rowid",
         (route,),
     ):
         if r[0] in skip:
             continue
         ids = tuple(orjson.loads(r[2])) if r[2] else ()
-        out.append(Batch(r[0], r[1], ids, bool(r[3]), r[4], r[5], r[6], r[7], r[8]))
+        out.append(Batch(r[0], r[1], ids, bool(r[3]), r[4], r[5], r[6], r[7], r[8], r[9]))
     return out
 
 
@@ -981,13 +993,15 @@ def record_failure(
     next_at_ns: int,
     status: int | None,
     error: str,
+    retry_delay_ns: int = 0,
 ) -> None:
-    """One failed attempt: persist the attempt count and when to try again."""
+    """One failed attempt: persist the attempt count and when (and after what delay) to
+    try again."""
     now = time.time_ns()
     with transaction(conn):
         conn.execute(
-            "UPDATE batches SET attempts = ?, next_at_ns = ? WHERE id = ?",
-            (attempts, next_at_ns, batch_id),
+            "UPDATE batches SET attempts = ?, next_at_ns = ?, retry_delay_ns = ? WHERE id = ?",
+            (attempts, next_at_ns, retry_delay_ns, batch_id),
         )
         conn.execute(
             "UPDATE webhook_stats SET requests_failed = requests_failed + 1,"

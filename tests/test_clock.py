@@ -209,36 +209,67 @@ async def test_a_batch_created_before_the_clock_went_back_still_expires_after_ma
     assert dl["reason"] == "expired"
 
 
-def stored_batch(store: Store, created_ns: int, attempts: int = 0, next_at_ns: int = 0) -> None:
-    """A batch with its body, as a gateway stopped meanwhile left it."""
+def stored_batch(
+    store: Store, created_ns: int, attempts: int = 0, next_at_ns: int = 0, delay_ns: int = 0
+) -> None:
+    """A batch with its body, as a gateway stopped meanwhile left it (`delay_ns` 0: as a
+    gateway before schema version 3 left it, without the delay it chose)."""
 
     def insert(conn: Any) -> None:
         with st.transaction(conn):
             conn.execute(
                 "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
-                " attempts, created_ns, next_at_ns)"
-                " VALUES ('msg_stored', 'cloud', 'packets', '[]', NULL, 1, 1, ?, ?, ?, ?)",
-                (b'{"x":1}', attempts, created_ns, next_at_ns),
+                " attempts, created_ns, next_at_ns, retry_delay_ns)"
+                " VALUES ('msg_stored', 'cloud', 'packets', '[]', NULL, 1, 1, ?, ?, ?, ?, ?)",
+                (b'{"x":1}', attempts, created_ns, next_at_ns, delay_ns),
             )
 
     store.run_sync(insert)
 
 
-async def test_a_retry_due_an_hour_ahead_after_a_restart_waits_no_longer_than_the_policy(
-    tmp_path: Path, store: Store, receiver: Receiver
+@pytest.mark.parametrize(
+    ("set_back_ns", "delay_ns", "retry"),
+    [
+        # An older row, without its delay: the policy's longest wait (0.5 s) caps it.
+        (HOUR_NS, 0, "backoff_max_s = 0.5, honour_retry_after = false"),
+        # Retry-After is honoured, so the policy's longest wait is a day: only the delay
+        # stored with the batch (a Retry-After of 0.1 s) keeps this one short.
+        (86400 * 10**9, 100_000_000, "backoff_max_s = 0.5"),
+    ],
+    ids=["an-hour-back-policy-cap", "a-day-back-stored-delay"],
+)
+async def test_a_retry_persisted_before_the_clock_went_back_is_not_stretched_by_it(
+    tmp_path: Path, store: Store, receiver: Receiver, set_back_ns: int, delay_ns: int, retry: str
 ) -> None:
-    # Stopped with a retry due in 0.1 s; the clock was set back an hour meanwhile.
-    stored_batch(store, time.time_ns(), 1, time.time_ns() + HOUR_NS + 100_000_000)
+    # Stopped with a retry due in 0.1 s; the clock was set back meanwhile.
+    stored_batch(store, time.time_ns(), 1, time.time_ns() + set_back_ns + 100_000_000, delay_ns)
     cfg = webhook(
         tmp_path,
         receiver.url,
-        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.5,'
-        " honour_retry_after = false }",
+        retry=f'{{ preset = "durable", backoff_min_s = 0.05, {retry} }}',
     )
     began = time.monotonic()
     async with Running(cfg, store):
         await until(lambda: receiver.ok(), timeout=5, what="the retry")
     assert time.monotonic() - began < 2
+
+
+async def test_a_failed_attempt_stores_the_delay_it_chose_beside_the_time(
+    tmp_path: Path, store: Store, receiver: Receiver
+) -> None:
+    receiver.behaviour = lambda n, r: Reply(503, headers={"Retry-After": "30"})
+    stored_batch(store, time.time_ns())
+    cfg = webhook(tmp_path, receiver.url, retry='{ preset = "durable" }')
+    async with Running(cfg, store):
+        await until(lambda: receiver.requests, timeout=5, what="the first attempt")
+        await until(
+            lambda: store.run_sync(st.load_batches, "cloud")[0].attempts == 1,
+            timeout=5,
+            what="the failure recorded",
+        )
+    (b,) = store.run_sync(st.load_batches, "cloud")
+    assert b.retry_delay_ns == 30 * 10**9
+    assert abs(b.next_at_ns - time.time_ns() - 30 * 10**9) < 5 * 10**9
 
 
 async def test_a_retry_after_a_restart_is_sent_once_the_clock_is_set_right(

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
+from gateway import store as st
 from gateway.store import Incoming, Store, transaction
 from tests.conftest import wait_for
 
@@ -130,3 +132,29 @@ def test_commit_delay_lets_later_packets_share_a_commit_and_a_store_call_ends_it
         store.submit_packet(_packet(0))
         wait_for(lambda: committed_at, what="a lone packet committed once the delay ran out")
         assert committed_at[0] - submitted >= 0.19
+
+
+def test_a_schema_2_store_is_migrated_keeping_its_open_batches(tmp_path: Path) -> None:
+    """An upgrade from schema 2: the open batch stays, with no stored retry delay (a
+    restart then caps its wait by the retry policy, as schema 2 did)."""
+    db = tmp_path / "gateway.db"
+    conn = st.connect(db)
+    sdb = sqlite_utils.Database(conn)
+    for v in (1, 2):
+        with transaction(conn):
+            st.MIGRATIONS[v](sdb)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
+            " attempts, created_ns, next_at_ns)"
+            " VALUES ('msg_old', 'cloud', 'packets', '[]', NULL, 1, 1, x'7b7d', 2, 1, 5)"
+        )
+    conn.close()
+
+    with Store.open(tmp_path) as store:
+        assert store.run_sync(
+            lambda c: c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        ) == (str(st.SCHEMA_VERSION),)
+        (b,) = store.run_sync(st.load_batches, "cloud")
+    assert (b.id, b.attempts, b.next_at_ns, b.retry_delay_ns) == ("msg_old", 2, 5, 0)

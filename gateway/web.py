@@ -324,14 +324,16 @@ class Web:
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.throughput = Throughput(cfg.web.sample_s)
-        self.metrics = metrics.Metrics(self.status_sync, [w.name for w in cfg.webhooks])
-        self.hooks = {w.name: w for w in cfg.webhooks}
+        self.metrics = metrics.Metrics(self.status_sync, ())
+        self.hooks: dict[str, WebhookConfig] = {}
+        self.set_webhooks(cfg.webhooks)
         self.token = cfg.web.token.encode()
         self.html = _dashboard_html()
         self.app = self._app()
 
     def set_webhooks(self, hooks: Sequence[WebhookConfig]) -> None:
-        """The webhooks after a reload: status, test buttons, replay and metrics follow."""
+        """The webhooks (at start and after a reload): status, test buttons, replay and
+        metrics follow."""
         self.cfg = replace(self.cfg, webhooks=tuple(hooks))
         self.hooks = {w.name: w for w in hooks}
         self.metrics.add_webhooks(self.hooks)

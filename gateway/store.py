@@ -313,6 +313,17 @@ class _Call:
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
 
+def _sort(item: Any, packets: list[Incoming], calls: list[_Call]) -> bool:
+    """File an item taken from the writer's queue; True for the stop marker."""
+    if item is _STOP:
+        return True
+    if isinstance(item, Incoming):
+        packets.append(item)
+    else:
+        calls.append(item)
+    return False
+
+
 class Store:
     """The gateway's one SQLite database, written by one thread."""
 
@@ -470,12 +481,7 @@ class Store:
             stop = False
             item = first
             while item is not None:
-                if item is _STOP:
-                    stop = True
-                elif isinstance(item, Incoming):
-                    packets.append(item)
-                else:
-                    calls.append(item)
+                stop = _sort(item, packets, calls) or stop
                 if len(packets) >= self.commit_max_packets or len(calls) >= 256:
                     break
                 try:
@@ -519,12 +525,9 @@ class Store:
                 item = self._q.get(timeout=left)
             except queue.Empty:
                 break
-            if item is _STOP:
+            if _sort(item, packets, calls):
                 return True
-            if isinstance(item, Incoming):
-                packets.append(item)
-            else:
-                calls.append(item)
+            if calls:
                 break
         return False
 

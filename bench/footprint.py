@@ -247,8 +247,8 @@ def idle(
         for k, p in procs.items():
             (t0, io0), t1, io1 = before[k], p.cpu_times(), p.io_counters()
             busy = t1.user + t1.system - t0.user - t0.system
-            sink = sinks.get(k, sinks["gateway"])  # a baseline: the same stream
-            records = sink.records - counts0.get(k, counts0["gateway"])[0]
+            src = k if k in sinks else "gateway"  # a baseline: the default gateway's stream
+            records = sinks[src].records - counts0[src][0]
             rows.append(
                 {
                     "what": "idle",
@@ -258,7 +258,7 @@ def idle(
                     "cpu_pct": 100 * busy / seconds,
                     "rss_mb": p.memory_info().rss / 1e6,
                     "delivered_per_s": records / seconds,
-                    "requests": sink.requests - counts0.get(k, counts0["gateway"])[1],
+                    "requests": sinks[src].requests - counts0[src][1],
                     "disk_bytes_per_packet": (io1.write_bytes - io0.write_bytes) / max(records, 1),
                 }
             )

@@ -60,11 +60,15 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], Clock]:
     return give
 
 
+def gateway_config(tmp_path: Path, **sections: str) -> config.Config:
+    """The tests' config (no broker is reached) with write_config's `extra`, `web`..."""
+    return config.load(write_config(tmp_path / "gw.toml", 1883, tmp_path / "state", **sections))
+
+
 def webhook(tmp_path: Path, url: str, **fields: str) -> WebhookConfig:
     lines = ["[[webhooks]]", 'name = "cloud"', f'url = "{url}"']
     lines += [f"{k} = {v}" for k, v in fields.items()]
-    path = write_config(tmp_path / "gw.toml", 1883, tmp_path / "state", extra="\n".join(lines))
-    return config.load(path).webhooks[0]
+    return gateway_config(tmp_path, extra="\n".join(lines)).webhooks[0]
 
 
 def preload(store: Store, stamps_ns: list[int]) -> None:
@@ -312,13 +316,8 @@ async def test_uptime_and_rates_survive_the_clock_going_back_an_hour(
     tmp_path: Path, store: Store, http: aiohttp.ClientSession, clock: Callable[[Any], Clock]
 ) -> None:
     wall = clock(web)
-    path = write_config(
-        tmp_path / "gw.toml",
-        1883,
-        tmp_path / "state",
-        web=f'listen = "127.0.0.1:{free_port()}"\nsample_s = 0.1',
-    )
-    w = web.Web(config.load(path), store, http)
+    cfg = gateway_config(tmp_path, web=f'listen = "127.0.0.1:{free_port()}"\nsample_s = 0.1')
+    w = web.Web(cfg, store, http)
     try:
         samples = []
         for i in range(4):
@@ -347,13 +346,7 @@ async def test_scheduled_reports_keep_coming_after_the_clock_went_back_an_hour(
     tmp_path: Path, store: Store, clock: Callable[[Any], Clock]
 ) -> None:
     wall = clock(reports)
-    path = write_config(
-        tmp_path / "gw.toml",
-        1883,
-        tmp_path / "state",
-        extra='[[reports]]\nname = "r"\nevery = "0.3s"\n',
-    )
-    cfg = config.load(path)
+    cfg = gateway_config(tmp_path, extra='[[reports]]\nname = "r"\nevery = "0.3s"\n')
 
     def made() -> int:
         return len(store.run_sync(reports.list_reports))

@@ -59,6 +59,8 @@ class MqttSection:
     receive_maximum: int = 1000
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
+    # MQTT clients in processes of their own, each with a session in shared_group.
+    ingest_processes: int = 1
 
     def subscriptions(self) -> list[str]:
         """Topic filters as sent to the broker, with the shared-subscription prefix."""
@@ -691,12 +693,19 @@ def parse(
             receive_maximum=_int(1, 65535),
             reconnect_min_s=_float(0, 3600, above=True),
             reconnect_max_s=_float(0, 3600, above=True),
+            ingest_processes=_int(1, 16),
         )
         if m is not None and m.tls:
             for key in ("ca_file", "cert_file", "key_file"):
                 p = getattr(m, key)
                 if p and not Path(p).is_file():
                     r.fail(f"mqtt.{key}", "file does not exist", p)
+        if m is not None and m.ingest_processes > 1 and not m.shared_group:
+            r.fail(
+                "mqtt.ingest_processes",
+                "more than 1 needs mqtt.shared_group (else every process takes every packet)",
+                m.ingest_processes,
+            )
         if m is not None and m.shared_group and "/" in m.shared_group:
             r.fail("mqtt.shared_group", "must not contain '/'", m.shared_group)
 

@@ -17,9 +17,9 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -31,6 +31,19 @@ from gateway.config import MqttSection
 from gateway.store import Incoming, Store
 
 log = logging.getLogger("gateway.ingest")
+
+
+class PacketSink(Protocol):
+    """Where Ingest hands packets: the Store, or in an ingest process the pipe to it."""
+
+    max_pending: int
+    on_committed: Callable[[list[Incoming]], None] | None
+
+    def submit_packet(self, pkt: Incoming, wait_s: float = 0.0) -> bool: ...
+
+    def last_epoch(self) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 def iccid_matcher(template: str) -> re.Pattern[str] | None:
@@ -77,9 +90,15 @@ class IngestStats:
 class Ingest:
     """One MQTT client feeding the store; start() / stop() from any thread."""
 
-    def __init__(self, cfg: MqttSection, store: Store) -> None:
+    def __init__(
+        self, cfg: MqttSection, store: PacketSink, client_id: str = "", source: int = 0
+    ) -> None:
         self.cfg = cfg
         self.store = store
+        self.client_id = client_id or cfg.client_id
+        self.source = source
+        # Log lines name the client when there are several (mqtt.ingest_processes).
+        self._who = f"{self.client_id}: " if client_id else ""
         self.stats = IngestStats()
         self.first_attempt = threading.Event()
         self._iccid = iccid_matcher(cfg.iccid_from_topic)
@@ -88,9 +107,7 @@ class Ingest:
         self._slow_store_logged = False
         # Each connection gets a higher epoch; PUBACKs are only sent on the connection the
         # packet came in on, and a DUP packet matches only packets of an earlier connection.
-        self.epoch = store.run_sync(
-            lambda c: int(c.execute("SELECT COALESCE(MAX(epoch), 0) FROM inflight").fetchone()[0])
-        )
+        self.epoch = store.last_epoch()
         self.client = self._make_client()
         store.on_committed = self._acknowledge
 
@@ -98,7 +115,7 @@ class Ingest:
         v5 = self.cfg.protocol == "5"
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=self.cfg.client_id,
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else False,
             manual_ack=True,
@@ -126,7 +143,9 @@ class Ingest:
         if getattr(rc, "is_failure", False):
             self.stats.last_error = f"broker refused connection: {rc}"
             self.first_attempt.set()
-            log.error("broker %s:%s refused connection: %s", self.cfg.host, self.cfg.port, rc)
+            log.error(
+                "%sbroker %s:%s refused connection: %s", self._who, self.cfg.host, self.cfg.port, rc
+            )
             return
         self.epoch += 1
         self.stats.connected = True
@@ -134,7 +153,8 @@ class Ingest:
         self.stats.last_connect_ns = time.time_ns()
         self.stats.last_error = ""
         log.info(
-            "connected to %s:%s (session present: %s)",
+            "%sconnected to %s:%s (session present: %s)",
+            self._who,
             self.cfg.host,
             self.cfg.port,
             getattr(_f, "session_present", "?"),
@@ -144,7 +164,7 @@ class Ingest:
 
     def _on_connect_fail(self, _c: mqtt.Client, _u: object) -> None:
         self.stats.last_error = f"cannot connect to {self.cfg.host}:{self.cfg.port}"
-        log.warning("%s; retrying", self.stats.last_error)
+        log.warning("%s%s; retrying", self._who, self.stats.last_error)
         self.first_attempt.set()
 
     def _on_subscribe(
@@ -155,7 +175,7 @@ class Ingest:
             if getattr(code, "is_failure", False):
                 refused = True
                 self.stats.last_error = f"subscription to {topic!r} refused: {code}"
-                log.error("subscription to %r refused: %s", topic, code)
+                log.error("%ssubscription to %r refused: %s", self._who, topic, code)
         self.stats.subscribed = not refused
 
     def _on_disconnect(
@@ -165,7 +185,7 @@ class Ingest:
         self.stats.subscribed = False
         if not self._stop.is_set():
             self.stats.last_error = f"disconnected: {rc}"
-            log.warning("disconnected from broker: %s", rc)
+            log.warning("%sdisconnected from broker: %s", self._who, rc)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         if not self._accepting:
@@ -186,6 +206,7 @@ class Ingest:
                 epoch=self.epoch,
                 recv_ns=now,
                 too_large=len(payload) > self.cfg.max_payload_bytes,
+                source=self.source,
             ),
             # Bounded so the network thread still answers the broker's keepalive.
             wait_s=self.cfg.keepalive_s / 2,
@@ -193,7 +214,8 @@ class Ingest:
         if not room and not self._slow_store_logged:
             self._slow_store_logged = True
             log.warning(
-                "store is not keeping up (%d packets waiting to be committed); taking more",
+                "%sstore is not keeping up (%d packets waiting to be committed); taking more",
+                self._who,
                 self.store.max_pending,
             )
 
@@ -201,7 +223,14 @@ class Ingest:
 
     def _acknowledge(self, packets: list[Incoming]) -> None:
         epoch = self.epoch
-        mids = [p.mid for p in packets if p.mid and p.epoch == epoch]
+        self.ack_mids(epoch, [p.mid for p in packets if p.epoch == epoch])
+
+    def ack_mids(self, epoch: int, mids: list[int]) -> None:
+        """PUBACK committed packets, if they came on the current connection (`epoch`):
+        the broker sends those of an earlier one again, with the same or another id."""
+        if epoch != self.epoch:
+            return
+        mids = [m for m in mids if m]
         if mids:
             send_pubacks(self.client, mids)
         self.stats.acked += len(mids)
@@ -242,19 +271,42 @@ class Ingest:
         """Stop taking packets, commit and acknowledge what was handed over, disconnect."""
         self._accepting = False
         # Everything queued before this point is committed and acknowledged when it returns.
-        self.store.run_sync(lambda _c: None)
+        self.store.flush()
         self._stop.set()
         with contextlib.suppress(Exception):
             self.client.disconnect()
         self.client.loop_stop()
 
 
+class Taker(Protocol):
+    """What the gateway sees of its ingest: an Ingest, or an IngestPool of processes."""
+
+    first_attempt: threading.Event
+
+    @property
+    def stats(self) -> IngestStats: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 @contextlib.asynccontextmanager
-async def running(cfg: MqttSection, store: Store) -> AsyncIterator[Ingest]:
-    """Run an Ingest for the duration of the context."""
+async def running(cfg: MqttSection, store: Store) -> AsyncIterator[Taker]:
+    """Run the ingest for the duration of the context: in this process, or in
+    `mqtt.ingest_processes` processes of its own."""
     import asyncio
 
-    ingest = Ingest(cfg, store)
+    ingest: Taker
+    if cfg.ingest_processes > 1:
+        from gateway.ingest_procs import IngestPool
+
+        ingest = IngestPool(cfg, store)
+    else:
+        ingest = Ingest(cfg, store)
     ingest.start()
     try:
         yield ingest

@@ -213,6 +213,7 @@ class _State:
     handler: logging.Handler | None = None
     repeats: RepeatFilter | None = None
     level_fixed: bool = False
+    fmt: str = "text"
 
 
 _state = _State()
@@ -257,7 +258,13 @@ def setup(
     root.addHandler(handler)
     root.setLevel(level.upper())
     _state.handler, _state.repeats, _state.level_fixed = handler, repeats, level_fixed
+    _state.fmt = fmt
     return handler
+
+
+def settings() -> tuple[str, str]:
+    """The level and format in effect, for a child process to log the same way."""
+    return logging.getLevelName(logging.getLogger().level).lower(), _state.fmt
 
 
 def add_secrets(values: Iterable[str]) -> None:

@@ -58,8 +58,17 @@ class Incoming:
     epoch: int
     recv_ns: int = field(default_factory=time.time_ns)
     too_large: bool = False
+    # Which MQTT session it came on: 0 is mqtt.client_id (the only one unless
+    # mqtt.ingest_processes > 1), n is its ingest process n. Packet ids are per session.
+    source: int = 0
     # Set by the writer: "stored", "redelivery", "too_large" or "dropped".
     outcome: str = ""
+
+    @property
+    def inflight_key(self) -> int:
+        """The `inflight` row of its packet id: the session in the bits above the 16 of a
+        packet id, so that session 0 keeps the keys of stores from before sessions."""
+        return self.source << 16 | self.mid
 
     def digest(self) -> bytes:
         h = hashlib.blake2b(self.topic.encode(), digest_size=16)
@@ -417,6 +426,16 @@ class Store:
         """Run fn(conn, *args) on the writer thread and wait for it."""
         return self.call(fn, *args).result()
 
+    def flush(self) -> None:
+        """Return once every packet submitted before is committed and acknowledged."""
+        self.run_sync(lambda _c: None)
+
+    def last_epoch(self) -> int:
+        """The highest connection epoch of any committed packet (see Ingest.epoch)."""
+        return self.run_sync(
+            lambda c: int(c.execute("SELECT COALESCE(MAX(epoch), 0) FROM inflight").fetchone()[0])
+        )
+
     def close(self) -> None:
         """Commit what is queued, stop the writer and close the database; idempotent."""
         if self._closed:
@@ -655,14 +674,14 @@ class Store:
                     digest = p.digest()
                     if p.dup:
                         row = conn.execute(
-                            "SELECT digest, epoch FROM inflight WHERE mid = ?", (p.mid,)
+                            "SELECT digest, epoch FROM inflight WHERE mid = ?", (p.inflight_key,)
                         ).fetchone()
                         if row is not None and row[0] == digest and row[1] < p.epoch:
                             p.outcome = "redelivery"
                             redelivered += 1
                             accepted.append(p)
                             continue
-                    inflight.append((p.mid, digest, p.epoch))
+                    inflight.append((p.inflight_key, digest, p.epoch))
                     if p.too_large:
                         p.outcome = "too_large"
                         too_large.append(p)

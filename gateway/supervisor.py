@@ -30,7 +30,7 @@ from gateway import config as config_mod
 from gateway import logs
 from gateway.config import Config, WebhookConfig
 from gateway.errors import ConfigError, GatewayError
-from gateway.ingest import Ingest
+from gateway.ingest import Taker
 from gateway.sdnotify import Notifier, monotonic_usec, watchdog_interval_s
 from gateway.store import Store
 
@@ -80,7 +80,7 @@ class Supervisor:
         self.stall_s = max(self.watchdog_s or 0.0, MIN_STALL_S)
         self.stopping = False
         self._store: Store | None = None
-        self._ingest: Ingest | None = None
+        self._ingest: Taker | None = None
         self._figures = Figures()
         self._probe: concurrent.futures.Future[Figures] | None = None
         self._probe_started = 0.0
@@ -115,7 +115,7 @@ class Supervisor:
 
     # -- the running service ----------------------------------------------------------
 
-    async def run(self, store: Store, ingest: Ingest) -> None:
+    async def run(self, store: Store, ingest: Taker) -> None:
         """READY=1 after the first MQTT attempt, then status and watchdog until cancelled."""
         self._store, self._ingest = store, ingest
         async with asyncio.TaskGroup() as tg:

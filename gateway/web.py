@@ -38,7 +38,7 @@ from gateway import store as st
 from gateway.config import Config, WebhookConfig
 from gateway.delivery import Outcome, Sender, new_webhook_id
 from gateway.errors import GatewayError
-from gateway.ingest import Ingest
+from gateway.ingest import Taker
 from gateway.store import PacketRow, Store
 
 log = logging.getLogger("gateway.web")
@@ -319,7 +319,7 @@ class Web:
         self.cfg = cfg
         self.store = store
         self.http = http
-        self.ingest: Ingest | None = None
+        self.ingest: Taker | None = None
         self.reader = Reader(store.path)
         self.started = time.time()
         self.started_mono = time.monotonic()

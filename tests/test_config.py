@@ -96,6 +96,11 @@ BAD_CASES = [
     ),
     ('[mqtt]\nhost = "h"\n[cdr]\ninterval_s = "soon"\n', "cdr.interval_s: must be a duration"),
     (
+        '[mqtt]\nhost = "h"\ningest_processes = 2\n',
+        "mqtt.ingest_processes: more than 1 needs mqtt.shared_group",
+    ),
+    ('[mqtt]\nhost = "h"\ningest_processes = 0\n', "mqtt.ingest_processes: must be 1-16, got 0"),
+    (
         '[mqtt]\nhost = "h"\n[modme]\nport = "/dev/ttyUSB2"\n',
         "modme: unknown key (did you mean 'modem'?)",
     ),

@@ -224,16 +224,19 @@ def start_gateway(
     name: str = "gw",
     shared_group: str = "",
     session_expiry_s: int = 3600,
+    ingest_processes: int = 1,
     **fields: str,
 ) -> GatewayProc:
     """A gateway subprocess on its own store, with one webhook to `url` (`fields` are its
-    TOML values), connected and subscribed when this returns."""
-    extra = f"session_expiry_s = {session_expiry_s}"
+    TOML values), connected and subscribed when this returns (each of its sessions, with
+    `ingest_processes`)."""
+    extra = f"session_expiry_s = {session_expiry_s}\ningest_processes = {ingest_processes}"
     topic = "devices/+/up"
     if shared_group:
         extra += f'\nshared_group = "{shared_group}"'
         topic = f"$share/{shared_group}/{topic}"
-    register_session(port, name, topic, session_expiry_s)
+    for n in range(ingest_processes):
+        register_session(port, f"{name}-{n}" if n else name, topic, session_expiry_s)
     cfg = write_config(
         tmp_path / f"{name}.toml",
         port,
@@ -244,7 +247,7 @@ def start_gateway(
     )
     gw = make(cfg)
     gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what=f"{name} connected")
+    wait_for(lambda: gw.log().count("connected to") >= ingest_processes, what=f"{name} connected")
     return gw
 
 

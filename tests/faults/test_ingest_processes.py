@@ -1,0 +1,90 @@
+"""`mqtt.ingest_processes = 2`: two MQTT sessions in processes of their own, one store.
+
+Each packet goes to one of the two sessions (a shared subscription) and is committed by
+the gateway process's one store writer before its process sends the PUBACK. What a user
+sees: every packet delivered, once, whichever process took it; an ingest process that
+dies is started again and nothing is lost or stored twice; no ingest process outlives
+the gateway, whether it stops cleanly or is killed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import Broker, GatewayProc, db_rows, wait_for
+from tests.faults.support import Publisher, Tally, delivered_all, restart, seeded, status
+from tests.receiver import Receiver
+
+BATCH = "{ window_ms = 50, max_items = 100 }"
+N = 2_000  # packets per phase
+
+
+def ingest_pids(gw: GatewayProc) -> list[int]:
+    assert gw.proc is not None
+    return [c.pid for c in psutil.Process(gw.proc.pid).children()]
+
+
+def gone(pids: list[int]) -> Callable[[], bool]:
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return lambda: not any(alive(p) for p in pids)
+
+
+def test_two_ingest_processes_share_the_stream_and_survive_kills(
+    mosquitto: Broker,
+    tmp_path: Path,
+    receiver: Receiver,
+    launch: Callable[..., GatewayProc],
+    record_property: Callable[[str, object], None],
+) -> None:
+    _seed, rng = seeded(record_property)
+    gw = launch(receiver.url, batch=BATCH, shared_group="gw", ingest_processes=2)
+    first = ingest_pids(gw)
+    assert len(first) == 2
+    db = tmp_path / "state-gw" / "gateway.db"
+
+    # 1. One ingest process is killed mid-stream: the gateway starts it again, and what
+    #    it had taken but not acknowledged comes back from the broker, recognised.
+    pub = Publisher(mosquitto.port, N, 1_000).start()
+    wait_for(lambda: Tally.of(receiver).distinct >= N // 4, what="a quarter delivered")
+    victim = rng.choice(first)
+    psutil.Process(victim).kill()
+    wait_for(lambda: "ingest process exited" in gw.log(), what="the gateway saw it die")
+    wait_for(lambda: len(ingest_pids(gw)) == 2, what="a new ingest process")
+    pub.join(60)
+    wait_for(delivered_all(N, receiver), what="phase 1 delivered", timeout=60)
+    t = Tally.of(receiver)
+    assert t.missing(N) == []
+    assert t.duplicates == 0, "a packet was stored twice"
+    packets = status(gw)["packets"]
+    assert packets["received"] == N, packets
+    record_property("redelivered_after_process_kill", packets["redelivered"])
+    # Both sessions took packets: the store keeps each session's packet ids apart.
+    sessions = dict(db_rows(db, "SELECT mid >> 16, COUNT(*) FROM inflight GROUP BY 1"))
+    assert set(sessions) == {0, 1}, sessions
+
+    # 2. The gateway itself is killed: its ingest processes do not outlive it, and
+    #    after a restart every packet arrives.
+    pub = Publisher(mosquitto.port, N, 1_000, first=N).start()
+    wait_for(lambda: Tally.of(receiver).distinct >= N + N // 4, what="phase 2 under way")
+    pids = ingest_pids(gw)
+    gw.kill9()
+    wait_for(gone(pids), what="ingest processes gone after kill -9 of the gateway")
+    restart(gw)
+    pub.join(60)
+    wait_for(delivered_all(2 * N, receiver), what="phase 2 delivered", timeout=60)
+    # Sent again only as whole batches that were in flight, under their webhook-id.
+    assert Tally.of(receiver).seqs_with_several_ids() == {}
+
+    # 3. A clean stop: exit 0, and no ingest process left.
+    pids = ingest_pids(gw)
+    assert gw.terminate(timeout=30) == 0
+    wait_for(gone(pids), what="ingest processes gone after a clean stop")
+    assert "did not stop" not in gw.log()

@@ -1,6 +1,6 @@
 """Backlog drain: N packets preloaded into a stopped consumer's session, then drained.
 
-    .venv/bin/python bench/drain.py [--n 200000] [--profiles ingest,bulk,monoz]
+    .venv/bin/python bench/drain.py [--n 200000] [--profiles ingest,bulk,bulk-x2,monoz]
 
 Every consumer gets the same backlog on its own persistent session, on one mosquitto
 started here on a free loopback port. Baselines in the same run:
@@ -9,6 +9,8 @@ started here on a free loopback port. Baselines in the same run:
 Gateway rows:
   ingest         gateway with no webhook: packets/s committed to SQLite and acknowledged
   bulk / monoz   gateway delivering to a local aiohttp sink (50 ms/500 and 1 s/10)
+  bulk-x2        bulk with mqtt.ingest_processes = 2 (sessions in one shared group):
+                 CPU and peak RSS are those of the gateway and its ingest processes
 Prints a table and one JSON line. Only loopback; every wait is bounded.
 """
 
@@ -205,7 +207,12 @@ class Sink:
         self.loop.run_forever()
 
 
-def gateway_config(path: Path, port: int, state: Path, client_id: str, hook: str) -> None:
+def gateway_config(
+    path: Path, port: int, state: Path, client_id: str, hook: str, processes: int = 1
+) -> None:
+    shared = ""
+    if processes > 1:
+        shared = f'shared_group = "{client_id}"\ningest_processes = {processes}'
     path.write_text(f"""
 [gateway]
 state_dir = "{state}"
@@ -214,6 +221,7 @@ max_buffer_mb = 4096
 host = "127.0.0.1"
 port = {port}
 client_id = "{client_id}"
+{shared}
 [web]
 enabled = false
 {hook}
@@ -244,11 +252,17 @@ def run_gateway(
         ps = ps.children()[0]
     peak = 0
     io0 = None
+    # CPU seconds of each ingest process (mqtt.ingest_processes), as last seen.
+    child_cpu: dict[int, float] = {}
     deadline = time.monotonic() + 900
     try:
         while time.monotonic() < deadline:
             try:
-                peak = max(peak, ps.memory_info().rss)
+                rss = ps.memory_info().rss
+                for child in ps.children():
+                    rss += child.memory_info().rss
+                    child_cpu[child.pid] = sum(child.cpu_times()[:2])
+                peak = max(peak, rss)
                 io = ps.io_counters()
                 io0 = io0 or io
             except psutil.Error:
@@ -279,7 +293,7 @@ def run_gateway(
         "seconds": took,
         "peak_rss_mb": peak / 1e6,
         "disk_bytes_per_packet": written / n,
-        "cpu_us_per_packet": (cpu.user + cpu.system) / n * 1e6,
+        "cpu_us_per_packet": (cpu.user + cpu.system + sum(child_cpu.values())) / n * 1e6,
     }
 
 
@@ -288,7 +302,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--profiles", default="ingest,bulk,monoz")
+    ap.add_argument("--profiles", default="ingest,bulk,bulk-x2,monoz")
     ap.add_argument(
         "--py-spy", type=Path, default=None, metavar="DIR", help="profile each gateway run"
     )
@@ -331,21 +345,29 @@ def main() -> int:
             "monoz": "batch = { window_ms = 1000, max_items = 10 }",
         }
         for prof in args.profiles.split(","):
+            base, _, times = prof.partition("-x")
+            procs = int(times or 1)
             state = work / f"state-{prof}"
             cfg = work / f"{prof}.toml"
-            sink = Sink() if prof != "ingest" else None
+            sink = Sink() if base != "ingest" else None
             hook = (
                 ""
                 if sink is None
                 else (
                     f'[[webhooks]]\nname = "sink"\nurl = "http://127.0.0.1:{sink.port}/in"\n'
-                    f"{hooks[prof]}\nconcurrency = 4\n"
+                    f"{hooks[base]}\nconcurrency = 4\n"
                 )
             )
-            gateway_config(cfg, port, state, f"gw-{prof}", hook)
+            gateway_config(cfg, port, state, f"gw-{prof}", hook, procs)
+
+            def register(p: str = prof, k: int = procs) -> None:
+                topic = f"$share/gw-{p}/devices/+/up" if k > 1 else "devices/+/up"
+                for i in range(k):
+                    register_session(port, f"gw-{p}-{i}" if i else f"gw-{p}", topic)
+
             measure(
                 f"gateway {prof}",
-                lambda p=prof: register_session(port, f"gw-{p}"),
+                register,
                 lambda c=cfg, s=state, k=sink, p=prof: run_gateway(
                     c, s, n, k, args.py_spy / f"{p}.txt" if args.py_spy else None
                 ),

@@ -74,6 +74,27 @@ def send_pubacks(client: mqtt.Client, mids: list[int]) -> None:
     queue(mqtt.PUBACK, b"".join([_PUBACK.pack(mqtt.PUBACK, 2, m) for m in mids]), 0, 0)
 
 
+def new_client(cfg: MqttSection, client_id: str, *, clean: bool) -> mqtt.Client:
+    """A paho client for the broker of `cfg` (login, TLS), acknowledging by hand. Over
+    MQTT 3.1.1 `clean` is the clean session flag; over 5 it goes with connect()."""
+    v5 = cfg.protocol == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else clean,
+        manual_ack=True,
+    )
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password or None)
+    if cfg.tls:
+        ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+        if cfg.cert_file:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+        client.tls_set_context(ctx)
+    return client
+
+
 @dataclass(slots=True)
 class IngestStats:
     connected: bool = False
@@ -91,12 +112,21 @@ class Ingest:
     """One MQTT client feeding the store; start() / stop() from any thread."""
 
     def __init__(
-        self, cfg: MqttSection, store: PacketSink, client_id: str = "", source: int = 0
+        self,
+        cfg: MqttSection,
+        store: PacketSink,
+        client_id: str = "",
+        source: int = 0,
+        *,
+        drain: bool = False,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.client_id = client_id or cfg.client_id
         self.source = source
+        # drain: a session being retired unsubscribes instead, and takes what is queued.
+        self.drain = drain
+        self.unsubscribed = threading.Event()
         # Log lines name the client when there are several (mqtt.ingest_processes).
         self._who = f"{self.client_id}: " if client_id else ""
         self.stats = IngestStats()
@@ -112,26 +142,13 @@ class Ingest:
         store.on_committed = self._acknowledge
 
     def _make_client(self) -> mqtt.Client:
-        v5 = self.cfg.protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
-            manual_ack=True,
-        )
+        client = new_client(self.cfg, self.client_id, clean=False)
         client.max_inflight_messages_set(65535)
-        if self.cfg.username:
-            client.username_pw_set(self.cfg.username, self.cfg.password or None)
-        if self.cfg.tls:
-            ctx = ssl.create_default_context(cafile=self.cfg.ca_file or None)
-            if self.cfg.cert_file:
-                ctx.load_cert_chain(self.cfg.cert_file, self.cfg.key_file or None)
-            client.tls_set_context(ctx)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = lambda *_a: self.unsubscribed.set()
         client.on_connect_fail = self._on_connect_fail
         return client
 
@@ -160,7 +177,10 @@ class Ingest:
             getattr(_f, "session_present", "?"),
         )
         self.first_attempt.set()
-        client.subscribe([(t, self.cfg.qos) for t in self.cfg.subscriptions()])
+        if self.drain:
+            client.unsubscribe(self.cfg.subscriptions())
+        else:
+            client.subscribe([(t, self.cfg.qos) for t in self.cfg.subscriptions()])
 
     def _on_connect_fail(self, _c: mqtt.Client, _u: object) -> None:
         self.stats.last_error = f"cannot connect to {self.cfg.host}:{self.cfg.port}"
@@ -278,6 +298,40 @@ class Ingest:
         self.client.loop_stop()
 
 
+RETIRE_TIMEOUT_S = 60.0
+
+
+async def _retire_sessions(cfg: MqttSection, store: Store) -> None:
+    """When mqtt.ingest_processes went down, end the sessions no longer used (see
+    ingest_procs.retire_sessions) before ingest starts. `meta.ingest_sessions` is the
+    number the store was last run with; it goes down only once they are ended."""
+    import asyncio
+
+    from gateway import store as st
+
+    before = int(await asyncio.to_thread(store.run_sync, st.get_meta, "ingest_sessions", "1"))
+    now = cfg.ingest_processes
+    if before > now:
+        from gateway.ingest_procs import retire_sessions
+
+        gone = range(now, before)
+        log.warning(
+            "mqtt.ingest_processes went from %d to %d: taking what the broker holds for "
+            "sessions %s and ending them",
+            before,
+            now,
+            ", ".join(f"{cfg.client_id}-{n}" for n in gone),
+        )
+        if not await asyncio.to_thread(retire_sessions, cfg, store, gone, RETIRE_TIMEOUT_S):
+            log.error(
+                "could not end every retired session within %g s; trying again at the next start",
+                RETIRE_TIMEOUT_S,
+            )
+            return
+    if before != now:
+        await asyncio.to_thread(store.run_sync, st.set_meta, "ingest_sessions", str(now))
+
+
 class Taker(Protocol):
     """What the gateway sees of its ingest: an Ingest, or an IngestPool of processes."""
 
@@ -300,6 +354,7 @@ async def running(cfg: MqttSection, store: Store) -> AsyncIterator[Taker]:
     `mqtt.ingest_processes` processes of its own."""
     import asyncio
 
+    await _retire_sessions(cfg, store)
     ingest: Taker
     if cfg.ingest_processes > 1:
         from gateway.ingest_procs import IngestPool

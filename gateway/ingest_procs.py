@@ -46,7 +46,7 @@ import orjson
 
 from gateway import logs
 from gateway.config import MqttSection
-from gateway.ingest import Ingest, IngestStats
+from gateway.ingest import Ingest, IngestStats, new_client
 from gateway.store import Incoming, Store
 
 log = logging.getLogger("gateway.ingest")
@@ -60,6 +60,7 @@ HELLO, COMMITTED, STOP, PACKET, STATS = (ord(c) for c in "HAQPS")
 _DUP, _TOO_LARGE = 1, 2
 _COUNTS = ("received", "acked", "last_packet_ns")  # stats that change with every packet
 STOP_WAIT_S = 20.0  # for a process to commit what it sent and disconnect
+DRAIN_QUIET_S = 2.0  # a retired session is drained when nothing came for this long
 RESTART_MAX_S = 30.0
 
 
@@ -146,6 +147,11 @@ class Forwarder:
             self._wake.set()
         return room
 
+    @property
+    def unsettled(self) -> int:
+        """Packets sent to the gateway and not yet committed."""
+        return self._sent - self._done
+
     def flush(self) -> None:
         """Wait until the gateway has committed every packet sent (or is gone)."""
         self._wake.set()
@@ -207,11 +213,15 @@ def process_main(fd: int) -> int:
     cfg = MqttSection(**{**raw, "topics": tuple(raw["topics"])})
     logs.setup(hello["log_level"], hello["log_format"], secret_values=[cfg.password])
     fwd = Forwarder(sock, hello["max_pending"], hello["epoch"])
-    ingest = Ingest(cfg, fwd, client_id=hello["client_id"], source=hello["source"])
+    ingest = Ingest(
+        cfg, fwd, client_id=hello["client_id"], source=hello["source"], drain=hello["drain"]
+    )
     stopping = threading.Event()
 
     def finish() -> None:
         ingest.stop()  # waits for the gateway's answers about the last packets
+        if ingest.drain:
+            end_session(cfg, ingest.client_id)
         fwd.close()
 
     def stop() -> None:
@@ -234,12 +244,50 @@ def process_main(fd: int) -> int:
     ingest.start()
     sender = threading.Thread(target=fwd.send_loop, args=(stats,), daemon=True)
     sender.start()
+    if ingest.drain:
+        threading.Thread(target=_drain, args=(ingest, fwd, stop), daemon=True).start()
     fwd.read_loop(ingest.ack_mids, stop)
     if not stopping.is_set():
         ingest.stop()  # the gateway went away: nothing more is committed or acknowledged
         return 1
     sender.join(5)
     return 0
+
+
+def _drain(ingest: Ingest, fwd: Forwarder, stop: Callable[[], None]) -> None:
+    """A retired session: once unsubscribed, take packets until none came for
+    DRAIN_QUIET_S and the gateway has committed them all; then stop (and end it)."""
+    ingest.unsubscribed.wait()
+    quiet_since = time.monotonic()
+    seen = ingest.stats.received
+    while not fwd.closed:
+        time.sleep(0.1)
+        now = time.monotonic()
+        if ingest.stats.received != seen or fwd.unsettled:
+            seen, quiet_since = ingest.stats.received, now
+        elif now - quiet_since >= DRAIN_QUIET_S:
+            log.info("%s: took %d queued packets; ending the session", ingest.client_id, seen)
+            stop()
+            return
+
+
+def end_session(cfg: MqttSection, client_id: str) -> None:
+    """Discard the broker's session of `client_id` (and its place in the shared group):
+    connect with a clean start and no session expiry, then disconnect."""
+    client = new_client(cfg, client_id, clean=True)
+    try:
+        if cfg.protocol == "5":
+            client.connect(cfg.host, cfg.port, clean_start=True)
+        else:
+            client.connect(cfg.host, cfg.port)
+        client.loop_start()
+        deadline = time.monotonic() + 10
+        while not client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.disconnect()
+        client.loop_stop()
+    except OSError as exc:
+        log.error("%s: cannot end the session: %s", client_id, exc)  # noqa: TRY400
 
 
 # -- the gateway process --------------------------------------------------------------------
@@ -282,6 +330,7 @@ class _Process:
             "source": self.source,
             "epoch": epoch,
             "max_pending": self.pool.store.max_pending,
+            "drain": self.pool.drain,
             "log_level": level,
             "log_format": fmt,
         }
@@ -357,15 +406,23 @@ class _Process:
 
 
 class IngestPool:
-    """`ingest_processes` ingest processes, offered to the gateway as one `Ingest`."""
+    """`ingest_processes` ingest processes, offered to the gateway as one `Ingest`.
 
-    def __init__(self, cfg: MqttSection, store: Store) -> None:
+    With `drain`, the processes of `sessions` retire theirs instead (see
+    retire_sessions) and are not started again when they end."""
+
+    def __init__(
+        self, cfg: MqttSection, store: Store, sessions: range | None = None, *, drain: bool = False
+    ) -> None:
         self.cfg = cfg
         self.store = store
+        self.drain = drain
         self.first_attempt = threading.Event()
         self.submit_lock = threading.Lock()
         self._stopping = threading.Event()
-        self.procs = [_Process(self, n) for n in range(cfg.ingest_processes)]
+        sessions = sessions if sessions is not None else range(cfg.ingest_processes)
+        self.procs = [_Process(self, n) for n in sessions]
+        self._by_source = {p.source: p for p in self.procs}
         self._watcher = threading.Thread(target=self._watch, name="ingest-procs", daemon=True)
         store.on_committed = self._acknowledge
 
@@ -405,7 +462,7 @@ class IngestPool:
         for pkt in packets:
             groups.setdefault((pkt.source, pkt.epoch), []).append(pkt.mid)
         for (source, epoch), mids in groups.items():
-            self.procs[source].committed(epoch, mids)
+            self._by_source[source].committed(epoch, mids)
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):
@@ -413,7 +470,7 @@ class IngestPool:
                 self.first_attempt.set()
             for p in self.procs:
                 code = p.ended()
-                if code is None or self._stopping.is_set():
+                if code is None or self._stopping.is_set() or self.drain:
                     continue
                 now = time.monotonic()
                 if not p.restart_at:
@@ -436,6 +493,18 @@ class IngestPool:
                     p.restart_at = 0.0
                     p.backoff = min(RESTART_MAX_S, p.backoff * 2)
 
+    def wait_ended(self, timeout_s: float) -> bool:
+        """Wait until every process has ended with exit code 0."""
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            assert p.proc is not None
+            try:
+                if p.proc.wait(max(0.0, deadline - time.monotonic())) != 0:
+                    return False
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
     def stop(self) -> None:
         """Every process stops taking packets, waits for its last ones to be committed
         and acknowledged, and disconnects; then the store has committed them all."""
@@ -457,6 +526,19 @@ class IngestPool:
             if p.reader is not None:
                 p.reader.join(self.cfg.keepalive_s)
         self.store.flush()
+
+
+def retire_sessions(cfg: MqttSection, store: Store, sessions: range, timeout_s: float) -> bool:
+    """Sessions of an earlier, higher `ingest_processes`: while they live, the broker
+    keeps handing each its turn of the shared group's packets, for nobody. Each is
+    taken up once more: it unsubscribes, its queued packets are committed and
+    acknowledged, and the session is ended. True when all of them are done."""
+    pool = IngestPool(cfg, store, sessions, drain=True)
+    pool.start()
+    try:
+        return pool.wait_ended(timeout_s)
+    finally:
+        pool.stop()
 
 
 if __name__ == "__main__":

@@ -260,8 +260,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     db = sqlite_utils.Database(conn)
     version = 0
     if db["meta"].exists():
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row else 0
+        version = int(get_meta(conn, "schema_version", "0"))
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"store schema version {version} is newer than this gateway ({SCHEMA_VERSION}); "
@@ -270,11 +269,18 @@ def migrate(conn: sqlite3.Connection) -> int:
     for v in range(version + 1, SCHEMA_VERSION + 1):
         with transaction(conn):
             MIGRATIONS[v](db)
-            conn.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(v),)
-            )
+            set_meta(conn, "schema_version", str(v))
         log.info("store migrated to schema version %d", v)
     return SCHEMA_VERSION
+
+
+def get_meta(conn: sqlite3.Connection, key: str, default: str = "") -> str:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return str(row[0]) if row else default
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
 
 @contextlib.contextmanager

@@ -88,3 +88,23 @@ def test_two_ingest_processes_share_the_stream_and_survive_kills(
     assert gw.terminate(timeout=30) == 0
     wait_for(gone(pids), what="ingest processes gone after a clean stop")
     assert "did not stop" not in gw.log()
+
+
+def test_lowering_ingest_processes_retires_the_extra_session_with_its_queue(
+    mosquitto: Broker, receiver: Receiver, launch: Callable[..., GatewayProc]
+) -> None:
+    gw = launch(receiver.url, batch=BATCH, shared_group="gw", ingest_processes=2)
+    assert gw.terminate(timeout=30) == 0
+    # Queued while the gateway is stopped: about half for each session.
+    Publisher(mosquitto.port, N, 1_000).start().join(30)
+    gw.config.write_text(gw.config.read_text().replace("ingest_processes = 2", "ingest_processes = 1"))
+    restart(gw)
+    wait_for(delivered_all(N, receiver), what="both sessions' queues delivered", timeout=60)
+    assert "gw-1: took" in gw.log()
+    # gw-1 is gone from the group: every later packet goes to the session left. While
+    # gw-1 lived, the broker would keep every other one for it.
+    Publisher(mosquitto.port, N, 1_000, first=N).start().join(30)
+    wait_for(delivered_all(2 * N, receiver), what="later packets delivered", timeout=30)
+    t = Tally.of(receiver)
+    assert t.duplicates == 0
+    assert gw.terminate(timeout=30) == 0

@@ -97,7 +97,9 @@ def test_lowering_ingest_processes_retires_the_extra_session_with_its_queue(
     assert gw.terminate(timeout=30) == 0
     # Queued while the gateway is stopped: about half for each session.
     Publisher(mosquitto.port, N, 1_000).start().join(30)
-    gw.config.write_text(gw.config.read_text().replace("ingest_processes = 2", "ingest_processes = 1"))
+    gw.config.write_text(
+        gw.config.read_text().replace("ingest_processes = 2", "ingest_processes = 1")
+    )
     restart(gw)
     wait_for(delivered_all(N, receiver), what="both sessions' queues delivered", timeout=60)
     assert "gw-1: took" in gw.log()

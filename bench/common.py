@@ -150,13 +150,6 @@ def stored(db: Path) -> int:
     return int(row[0]) if row else 0
 
 
-def forget_session(port: int, client_id: str) -> None:
-    """End a persistent session, so that it stops collecting copies of later packets."""
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    c.connect("127.0.0.1", port, clean_start=True)
-    c.disconnect()
-
-
 def start_gateway(
     cfg: Path, port: int, client_id: str, log: Path, register: bool = True
 ) -> subprocess.Popen[bytes]:

@@ -43,7 +43,6 @@ import psutil
 from common import (
     PAYLOAD,
     LatencySink,
-    forget_session,
     gateway_toml,
     sink_hook,
     start_gateway,
@@ -51,7 +50,15 @@ from common import (
     stored,
 )
 from drain import PAYLOAD as BACKLOG_PAYLOAD
-from drain import ROOT, free_port, preload, register_session, run_bare_paho, start_broker
+from drain import (
+    ROOT,
+    forget_session,
+    free_port,
+    preload,
+    register_session,
+    run_bare_paho,
+    start_broker,
+)
 
 MONOZ = "batch = { window_ms = 1000, max_items = 10 }"
 

@@ -42,7 +42,6 @@ import paho.mqtt.client as mqtt
 import psutil
 from common import (
     LatencySink,
-    forget_session,
     gateway_toml,
     percentiles,
     sink_hook,
@@ -50,7 +49,7 @@ from common import (
     start_publishers,
     stored,
 )
-from drain import start_broker
+from drain import forget_session, start_broker
 
 PROFILES = {
     "monoz": "batch = { window_ms = 1000, max_items = 10 }",

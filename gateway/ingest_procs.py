@@ -58,7 +58,6 @@ _PKT_FIXED = _FIXED.size
 _EPOCH = struct.Struct("!I")
 HELLO, COMMITTED, STOP, PACKET, STATS = (ord(c) for c in "HAQPS")
 _DUP, _TOO_LARGE = 1, 2
-_COUNTS = ("received", "acked", "last_packet_ns")  # stats that change with every packet
 STOP_WAIT_S = 20.0  # for a process to commit what it sent and disconnect
 DRAIN_QUIET_S = 2.0  # a retired session is drained when nothing came for this long
 RESTART_MAX_S = 30.0
@@ -158,8 +157,9 @@ class Forwarder:
         with self._settled:
             self._settled.wait_for(lambda: self.closed or self._done >= self._sent, STOP_WAIT_S)
 
-    def send_loop(self, stats: Callable[[], dict[str, Any]]) -> None:
-        """Send what paho's thread queued, in few writes, and the stats; until closed."""
+    def send_loop(self, state: Callable[[], tuple[Any, ...]], stats: Callable[[], bytes]) -> None:
+        """Send what paho's thread queued, in few writes, and the stats (when `state`
+        changes, and every second); until closed."""
         last: tuple[Any, ...] = ()
         next_stats = 0.0
         while not self.closed:
@@ -168,11 +168,10 @@ class Forwarder:
             with self._lock:
                 out, self._out = self._out, []
             now = time.monotonic()
-            st = stats()
-            state = tuple(v for k, v in st.items() if k not in _COUNTS)
-            if state != last or now >= next_stats:
-                last, next_stats = state, now + 1.0
-                out.append(frame(STATS, orjson.dumps(st)))
+            st = state()
+            if st != last or now >= next_stats:
+                last, next_stats = st, now + 1.0
+                out.append(frame(STATS, stats()))
             try:
                 self.sock.sendall(b"".join(out))
             except OSError:
@@ -234,15 +233,28 @@ def process_main(fd: int) -> int:
         signal.signal(sig, lambda *_: stop())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the gateway process's
 
-    def stats() -> dict[str, Any]:
+    def state() -> tuple[Any, ...]:
+        """What the gateway must hear of at once (cheap: read at every send)."""
         if not stopping.is_set() and not ingest.alive:
             # paho's thread ended (an exception in a callback): exit, to be restarted.
             log.error("%s: MQTT network thread ended", ingest.client_id)
             fwd.close()
-        return {**dataclasses.asdict(ingest.stats), "first_attempt": ingest.first_attempt.is_set()}
+        st = ingest.stats
+        return (
+            st.connected,
+            st.subscribed,
+            st.connects,
+            st.last_error,
+            ingest.first_attempt.is_set(),
+        )
+
+    def stats() -> bytes:
+        return orjson.dumps(
+            {**dataclasses.asdict(ingest.stats), "first_attempt": ingest.first_attempt.is_set()}
+        )
 
     ingest.start()
-    sender = threading.Thread(target=fwd.send_loop, args=(stats,), daemon=True)
+    sender = threading.Thread(target=fwd.send_loop, args=(state, stats), daemon=True)
     sender.start()
     if ingest.drain:
         threading.Thread(target=_drain, args=(ingest, fwd, stop), daemon=True).start()

@@ -24,12 +24,14 @@ import resource
 import shutil
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -214,6 +216,13 @@ class Sink:
         self.loop.run_forever()
 
 
+HOOKS = {
+    "ingest": "",
+    "bulk": "batch = { window_ms = 50, max_items = 500 }",
+    "monoz": "batch = { window_ms = 1000, max_items = 10 }",
+}
+
+
 def gateway_config(
     path: Path, port: int, state: Path, client_id: str, hook: str, processes: int = 1
 ) -> None:
@@ -304,6 +313,41 @@ def run_gateway(
     }
 
 
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per consumer: medians over the rounds, and each round's ratio to that round's
+    bare paho and mosquitto_sub (nan without baselines)."""
+    base = {
+        (r["consumer"], r["round"]): r["rate"]
+        for r in rows
+        if r["consumer"] in ("bare paho", "mosquitto_sub")
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["consumer"] for r in rows):
+        mine = [r for r in rows if r["consumer"] == name]
+        each = [r["rate"] / base.get(("bare paho", r["round"]), float("nan")) for r in mine]
+        summary: dict[str, Any] = {
+            "rate": statistics.median(r["rate"] for r in mine),
+            "x_paho": statistics.median(each),
+            "x_paho_each": each,
+            "x_sub": statistics.median(
+                r["rate"] / base.get(("mosquitto_sub", r["round"]), float("nan")) for r in mine
+            ),
+        }
+        for key in ("peak_rss_mb", "disk_bytes_per_packet", "cpu_us_per_packet"):
+            if key in mine[0]:
+                summary[key] = statistics.median(r[key] for r in mine)
+        out[name] = summary
+    return out
+
+
+def each(summary: dict[str, Any]) -> str:
+    return "  " + " ".join(f"{x:.2f}" for x in summary["x_paho_each"])
+
+
+def _fmt(summary: dict[str, Any], key: str, spec: str) -> str:
+    return format(summary[key], spec) if key in summary else "-"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -314,6 +358,13 @@ def main() -> int:
         "--py-spy", type=Path, default=None, metavar="DIR", help="profile each gateway run"
     )
     ap.add_argument("--no-baselines", action="store_true", help="gateway rows only")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every row this many times, in turn; print medians, and the range of each "
+        "row's ratio to bare paho in the same round",
+    )
     args = ap.parse_args()
     if shutil.which("mosquitto") is None or shutil.which("mosquitto_sub") is None:
         raise SystemExit("needs Debian's mosquitto and mosquitto-clients")
@@ -321,6 +372,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="drain-"))
     broker, port = start_broker(work)
     rows: list[dict[str, object]] = []
+    rnd = 0
     try:
 
         def measure(name: str, register: object, consume: object) -> None:
@@ -335,80 +387,85 @@ def main() -> int:
                 result = {"seconds": result}
             rate = n / result["seconds"]
             rows.append(
-                {"consumer": name, "packets": n, "rate": rate, "preload_s": pub_s, **result}
+                {
+                    "consumer": name,
+                    "round": rnd,
+                    "packets": n,
+                    "rate": rate,
+                    "preload_s": pub_s,
+                    **result,
+                }
             )
             print(f"  {name:<14} {rate:>10,.0f} packets/s", file=sys.stderr, flush=True)
 
-        if not args.no_baselines:
-            measure(
-                "mosquitto_sub",
-                lambda: register_mosquitto_sub(port, "b-sub") or ["b-sub"],
-                lambda: run_mosquitto_sub(port, "b-sub", n),
-            )
-            measure(
-                "bare paho",
-                lambda: register_session(port, "b-paho") or ["b-paho"],
-                lambda: run_bare_paho(port, "b-paho", n),
-            )
-        hooks = {
-            "ingest": "",
-            "bulk": "batch = { window_ms = 50, max_items = 500 }",
-            "monoz": "batch = { window_ms = 1000, max_items = 10 }",
-        }
-        for prof in args.profiles.split(","):
-            base, _, times = prof.partition("-x")
-            procs = int(times or 1)
-            state = work / f"state-{prof}"
-            cfg = work / f"{prof}.toml"
-            sink = Sink() if base != "ingest" else None
-            hook = (
-                ""
-                if sink is None
-                else (
-                    f'[[webhooks]]\nname = "sink"\nurl = "http://127.0.0.1:{sink.port}/in"\n'
-                    f"{hooks[base]}\nconcurrency = 4\n"
+        for rnd in range(args.rounds):
+            if not args.no_baselines:
+                measure(
+                    "mosquitto_sub",
+                    lambda: register_mosquitto_sub(port, "b-sub") or ["b-sub"],
+                    lambda: run_mosquitto_sub(port, "b-sub", n),
                 )
-            )
-            gateway_config(cfg, port, state, f"gw-{prof}", hook, procs)
+                measure(
+                    "bare paho",
+                    lambda: register_session(port, "b-paho") or ["b-paho"],
+                    lambda: run_bare_paho(port, "b-paho", n),
+                )
+            for prof in args.profiles.split(","):
+                base, _, times = prof.partition("-x")
+                procs = int(times or 1)
+                state = work / f"state-{prof}-{rnd}"
+                cfg = work / f"{prof}-{rnd}.toml"
+                sink = Sink() if base != "ingest" else None
+                hook = (
+                    ""
+                    if sink is None
+                    else (
+                        f'[[webhooks]]\nname = "sink"\nurl = "http://127.0.0.1:{sink.port}/in"\n'
+                        f"{HOOKS[base]}\nconcurrency = 4\n"
+                    )
+                )
+                gateway_config(cfg, port, state, f"gw-{prof}", hook, procs)
 
-            def register(p: str = prof, k: int = procs) -> list[str]:
-                topic = f"$share/gw-{p}/devices/+/up" if k > 1 else "devices/+/up"
-                ids = [f"gw-{p}-{i}" if i else f"gw-{p}" for i in range(k)]
-                for client_id in ids:
-                    register_session(port, client_id, topic)
-                return ids
+                def register(p: str = prof, k: int = procs) -> list[str]:
+                    topic = f"$share/gw-{p}/devices/+/up" if k > 1 else "devices/+/up"
+                    ids = [f"gw-{p}-{i}" if i else f"gw-{p}" for i in range(k)]
+                    for client_id in ids:
+                        register_session(port, client_id, topic)
+                    return ids
 
-            measure(
-                f"gateway {prof}",
-                register,
-                lambda c=cfg, s=state, k=sink, p=prof: run_gateway(
-                    c, s, n, k, args.py_spy / f"{p}.txt" if args.py_spy else None
-                ),
-            )
+                measure(
+                    f"gateway {prof}",
+                    register,
+                    lambda c=cfg, s=state, k=sink, p=prof, r=rnd: run_gateway(
+                        c, s, n, k, args.py_spy / f"{p}-{r}.txt" if args.py_spy else None
+                    ),
+                )
     finally:
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
-    # Without baselines the ratio columns are against nothing: shown as nan.
-    paho_rate = next((r["rate"] for r in rows if r["consumer"] == "bare paho"), float("nan"))
-    sub_rate = next((r["rate"] for r in rows if r["consumer"] == "mosquitto_sub"), float("nan"))
     print(
         f"\nbacklog drain, {n:,} packets of {len(PAYLOAD)} bytes, "
         f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"
+        + (f", medians of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     print(
         f"{'consumer':<16}{'packets/s':>12}{'x paho':>8}{'x sub':>8}{'peak RSS MB':>13}"
         f"{'disk B/pkt':>12}{'CPU us/pkt':>12}"
+        + ("  x paho, each round" if args.rounds > 1 else "")
     )
-    for r in rows:
-        rate = float(r["rate"])  # type: ignore[arg-type]
-        rss = f"{r['peak_rss_mb']:.1f}" if "peak_rss_mb" in r else "-"
-        disk = f"{r['disk_bytes_per_packet']:.0f}" if "disk_bytes_per_packet" in r else "-"
-        cpu = f"{r['cpu_us_per_packet']:.1f}" if "cpu_us_per_packet" in r else "-"
+    for name, summary in summarise(rows).items():
         print(
-            f"{r['consumer']:<16}{rate:>12,.0f}{rate / paho_rate:>8.2f}{rate / sub_rate:>8.2f}"
-            f"{rss:>13}{disk:>12}{cpu:>12}"
+            f"{name:<16}{summary['rate']:>12,.0f}{summary['x_paho']:>8.2f}"
+            f"{summary['x_sub']:>8.2f}{_fmt(summary, 'peak_rss_mb', '.1f'):>13}"
+            f"{_fmt(summary, 'disk_bytes_per_packet', '.0f'):>12}"
+            f"{_fmt(summary, 'cpu_us_per_packet', '.1f'):>12}"
+            + (
+                "  " + " ".join(f"{x:.2f}" for x in summary["x_paho_each"])
+                if args.rounds > 1
+                else ""
+            )
         )
     print(json.dumps({"bench": "drain", "n": n, "payload_bytes": len(PAYLOAD), "rows": rows}))
     return 0

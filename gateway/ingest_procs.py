@@ -28,7 +28,6 @@ Frames, both ways: type (1 byte), body length (4 bytes), body.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
 import logging
@@ -54,8 +53,6 @@ log = logging.getLogger("gateway.ingest")
 _HEAD = struct.Struct("!BI")
 _FIXED = struct.Struct("!IHBQHHI")  # a packet's fixed fields
 _PKT = struct.Struct("!BI" + _FIXED.format[1:])  # _HEAD and _FIXED in one
-_PKT_FIXED = _FIXED.size
-_EPOCH = struct.Struct("!I")
 HELLO, COMMITTED, STOP, PACKET, STATS = (ord(c) for c in "HAQPS")
 _DUP, _TOO_LARGE = 1, 2
 STOP_WAIT_S = 20.0  # for a process to commit what it sent and disconnect
@@ -90,12 +87,48 @@ def read_frames(sock: socket.socket) -> Iterator[tuple[int, memoryview]]:
         rest = buf[pos:]
 
 
-def _mids(body: memoryview) -> array.array[int]:
-    mids = array.array("H")
-    mids.frombytes(body)
-    if sys.byteorder == "little":
-        mids.byteswap()
-    return mids
+def encode_packet(pkt: Incoming) -> tuple[bytes, bytes, bytes, bytes]:
+    """A P frame, in parts: fixed fields, topic, ICCID, payload."""
+    topic, iccid, payload = pkt.topic.encode(), pkt.iccid.encode(), pkt.payload
+    head = _PKT.pack(
+        PACKET,
+        _FIXED.size + len(topic) + len(iccid) + len(payload),
+        pkt.epoch,
+        pkt.mid,
+        (_DUP if pkt.dup else 0) | (_TOO_LARGE if pkt.too_large else 0),
+        pkt.recv_ns,
+        len(topic),
+        len(iccid),
+        len(payload),
+    )
+    return head, topic, iccid, payload
+
+
+def decode_packet(body: memoryview, source: int) -> Incoming:
+    """A P frame's body, as the packet of session `source`."""
+    epoch, mid, flags, recv_ns, lt, li, lp = _FIXED.unpack_from(body)
+    at = _FIXED.size
+    return Incoming(
+        topic=str(body[at : at + lt], "utf-8"),
+        iccid=str(body[at + lt : at + lt + li], "utf-8"),
+        payload=bytes(body[at + lt + li : at + lt + li + lp]),
+        mid=mid,
+        dup=bool(flags & _DUP),
+        epoch=epoch,
+        recv_ns=recv_ns,
+        too_large=bool(flags & _TOO_LARGE),
+        source=source,
+    )
+
+
+def pack_ids(epoch: int, mids: list[int]) -> bytes:
+    """An A frame's body: the connection epoch, then the packet ids."""
+    return struct.pack(f"!I{len(mids)}H", epoch, *mids)
+
+
+def unpack_ids(body: memoryview) -> tuple[int, list[int]]:
+    epoch, *mids = struct.unpack(f"!I{(len(body) - 4) // 2}H", body)
+    return epoch, mids
 
 
 # -- the ingest process -------------------------------------------------------------------
@@ -122,25 +155,14 @@ class Forwarder:
 
     def submit_packet(self, pkt: Incoming, wait_s: float = 0.0) -> bool:
         room = True
-        if self._sent - self._done >= self.max_pending and wait_s > 0:
+        if self.unsettled >= self.max_pending and wait_s > 0:
             with self._settled:
                 room = self._settled.wait_for(
-                    lambda: self.closed or self._sent - self._done < self.max_pending, wait_s
+                    lambda: self.closed or self.unsettled < self.max_pending, wait_s
                 )
-        topic, iccid, payload = pkt.topic.encode(), pkt.iccid.encode(), pkt.payload
-        head = _PKT.pack(
-            PACKET,
-            _PKT_FIXED + len(topic) + len(iccid) + len(payload),
-            pkt.epoch,
-            pkt.mid,
-            (_DUP if pkt.dup else 0) | (_TOO_LARGE if pkt.too_large else 0),
-            pkt.recv_ns,
-            len(topic),
-            len(iccid),
-            len(payload),
-        )
+        parts = encode_packet(pkt)
         with self._lock:
-            self._out += (head, topic, iccid, payload)
+            self._out += parts
         self._sent += 1
         if not self._wake.is_set():
             self._wake.set()
@@ -155,7 +177,7 @@ class Forwarder:
         """Wait until the gateway has committed every packet sent (or is gone)."""
         self._wake.set()
         with self._settled:
-            self._settled.wait_for(lambda: self.closed or self._done >= self._sent, STOP_WAIT_S)
+            self._settled.wait_for(lambda: self.closed or self.unsettled <= 0, STOP_WAIT_S)
 
     def send_loop(self, state: Callable[[], tuple[Any, ...]], stats: Callable[[], bytes]) -> None:
         """Send what paho's thread queued, in few writes, and the stats (when `state`
@@ -172,6 +194,8 @@ class Forwarder:
             if st != last or now >= next_stats:
                 last, next_stats = st, now + 1.0
                 out.append(frame(STATS, stats()))
+            if not out:
+                continue
             try:
                 self.sock.sendall(b"".join(out))
             except OSError:
@@ -182,8 +206,7 @@ class Forwarder:
     ) -> None:
         for kind, body in read_frames(self.sock):
             if kind == COMMITTED:
-                epoch = _EPOCH.unpack_from(body)[0]
-                mids = _mids(body[_EPOCH.size :]).tolist()
+                epoch, mids = unpack_ids(body)
                 on_committed(epoch, mids)
                 with self._settled:
                     self._done += len(mids)
@@ -360,10 +383,7 @@ class _Process:
             sock.sendall(frame(kind, body))
 
     def committed(self, epoch: int, mids: list[int]) -> None:
-        ids = array.array("H", mids)
-        if sys.byteorder == "little":
-            ids.byteswap()
-        self.send(COMMITTED, _EPOCH.pack(epoch) + ids.tobytes())
+        self.send(COMMITTED, pack_ids(epoch, mids))
 
     def _read(self, sock: socket.socket) -> None:
         store = self.pool.store
@@ -372,19 +392,7 @@ class _Process:
         source = self.source
         for kind, body in read_frames(sock):
             if kind == PACKET:
-                epoch, mid, flags, recv_ns, lt, li, lp = _FIXED.unpack_from(body)
-                at = _PKT_FIXED
-                pkt = Incoming(
-                    topic=str(body[at : at + lt], "utf-8"),
-                    iccid=str(body[at + lt : at + lt + li], "utf-8"),
-                    payload=bytes(body[at + lt + li : at + lt + li + lp]),
-                    mid=mid,
-                    dup=bool(flags & _DUP),
-                    epoch=epoch,
-                    recv_ns=recv_ns,
-                    too_large=bool(flags & _TOO_LARGE),
-                    source=source,
-                )
+                pkt = decode_packet(body, source)
                 # The store takes packets from one thread at a time (see submit_packet).
                 with submit_lock:
                     store.submit_packet(pkt, wait_s=wait_s)

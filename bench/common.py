@@ -4,6 +4,7 @@ receiver that timestamps records and counts wire bytes, percentiles."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import queue
 import sqlite3
@@ -16,8 +17,9 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
+import psutil
 from aiohttp import web
-from drain import ROOT, free_port, gateway_config, register_session
+from drain import ROOT, free_port, gateway_config, register_sessions
 
 # Publisher, sequence number, publish time (ns) and some sensor fields: 70-odd bytes,
 # about drain.py's PAYLOAD.
@@ -118,14 +120,39 @@ def start_publishers(port: int, rate: float, seconds: float, n: int) -> Publishe
 
 
 def gateway_toml(
-    path: Path, port: int, state: Path, client_id: str, hook: str, web: bool = False
+    path: Path,
+    port: int,
+    state: Path,
+    client_id: str,
+    hook: str,
+    web: bool = False,
+    processes: int = 1,
 ) -> Path:
     """drain.py's gateway config; with `web`, the dashboard on a free loopback port."""
-    gateway_config(path, port, state, client_id, hook)
+    gateway_config(path, port, state, client_id, hook, processes)
     if web:
         listen = f'listen = "127.0.0.1:{free_port()}"'
         path.write_text(path.read_text().replace("[web]\nenabled = false", f"[web]\n{listen}"))
     return path
+
+
+def cpu_seconds(ps: psutil.Process) -> float:
+    """User and system CPU of a process and its children (ingest processes)."""
+    total = 0.0
+    for p in [ps, *ps.children()]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def rss_bytes(ps: psutil.Process) -> int:
+    """RSS of a process and its children."""
+    total = 0
+    for p in [ps, *ps.children()]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
 
 
 def sink_hook(port: int, batch: str, extra: str = "") -> str:
@@ -151,13 +178,14 @@ def stored(db: Path) -> int:
 
 
 def start_gateway(
-    cfg: Path, port: int, client_id: str, log: Path, register: bool = True
+    cfg: Path, port: int, client_id: str, log: Path, register: bool = True, processes: int = 1
 ) -> subprocess.Popen[bytes]:
-    """`gateway run`, once it says it is connected. With `register`, its session and
-    subscription are made first, so that nothing published after this is missed;
-    without, the caller has made them (a client that registers takes what is queued)."""
+    """`gateway run`, once it says it is connected (each of its `processes` sessions).
+    With `register`, its sessions and subscriptions are made first, so that nothing
+    published after this is missed; without, the caller has made them (a client that
+    registers takes what is queued)."""
     if register:
-        register_session(port, client_id)
+        register_sessions(port, client_id, processes)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "-c", str(cfg)],
@@ -166,7 +194,7 @@ def start_gateway(
             cwd=ROOT,
         )
     deadline = time.monotonic() + 20
-    while "connected to" not in log.read_text(errors="replace"):
+    while log.read_text(errors="replace").count("connected to") < processes:
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
             raise SystemExit(f"gateway did not connect: {log.read_text()[-2000:]}")

@@ -88,6 +88,16 @@ def forget_session(port: int, client_id: str) -> None:
     c.disconnect()
 
 
+def register_sessions(port: int, client_id: str, processes: int = 1) -> list[str]:
+    """The sessions of a gateway with `processes` ingest processes (one shared group,
+    named after the client id, when there are several); returns their client ids."""
+    topic = f"$share/{client_id}/devices/+/up" if processes > 1 else "devices/+/up"
+    ids = [f"{client_id}-{i}" if i else client_id for i in range(processes)]
+    for each in ids:
+        register_session(port, each, topic)
+    return ids
+
+
 def register_mosquitto_sub(port: int, client_id: str) -> None:
     subprocess.run(
         [
@@ -426,16 +436,9 @@ def main() -> int:
                 )
                 gateway_config(cfg, port, state, f"gw-{prof}", hook, procs)
 
-                def register(p: str = prof, k: int = procs) -> list[str]:
-                    topic = f"$share/gw-{p}/devices/+/up" if k > 1 else "devices/+/up"
-                    ids = [f"gw-{p}-{i}" if i else f"gw-{p}" for i in range(k)]
-                    for client_id in ids:
-                        register_session(port, client_id, topic)
-                    return ids
-
                 measure(
                     f"gateway {prof}",
-                    register,
+                    lambda p=prof, k=procs: register_sessions(port, f"gw-{p}", k),
                     lambda c=cfg, s=state, k=sink, p=prof, r=rnd: run_gateway(
                         c, s, n, k, args.py_spy / f"{p}-{r}.txt" if args.py_spy else None
                     ),

@@ -14,10 +14,12 @@ host, same clock). Consumers, one at a time, each with the same publishers:
                  process, batch = { window_ms = 1000, max_items = 10 }
   gateway w0     the same with batch = { window_ms = 0, max_items = 10 }: a request as
                  soon as delivery sees packets, with up to 10 of those waiting
+  gateway w0-x2  (and any profile with -xN) the same with mqtt.ingest_processes = N
 Latency: p50, p99 and max over every distinct packet received. Packets the broker
 acknowledged to a publisher that did not arrive within --drain-s after the last publish
 are "late" when the gateway had committed them (still in its store), else "lost".
-CPU % (of one core) and peak RSS are the gateway's while the publishers ran.
+CPU % (of one core) and peak RSS are the gateway's (with its ingest processes) while
+the publishers ran.
 Prints a table and one JSON line. Only loopback; every wait is bounded.
 """
 
@@ -42,8 +44,10 @@ import paho.mqtt.client as mqtt
 import psutil
 from common import (
     LatencySink,
+    cpu_seconds,
     gateway_toml,
     percentiles,
+    rss_bytes,
     sink_hook,
     start_gateway,
     start_publishers,
@@ -102,12 +106,14 @@ def run_rate(
     bare: BareSubscriber | None = None
     usage: dict[str, float] = {}
     row: dict[str, Any] = {}
+    processes = 1  # mqtt.ingest_processes, from a profile's -xN
     client_id = f"live-{consumer.split()[-1]}-{rate}"
     if consumer == "bare paho":
         bare = BareSubscriber(port)
         seen: Callable[[], int] = lambda: len(bare.seen)  # noqa: E731
     else:
-        prof = consumer.split()[-1]
+        prof, _, times = consumer.split()[-1].partition("-x")
+        processes = int(times or 1)
         sink = LatencySink()
         cfg = gateway_toml(
             work / f"{client_id}.toml",
@@ -115,24 +121,24 @@ def run_rate(
             work / f"state-{client_id}",
             client_id,
             sink_hook(sink.port, PROFILES[prof]),
+            processes=processes,
         )
-        proc = start_gateway(cfg, port, client_id, work / f"{client_id}.log")
+        proc = start_gateway(cfg, port, client_id, work / f"{client_id}.log", processes=processes)
         seen = lambda: len(sink.seen)  # noqa: E731
     try:
         ps = psutil.Process(proc.pid) if proc else None
-        cpu0 = ps.cpu_times() if ps else None
+        cpu0 = cpu_seconds(ps) if ps else None
         began = time.monotonic()
         pubs = start_publishers(port, rate, args.seconds, args.publishers)
         rss_peak = 0
         while not pubs.done():
             if ps is not None:
-                rss_peak = max(rss_peak, ps.memory_info().rss)
+                rss_peak = max(rss_peak, rss_bytes(ps))
             time.sleep(0.2)
         results = pubs.results()
         published_s = time.monotonic() - began
         if ps is not None and cpu0 is not None:
-            cpu1 = ps.cpu_times()
-            busy = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+            busy = cpu_seconds(ps) - cpu0
             usage = {"cpu_pct": 100 * busy / published_s, "rss_peak_mb": rss_peak / 1e6}
         acked = sum(r["acked"] for r in results)
         deadline = time.monotonic() + args.drain_s
@@ -166,7 +172,8 @@ def run_rate(
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-            forget_session(port, client_id)
+            for n in range(processes):
+                forget_session(port, f"{client_id}-{n}" if n else client_id)
             # What the gateway committed: packets not yet delivered are late, not lost.
             row["stored"] = stored(work / f"state-{client_id}" / "gateway.db")
         if sink is not None:

@@ -197,6 +197,8 @@ class Ingest:
                 self.stats.last_error = f"subscription to {topic!r} refused: {code}"
                 log.error("%ssubscription to %r refused: %s", self._who, topic, code)
         self.stats.subscribed = not refused
+        if not refused:
+            log.info("%ssubscribed to %s", self._who, ", ".join(self.cfg.subscriptions()))
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None

@@ -402,7 +402,7 @@ def test_kill9_in_the_middle_of_a_20000_packet_backlog_delivers_everything_dupli
     )
     gw = gateway_proc(cfg)
     gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what="gateway connected")
+    wait_for(lambda: "subscribed to" in gw.log(), what="gateway subscribed")
     publish(mosquitto.port, [(TOPIC, f"{i}".encode()) for i in range(total)])
     wait_for(
         lambda: len(receiver.delivered()) >= total // 4, timeout=60, what="a quarter delivered"
@@ -443,7 +443,7 @@ def test_receiver_outage_backlog_stays_on_disk_memory_flat_then_everything_arriv
     )
     gw = gateway_proc(cfg)
     gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what="gateway connected")
+    wait_for(lambda: "subscribed to" in gw.log(), what="gateway subscribed")
     assert gw.proc is not None
     proc = psutil.Process(gw.proc.pid)
     payload = b"x" * 200
@@ -479,7 +479,7 @@ def test_dlq_replay_works_while_the_gateway_is_stopped(
     )
     gw = gateway_proc(cfg)
     gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what="gateway connected")
+    wait_for(lambda: "subscribed to" in gw.log(), what="gateway subscribed")
     publish(mosquitto.port, [(TOPIC, b"a"), (TOPIC, b"b")])
     db = tmp_path / "state" / "gateway.db"
     wait_for(

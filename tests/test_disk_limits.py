@@ -192,7 +192,7 @@ def test_a_full_disk_stops_acknowledgements_and_everything_is_delivered_once_spa
     db = small_fs / "state" / "gateway.db"
     gw = gateway_proc(cfg)
     gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    wait_for(lambda: "subscribed to" in gw.log(), what="gateway to subscribe")
     filler = fill(small_fs, leave_bytes=300 * 1024)
     sent = [f"{i:04d}".encode().ljust(1000, b"#") for i in range(total)]
     publish(mosquitto.port, [(f"devices/{ICCID}/up", p) for p in sent])

@@ -46,7 +46,7 @@ def connected(
     cfg = write_config(tmp_path / "gw.toml", mosquitto.port, tmp_path / "state", **config)
     gw = gateway_proc(cfg)
     gw.start()
-    wait_for(lambda: "connected to" in gw.log(), what="gateway to connect")
+    wait_for(lambda: "subscribed to" in gw.log(), what="gateway to subscribe")
     return gw
 
 

@@ -135,7 +135,7 @@ def test_clock_jumps_break_neither_delivery_nor_retries_nor_reports(
         cfg = config(tmp_path, mosquitto, web_port, hooks.url, notices.url)
         gw = gateway_proc(cfg, env=wall_clock.env())
         gw.start()
-        wait_for(lambda: "connected to" in gw.log(), what="gateway connected")
+        wait_for(lambda: "subscribed to" in gw.log(), what="gateway subscribed")
 
         began = time.monotonic()
         pub = Publisher(mosquitto.port, TOTAL, RATE).start()

@@ -558,6 +558,8 @@ async def test_healthz_is_503_while_the_store_cannot_write_and_when_ingest_stops
             async with ingest.running(cfg.mqtt, store) as taker:
                 site.ingest = taker
                 assert await health() == (200, "ok\n")
+                # The broker drops what is published before the fresh session subscribes.
+                await until(lambda: taker.stats.subscribed, what="the subscription")
                 # A read-only database is what a full or read-only disk looks like to SQLite.
                 await asyncio.wrap_future(store.call(lambda c: c.execute("PRAGMA query_only = 1")))
                 await asyncio.to_thread(publish, mosquitto.port, [(TOPIC, b"x")], timeout=10)

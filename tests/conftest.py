@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -143,6 +144,28 @@ def publish(
         for info in infos:
             info.wait_for_publish(max(0.1, deadline - time.monotonic()))
             assert info.is_published(), "broker did not acknowledge a publish in time"
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def register_session(port: int, client_id: str, topic: str, expiry_s: int = 3600) -> None:
+    """Create the gateway's persistent session and subscription before it first runs,
+    so that nothing published before its SUBACK is dropped by the broker."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = expiry_s
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    c.loop_start()
+    try:
+        done = threading.Event()
+        c.on_subscribe = lambda *_a: done.set()
+        c.subscribe(topic, qos=1)
+        assert done.wait(10), f"no SUBACK for {topic}"
     finally:
         c.disconnect()
         c.loop_stop()

@@ -25,6 +25,7 @@ from tests.conftest import (
     db_rows,
     gateway_cmd,
     publish,
+    register_session,
     until,
     wait_for,
     write_config,
@@ -35,11 +36,14 @@ ICCID = "8981100000000000012"
 TOPIC = f"devices/{ICCID}/up"
 
 
-def gw_config(tmp_path: Path, broker: Broker, webhooks: str, mqtt_extra: str = "") -> config.Config:
-    path = write_config(
-        tmp_path / "gw.toml", broker.port, tmp_path / "state", extra=webhooks, mqtt_extra=mqtt_extra
-    )
-    return config.load(path)
+def gw_config(tmp_path: Path, broker: Broker, webhooks: str) -> config.Config:
+    """The tests' config. The gateway's session and subscription are made here, so
+    that the broker keeps whatever is published from now on, whether or not the
+    gateway has subscribed yet."""
+    path = write_config(tmp_path / "gw.toml", broker.port, tmp_path / "state", extra=webhooks)
+    cfg = config.load(path)
+    register_session(broker.port, cfg.mqtt.client_id, cfg.mqtt.topics[0])
+    return cfg
 
 
 def hook(url: str, **fields: str) -> str:
@@ -60,10 +64,9 @@ def pending(tmp_path: Path) -> int:
 
 
 async def connected(tmp_path: Path) -> None:
-    # The first subscription must exist before publishing, or the broker drops the packets.
+    """The gateway has started (its session exists already: see gw_config)."""
     await asyncio.sleep(0)
     await until(lambda: (tmp_path / "state" / "gateway.db").exists(), what="store created")
-    await asyncio.sleep(0.5)
 
 
 async def test_a_window_of_21_packets_is_sent_as_arrays_of_10_10_and_1_with_auth_and_headers(

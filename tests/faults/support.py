@@ -17,10 +17,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from tests.conftest import ROOT, GatewayProc, gateway_cmd, wait_for, write_config
+from tests.conftest import (
+    ROOT,
+    GatewayProc,
+    gateway_cmd,
+    register_session,
+    wait_for,
+    write_config,
+)
 from tests.receiver import Recorded
 
 ICCID = "8981100000000000012"
@@ -173,24 +178,6 @@ def _published(info: mqtt.MQTTMessageInfo) -> bool:
         return info.is_published()
     except (RuntimeError, ValueError):
         return False
-
-
-def register_session(port: int, client_id: str, topic: str, expiry_s: int = 3600) -> None:
-    """Create the gateway's persistent session and subscription before it first runs,
-    so that nothing published before its SUBACK is dropped by the broker."""
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = expiry_s
-    c.connect("127.0.0.1", port, clean_start=False, properties=props)
-    c.loop_start()
-    try:
-        done = threading.Event()
-        c.on_subscribe = lambda *_a: done.set()
-        c.subscribe(topic, qos=1)
-        assert done.wait(10), f"no SUBACK for {topic}"
-    finally:
-        c.disconnect()
-        c.loop_stop()
 
 
 def seeded(record_property: Callable[[str, object], None]) -> tuple[int, random.Random]:

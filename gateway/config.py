@@ -62,6 +62,11 @@ class MqttSection:
     # MQTT clients in processes of their own, each with a session in shared_group.
     ingest_processes: int = 1
 
+    def session_client_id(self, n: int) -> str:
+        """The client id of ingest session n (mqtt.ingest_processes): session 0 keeps
+        client_id, so a gateway going from 1 to more processes keeps its session."""
+        return f"{self.client_id}-{n}" if n else self.client_id
+
     def subscriptions(self) -> list[str]:
         """Topic filters as sent to the broker, with the shared-subscription prefix."""
         if not self.shared_group:

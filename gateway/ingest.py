@@ -322,7 +322,7 @@ async def _retire_sessions(cfg: MqttSection, store: Store) -> None:
             "sessions %s and ending them",
             before,
             now,
-            ", ".join(f"{cfg.client_id}-{n}" for n in gone),
+            ", ".join(cfg.session_client_id(n) for n in gone),
         )
         if not await asyncio.to_thread(retire_sessions, cfg, store, gone, RETIRE_TIMEOUT_S):
             log.error(

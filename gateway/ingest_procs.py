@@ -334,8 +334,7 @@ class _Process:
     def __init__(self, pool: IngestPool, source: int) -> None:
         self.pool = pool
         self.source = source
-        cfg = pool.cfg
-        self.client_id = cfg.client_id if source == 0 else f"{cfg.client_id}-{source}"
+        self.client_id = pool.cfg.session_client_id(source)
         self.stats = IngestStats()
         self.first_attempt = False
         self.proc: subprocess.Popen[bytes] | None = None

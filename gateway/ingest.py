@@ -311,7 +311,7 @@ async def _retire_sessions(cfg: MqttSection, store: Store) -> None:
 
     from gateway import store as st
 
-    before = int(await asyncio.to_thread(store.run_sync, st.get_meta, "ingest_sessions", "1"))
+    before = int(await asyncio.wrap_future(store.call(st.get_meta, "ingest_sessions", "1")))
     now = cfg.ingest_processes
     if before > now:
         from gateway.ingest_procs import retire_sessions
@@ -331,7 +331,7 @@ async def _retire_sessions(cfg: MqttSection, store: Store) -> None:
             )
             return
     if before != now:
-        await asyncio.to_thread(store.run_sync, st.set_meta, "ingest_sessions", str(now))
+        await asyncio.wrap_future(store.call(st.set_meta, "ingest_sessions", str(now)))
 
 
 class Taker(Protocol):

@@ -396,7 +396,8 @@ class Store:
             store.close()
 
     def submit_packet(self, pkt: Incoming, wait_s: float = 0.0) -> bool:
-        """Queue a packet for the next group commit (called from one thread: MQTT's).
+        """Queue a packet for the next group commit (called from one thread at a time:
+        MQTT's, or the ingest processes' readers under IngestPool.submit_lock).
 
         With `wait_s`, wait up to that long while `max_pending` packets are already in
         memory uncommitted: blocking the MQTT thread stops it reading the socket, so a
@@ -408,8 +409,8 @@ class Store:
         if self.pending_packets >= self.max_pending and wait_s > 0:
             with self._room:
                 room = self._room.wait_for(lambda: self.pending_packets < self.max_pending, wait_s)
-        # Only this thread adds to _submitted and only the writer to _released, so
-        # neither needs a lock; the writer notifies `_room` under it.
+        # Only one submitter at a time adds to _submitted and only the writer to
+        # _released, so neither needs a lock; the writer notifies `_room` under it.
         self._submitted += 1
         self._q.put(pkt)
         return room

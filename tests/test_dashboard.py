@@ -120,6 +120,7 @@ def add_cdr_and_report(db: Path, zip_path: Path) -> None:
 def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
     mosquitto: Broker, tmp_path: Path, gateway_proc, browser: Any
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -188,12 +189,23 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
         browser.get(base + "/")
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.ID, "sign-in").click()
-        wait = WebDriverWait(browser, 15)
+        # The page redraws the webhook table every 3 s: an element found before a redraw
+        # is stale after it. Waits try again; cell() reads in one call, holding nothing.
+        wait = WebDriverWait(browser, 15, ignored_exceptions=[StaleElementReferenceException])
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
 
         def cell(hook: str, cls: str) -> str:
-            row = browser.find_element(By.CSS_SELECTOR, f'#webhooks tr[data-webhook="{hook}"]')
-            return str(row.find_element(By.CSS_SELECTOR, f"td.{cls}").text)
+            sel = f'#webhooks tr[data-webhook="{hook}"] td.{cls}'
+            text = browser.execute_script(
+                "const e = document.querySelector(arguments[0]); return e && e.innerText.trim();",
+                sel,
+            )
+            return str(text)
+
+        def click(hook: str, button: str) -> None:
+            """Click a row's button; a redraw between finding and clicking means again."""
+            sel = f'#webhooks tr[data-webhook="{hook}"] button.{button}'
+            wait.until(lambda d: d.find_element(By.CSS_SELECTOR, sel).click() or True)
 
         wait.until(lambda d: cell("cloud", "hits") == "60")
         assert cell("cloud", "delivered") == "60"
@@ -223,8 +235,7 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
         print(f"\ndashboard screenshot: {shot}")
 
         # "Send test" reports the receiver's answer in the row.
-        row = browser.find_element(By.CSS_SELECTOR, '#webhooks tr[data-webhook="cloud"]')
-        row.find_element(By.CSS_SELECTOR, "button.test").click()
+        click("cloud", "test")
         wait.until(lambda d: "test: HTTP 200" in cell("cloud", "actions"))
 
         # Replay: the receiver now accepts, and gets every dead-lettered batch, same ids.
@@ -232,8 +243,7 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
         dead_ids = {str(r[0]) for r in db_rows(db, "SELECT webhook_id FROM dead_letters")}
         assert dead_ids
         flaky.behaviour = lambda n, r: Reply(200)
-        row = browser.find_element(By.CSS_SELECTOR, '#webhooks tr[data-webhook="flaky"]')
-        row.find_element(By.CSS_SELECTOR, "button.replay").click()
+        click("flaky", "replay")
         wait.until(
             lambda d: f"re-queued {len(dead_ids)} dead letter(s)" in cell("flaky", "actions")
         )

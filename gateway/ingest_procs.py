@@ -58,6 +58,7 @@ _DUP, _TOO_LARGE = 1, 2
 STOP_WAIT_S = 20.0  # for a process to commit what it sent and disconnect
 DRAIN_QUIET_S = 2.0  # a retired session is drained when nothing came for this long
 RESTART_MAX_S = 30.0
+SEND_GATHER_S = 0.001  # a process's packets wait this long to go to the gateway together
 
 
 def frame(kind: int, body: bytes) -> bytes:
@@ -185,7 +186,10 @@ class Forwarder:
         last: tuple[Any, ...] = ()
         next_stats = 0.0
         while not self.closed:
-            self._wake.wait(0.5)
+            if self._wake.wait(0.5):
+                # Let a few more packets come: a write and a wake-up per packet cost
+                # both processes more than this adds to latency.
+                time.sleep(SEND_GATHER_S)
             self._wake.clear()
             with self._lock:
                 out, self._out = self._out, []

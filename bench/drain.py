@@ -262,8 +262,8 @@ def run_gateway(
     cmd = [sys.executable, "-m", "gateway", "run", "-c", str(cfg)]
     if py_spy is not None:
         # Collapsed stacks of every thread, for a look at where the time goes.
-        cmd = ["py-spy", "record", "--threads", "--format", "raw", "--rate", "200",
-               "-o", str(py_spy), "--", *cmd]  # fmt: skip
+        cmd = ["py-spy", "record", "--threads", "--subprocesses", "--format", "raw",
+               "--rate", "200", "-o", str(py_spy), "--", *cmd]  # fmt: skip
     proc = subprocess.Popen(
         cmd,
         stderr=subprocess.DEVNULL,
@@ -320,6 +320,8 @@ def run_gateway(
         "peak_rss_mb": peak / 1e6,
         "disk_bytes_per_packet": written / n,
         "cpu_us_per_packet": (cpu.user + cpu.system + sum(child_cpu.values())) / n * 1e6,
+        # Of that, the ingest processes' share (mqtt.ingest_processes > 1; 0 without).
+        "ingest_procs_cpu_us_per_packet": sum(child_cpu.values()) / n * 1e6,
     }
 
 
@@ -343,7 +345,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 r["rate"] / base.get(("mosquitto_sub", r["round"]), float("nan")) for r in mine
             ),
         }
-        for key in ("peak_rss_mb", "disk_bytes_per_packet", "cpu_us_per_packet"):
+        for key in (
+            "peak_rss_mb",
+            "disk_bytes_per_packet",
+            "cpu_us_per_packet",
+            "ingest_procs_cpu_us_per_packet",
+        ):
             if key in mine[0]:
                 summary[key] = statistics.median(r[key] for r in mine)
         out[name] = summary
@@ -464,12 +471,14 @@ def main() -> int:
             f"{summary['x_sub']:>8.2f}{_fmt(summary, 'peak_rss_mb', '.1f'):>13}"
             f"{_fmt(summary, 'disk_bytes_per_packet', '.0f'):>12}"
             f"{_fmt(summary, 'cpu_us_per_packet', '.1f'):>12}"
-            + (
-                "  " + " ".join(f"{x:.2f}" for x in summary["x_paho_each"])
-                if args.rounds > 1
-                else ""
-            )
+            + (each(summary) if args.rounds > 1 else "")
         )
+    for name, summary in summarise(rows).items():
+        if summary.get("ingest_procs_cpu_us_per_packet"):
+            print(
+                f"({name}: {summary['ingest_procs_cpu_us_per_packet']:.1f} of its"
+                f" {summary['cpu_us_per_packet']:.1f} CPU us/pkt in the ingest processes)"
+            )
     print(json.dumps({"bench": "drain", "n": n, "payload_bytes": len(PAYLOAD), "rows": rows}))
     return 0
 

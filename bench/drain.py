@@ -120,7 +120,17 @@ def register_mosquitto_sub(port: int, client_id: str) -> None:
     )
 
 
-def preload(port: int, n: int) -> float:
+def sized_payload(size: int) -> bytes:
+    """PAYLOAD itself, or with a "pad" field that makes it `size` bytes (from its + 10)."""
+    if size == len(PAYLOAD):
+        return PAYLOAD
+    pad = size - len(PAYLOAD) - len(b',"pad":""')
+    if pad < 0:
+        raise SystemExit(f"payloads are at least {len(PAYLOAD) + 10} bytes here, not {size}")
+    return PAYLOAD[:-1] + b',"pad":"' + b"x" * pad + b'"}'
+
+
+def preload(port: int, n: int, payload: bytes = PAYLOAD) -> float:
     """Publish n QoS 1 packets; returns seconds taken."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     c.max_inflight_messages_set(1000)
@@ -130,7 +140,7 @@ def preload(port: int, n: int) -> float:
     began = time.monotonic()
     for start in range(0, n, 10_000):  # chunks: paho refuses an unbounded queue
         infos = [
-            c.publish(TOPIC.format(f"898110000000{i % 1000:07d}"), PAYLOAD, qos=1)
+            c.publish(TOPIC.format(f"898110000000{i % 1000:07d}"), payload, qos=1)
             for i in range(start, min(n, start + 10_000))
         ]
         for info in infos:

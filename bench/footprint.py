@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/footprint.py [--backlog 1000000] [--idle-s 60] [--packets 20000]
                                         [--idle-commit-delay-ms 100] [--no-baselines]
+                                        [--backlog-payloads 71,256] [--parts backlog,…]
 
 One mosquitto started here on a free loopback port (in memory, as bench/drain.py).
 1. Backlog: --backlog packets of 71 bytes are preloaded into the gateway's persistent
@@ -10,7 +11,8 @@ One mosquitto started here on a free loopback port (in memory, as bench/drain.py
    sampled every 50 ms while it ingests (peak) and for --steady-s after (steady); disk
    writes per packet from /proc/<pid>/io write_bytes. Baseline: a bare paho MQTT 5
    client (manual ack, acks in groups of 500, stores nothing) drains its own copy of the
-   same backlog, in a process of its own.
+   same backlog, in a process of its own. --backlog-payloads runs this part once per
+   payload size (JSON padded to that size), each on a session of its own.
 2. Delivery: --packets packets published at 1,000/s go through the gateway to an aiohttp
    receiver, monoZ profile (1 s / 10), with and without `gzip = true`: disk bytes
    written per packet and per payload byte (ingest and delivery bookkeeping), and
@@ -49,7 +51,7 @@ from common import (
     start_publishers,
     stored,
 )
-from drain import PAYLOAD as BACKLOG_PAYLOAD
+from drain import PAYLOAD as SAMPLE_PAYLOAD
 from drain import (
     ROOT,
     forget_session,
@@ -57,6 +59,7 @@ from drain import (
     preload,
     register_session,
     run_bare_paho,
+    sized_payload,
     start_broker,
 )
 
@@ -102,13 +105,15 @@ def watch(pid: int, until: Callable[[], bool], limit_s: float) -> dict[str, floa
     }
 
 
-def backlog(port: int, n: int, work: Path, baselines: bool) -> list[dict[str, Any]]:
+def backlog(port: int, n: int, work: Path, baselines: bool, size: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    register_session(port, "fp-backlog")
+    payload = sized_payload(size)
+    client_id = f"fp-backlog-{size}"
+    register_session(port, client_id)
     if baselines:
         register_session(port, "fp-paho")
-    print(f"  preloading {n:,} packets …", file=sys.stderr, flush=True)
-    pub_s = preload(port, n)
+    print(f"  preloading {n:,} packets of {size} bytes …", file=sys.stderr, flush=True)
+    pub_s = preload(port, n, payload)
     print(f"  preloaded in {pub_s:.0f} s", file=sys.stderr, flush=True)
     if baselines:
         child = mp.get_context("spawn").Process(target=run_bare_paho, args=(port, "fp-paho", n))
@@ -116,17 +121,20 @@ def backlog(port: int, n: int, work: Path, baselines: bool) -> list[dict[str, An
         assert child.pid is not None
         m = watch(child.pid, lambda: not child.is_alive(), 900)
         child.join()
-        rows.append({"what": "backlog", "consumer": "bare paho", "packets": n, **m})
+        forget_session(port, "fp-paho")
+        rows.append(
+            {"what": "backlog", "consumer": "bare paho", "packets": n, "payload_bytes": size, **m}
+        )
     refusing = free_port()
-    state = work / "state-backlog"
+    state = work / f"state-backlog-{size}"
     cfg = gateway_toml(
-        work / "backlog.toml",
+        work / f"backlog-{size}.toml",
         port,
         state,
-        "fp-backlog",
+        client_id,
         sink_hook(refusing, MONOZ, 'retry = { preset = "durable" }'),
     )
-    proc = start_gateway(cfg, port, "fp-backlog", work / "backlog.log", register=False)
+    proc = start_gateway(cfg, port, client_id, work / f"backlog-{size}.log", register=False)
     try:
         db = state / "gateway.db"
         m = watch(proc.pid, lambda: stored(db) >= n, 1800)
@@ -141,16 +149,19 @@ def backlog(port: int, n: int, work: Path, baselines: bool) -> list[dict[str, An
     finally:
         proc.terminate()
         proc.wait(60)
+        # Later preloads (another payload size) must not queue copies for this session.
+        forget_session(port, client_id)
     rows.append(
         {
             "what": "backlog",
             "consumer": "gateway",
             "packets": n,
+            "payload_bytes": size,
             **m,
             "rss_steady_mb": max(steady) / 1e6,
             "rss_steady_last_mb": steady[-1] / 1e6,
             "disk_bytes_per_packet": m["write_bytes"] / n,
-            "disk_bytes_per_payload_byte": m["write_bytes"] / (n * len(BACKLOG_PAYLOAD)),
+            "disk_bytes_per_payload_byte": m["write_bytes"] / (n * size),
             "store_mb": sum(f.stat().st_size for f in state.glob("gateway.db*")) / 1e6,
             "stored": pending,
         }
@@ -297,6 +308,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--backlog", type=int, default=1_000_000)
+    ap.add_argument(
+        "--backlog-payloads",
+        default=str(len(SAMPLE_PAYLOAD)),
+        metavar="BYTES,…",
+        help="payload sizes of the backlog part, one run each (the first with baselines)",
+    )
     ap.add_argument("--steady-s", type=float, default=10.0)
     ap.add_argument("--packets", type=int, default=20_000, help="for the delivery runs")
     ap.add_argument("--idle-s", type=float, default=60.0)
@@ -322,7 +339,8 @@ def main() -> int:
         if "deliver" in parts:
             rows += [delivery(port, ARGS.packets, work, gz) for gz in (False, True)]
         if "backlog" in parts:
-            rows += backlog(port, ARGS.backlog, work, baselines)
+            for i, size in enumerate(int(s) for s in ARGS.backlog_payloads.split(",")):
+                rows += backlog(port, ARGS.backlog, work, baselines and i == 0, size)
     finally:
         broker.terminate()
         broker.wait(30)
@@ -354,14 +372,15 @@ def report(rows: list[dict[str, Any]]) -> None:
             )
     back = [r for r in rows if r["what"] == "backlog"]
     if back:
-        print(f"\nbacklog: {back[0]['packets']:,} packets of {len(BACKLOG_PAYLOAD)} bytes")
+        print(f"\nbacklog: {back[0]['packets']:,} packets")
         print(
-            f"{'consumer':<16}{'s':>6}{'peak RSS MB':>13}{'steady RSS MB':>15}"
+            f"{'consumer':<16}{'payload B':>10}{'s':>6}{'peak RSS MB':>13}{'steady RSS MB':>15}"
             f"{'disk B/pkt':>12}{'B/payload B':>13}{'store MB':>10}"
         )
         for r in back:
             print(
-                f"{r['consumer']:<16}{r['seconds']:>6.0f}{r['rss_peak_mb']:>13.1f}"
+                f"{r['consumer']:<16}{r['payload_bytes']:>10}{r['seconds']:>6.0f}"
+                f"{r['rss_peak_mb']:>13.1f}"
                 f"{fmt(r, 'rss_steady_mb', '.1f'):>15}{fmt(r, 'disk_bytes_per_packet', '.0f'):>12}"
                 f"{fmt(r, 'disk_bytes_per_payload_byte', '.2f'):>13}{fmt(r, 'store_mb', '.0f'):>10}"
             )

@@ -121,13 +121,13 @@ def register_mosquitto_sub(port: int, client_id: str) -> None:
 
 
 def sized_payload(size: int) -> bytes:
-    """PAYLOAD itself, or with a "pad" field that makes it `size` bytes (from its + 10)."""
+    """PAYLOAD itself, or PAYLOAD with a "pad" field that makes it `size` bytes."""
     if size == len(PAYLOAD):
         return PAYLOAD
-    pad = size - len(PAYLOAD) - len(b',"pad":""')
-    if pad < 0:
-        raise SystemExit(f"payloads are at least {len(PAYLOAD) + 10} bytes here, not {size}")
-    return PAYLOAD[:-1] + b',"pad":"' + b"x" * pad + b'"}'
+    smallest = len(PAYLOAD) + len(b',"pad":""')
+    if size < smallest:
+        raise SystemExit(f"payload sizes here: {len(PAYLOAD)}, or {smallest} and up; not {size}")
+    return PAYLOAD[:-1] + b',"pad":"' + b"x" * (size - smallest) + b'"}'
 
 
 def preload(port: int, n: int, payload: bytes = PAYLOAD) -> float:
@@ -475,7 +475,8 @@ def main() -> int:
         f"{'disk B/pkt':>12}{'CPU us/pkt':>12}"
         + ("  x paho, each round" if args.rounds > 1 else "")
     )
-    for name, summary in summarise(rows).items():
+    summaries = summarise(rows)
+    for name, summary in summaries.items():
         print(
             f"{name:<16}{summary['rate']:>12,.0f}{summary['x_paho']:>8.2f}"
             f"{summary['x_sub']:>8.2f}{_fmt(summary, 'peak_rss_mb', '.1f'):>13}"
@@ -483,7 +484,7 @@ def main() -> int:
             f"{_fmt(summary, 'cpu_us_per_packet', '.1f'):>12}"
             + (each(summary) if args.rounds > 1 else "")
         )
-    for name, summary in summarise(rows).items():
+    for name, summary in summaries.items():
         if summary.get("ingest_procs_cpu_us_per_packet"):
             print(
                 f"({name}: {summary['ingest_procs_cpu_us_per_packet']:.1f} of its"

@@ -4,7 +4,6 @@ receiver that timestamps records and counts wire bytes, percentiles."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing as mp
 import queue
 import sqlite3
@@ -17,7 +16,6 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
-import psutil
 from aiohttp import web
 from drain import ROOT, free_port, gateway_config, register_sessions
 
@@ -134,25 +132,6 @@ def gateway_toml(
         listen = f'listen = "127.0.0.1:{free_port()}"'
         path.write_text(path.read_text().replace("[web]\nenabled = false", f"[web]\n{listen}"))
     return path
-
-
-def cpu_seconds(ps: psutil.Process) -> float:
-    """User and system CPU of a process and its children (ingest processes)."""
-    total = 0.0
-    for p in [ps, *ps.children()]:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
-def rss_bytes(ps: psutil.Process) -> int:
-    """RSS of a process and its children."""
-    total = 0
-    for p in [ps, *ps.children()]:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
 
 
 def sink_hook(port: int, batch: str, extra: str = "") -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -264,6 +265,25 @@ enabled = false
 """)
 
 
+def cpu_seconds(ps: psutil.Process) -> float:
+    """User and system CPU of a process and its children (ingest processes)."""
+    total = 0.0
+    for p in [ps, *ps.children()]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def rss_bytes(ps: psutil.Process) -> int:
+    """RSS of a process and its children."""
+    total = 0
+    for p in [ps, *ps.children()]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
 def run_gateway(
     cfg: Path, state: Path, n: int, sink: Sink | None, py_spy: Path | None = None
 ) -> dict[str, float]:
@@ -294,11 +314,9 @@ def run_gateway(
     try:
         while time.monotonic() < deadline:
             try:
-                rss = ps.memory_info().rss
                 for child in ps.children():
-                    rss += child.memory_info().rss
                     child_cpu[child.pid] = sum(child.cpu_times()[:2])
-                peak = max(peak, rss)
+                peak = max(peak, rss_bytes(ps))
                 io = ps.io_counters()
                 io0 = io0 or io
             except psutil.Error:

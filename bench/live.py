@@ -44,16 +44,14 @@ import paho.mqtt.client as mqtt
 import psutil
 from common import (
     LatencySink,
-    cpu_seconds,
     gateway_toml,
     percentiles,
-    rss_bytes,
     sink_hook,
     start_gateway,
     start_publishers,
     stored,
 )
-from drain import forget_session, start_broker
+from drain import cpu_seconds, forget_session, rss_bytes, start_broker
 
 PROFILES = {
     "monoz": "batch = { window_ms = 1000, max_items = 10 }",

@@ -17,10 +17,11 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -119,6 +120,7 @@ class Ingest:
         source: int = 0,
         *,
         drain: bool = False,
+        stale: Sequence[str] = (),
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -126,6 +128,9 @@ class Ingest:
         self.source = source
         # drain: a session being retired unsubscribes instead, and takes what is queued.
         self.drain = drain
+        # Filters an earlier config subscribed this session to, no longer wanted: the
+        # broker keeps a persistent session's subscriptions until they are unsubscribed.
+        self.stale = [t for t in stale if t not in cfg.subscriptions()]
         self.unsubscribed = threading.Event()
         # Log lines name the client when there are several (mqtt.ingest_processes).
         self._who = f"{self.client_id}: " if client_id else ""
@@ -148,7 +153,7 @@ class Ingest:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
-        client.on_unsubscribe = lambda *_a: self.unsubscribed.set()
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_connect_fail = self._on_connect_fail
         return client
 
@@ -178,9 +183,13 @@ class Ingest:
         )
         self.first_attempt.set()
         if self.drain:
-            client.unsubscribe(self.cfg.subscriptions())
-        else:
-            client.subscribe([(t, self.cfg.qos) for t in self.cfg.subscriptions()])
+            client.unsubscribe(self.cfg.subscriptions() + self.stale)
+            return
+        if self.stale:
+            # Sent first on the same connection: the broker has dropped them by the time
+            # it grants the subscriptions below (stats.subscribed).
+            client.unsubscribe(self.stale)
+        client.subscribe([(t, self.cfg.qos) for t in self.cfg.subscriptions()])
 
     def _on_connect_fail(self, _c: mqtt.Client, _u: object) -> None:
         self.stats.last_error = f"cannot connect to {self.cfg.host}:{self.cfg.port}"
@@ -199,6 +208,13 @@ class Ingest:
         self.stats.subscribed = not refused
         if not refused:
             log.info("%ssubscribed to %s", self._who, ", ".join(self.cfg.subscriptions()))
+
+    def _on_unsubscribe(self, *_a: object) -> None:
+        if self.stale and not self.drain:
+            gone = ", ".join(self.stale)
+            log.info("%sunsubscribed from %s (no longer in mqtt.topics)", self._who, gone)
+            self.stale = []
+        self.unsubscribed.set()
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None
@@ -303,7 +319,7 @@ class Ingest:
 RETIRE_TIMEOUT_S = 60.0
 
 
-async def _retire_sessions(cfg: MqttSection, store: Store) -> None:
+async def _retire_sessions(cfg: MqttSection, store: Store, stale: list[str]) -> None:
     """When mqtt.ingest_processes went down, end the sessions no longer used (see
     ingest_procs.retire_sessions) before ingest starts. `meta.ingest_sessions` is the
     number the store was last run with; it goes down only once they are ended."""
@@ -324,7 +340,7 @@ async def _retire_sessions(cfg: MqttSection, store: Store) -> None:
             now,
             ", ".join(cfg.session_client_id(n) for n in gone),
         )
-        if not await asyncio.to_thread(retire_sessions, cfg, store, gone, RETIRE_TIMEOUT_S):
+        if not await asyncio.to_thread(retire_sessions, cfg, store, gone, RETIRE_TIMEOUT_S, stale):
             log.error(
                 "could not end every retired session within %g s; trying again at the next start",
                 RETIRE_TIMEOUT_S,
@@ -356,16 +372,49 @@ async def running(cfg: MqttSection, store: Store) -> AsyncIterator[Taker]:
     `mqtt.ingest_processes` processes of its own."""
     import asyncio
 
-    await _retire_sessions(cfg, store)
+    from gateway import store as st
+
+    # `meta.subscriptions`: every filter a session of this store may hold at the broker.
+    # Those not in the config now are unsubscribed on connect, then dropped from it.
+    was = orjson.loads(await asyncio.wrap_future(store.call(st.get_meta, "subscriptions", "[]")))
+    now = cfg.subscriptions()
+    stale = [t for t in was if t not in now]
+    if was != now:
+        await _set_subscriptions(store, now + stale)
+    await _retire_sessions(cfg, store, stale)
     ingest: Taker
     if cfg.ingest_processes > 1:
         from gateway.ingest_procs import IngestPool
 
-        ingest = IngestPool(cfg, store)
+        ingest = IngestPool(cfg, store, stale=stale)
     else:
-        ingest = Ingest(cfg, store)
+        ingest = Ingest(cfg, store, stale=stale)
     ingest.start()
+    forget = asyncio.create_task(_forget_stale(store, ingest, now)) if stale else None
     try:
         yield ingest
     finally:
+        if forget is not None:
+            forget.cancel()
         await asyncio.to_thread(ingest.stop)
+
+
+async def _set_subscriptions(store: Store, filters: list[str]) -> None:
+    import asyncio
+
+    from gateway import store as st
+
+    value = orjson.dumps(filters).decode()
+    await asyncio.wrap_future(store.call(st.set_meta, "subscriptions", value))
+
+
+async def _forget_stale(store: Store, ingest: Taker, now: list[str]) -> None:
+    """Once every session has been granted its subscriptions, on the connection that
+    unsubscribed the stale filters first, the broker holds only `now`."""
+    import asyncio
+
+    # The stats come from paho's thread, or from the ingest processes' reports: there is
+    # no event to await, and this ends at the first connection that works.
+    while not ingest.stats.subscribed:  # noqa: ASYNC110
+        await asyncio.sleep(0.5)
+    await _set_subscriptions(store, now)

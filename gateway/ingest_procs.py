@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -240,7 +240,12 @@ def process_main(fd: int) -> int:
     logs.setup(hello["log_level"], hello["log_format"], secret_values=[cfg.password])
     fwd = Forwarder(sock, hello["max_pending"], hello["epoch"])
     ingest = Ingest(
-        cfg, fwd, client_id=hello["client_id"], source=hello["source"], drain=hello["drain"]
+        cfg,
+        fwd,
+        client_id=hello["client_id"],
+        source=hello["source"],
+        drain=hello["drain"],
+        stale=hello["stale"],
     )
     stopping = threading.Event()
 
@@ -369,6 +374,7 @@ class _Process:
             "epoch": epoch,
             "max_pending": self.pool.store.max_pending,
             "drain": self.pool.drain,
+            "stale": self.pool.stale,
             "log_level": level,
             "log_format": fmt,
         }
@@ -435,11 +441,18 @@ class IngestPool:
     retire_sessions) and are not started again when they end."""
 
     def __init__(
-        self, cfg: MqttSection, store: Store, sessions: range | None = None, *, drain: bool = False
+        self,
+        cfg: MqttSection,
+        store: Store,
+        sessions: range | None = None,
+        *,
+        drain: bool = False,
+        stale: Sequence[str] = (),
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.drain = drain
+        self.stale = list(stale)  # filters to unsubscribe (see Ingest.stale)
         self.first_attempt = threading.Event()
         self.submit_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -551,12 +564,14 @@ class IngestPool:
         self.store.flush()
 
 
-def retire_sessions(cfg: MqttSection, store: Store, sessions: range, timeout_s: float) -> bool:
+def retire_sessions(
+    cfg: MqttSection, store: Store, sessions: range, timeout_s: float, stale: Sequence[str] = ()
+) -> bool:
     """Sessions of an earlier, higher `ingest_processes`: while they live, the broker
     keeps handing each its turn of the shared group's packets, for nobody. Each is
     taken up once more: it unsubscribes, its queued packets are committed and
     acknowledged, and the session is ended. True when all of them are done."""
-    pool = IngestPool(cfg, store, sessions, drain=True)
+    pool = IngestPool(cfg, store, sessions, drain=True, stale=stale)
     pool.start()
     try:
         return pool.wait_ended(timeout_s)

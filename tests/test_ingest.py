@@ -289,3 +289,27 @@ def test_pubacks_sent_in_one_write_acknowledge_every_packet_to_the_broker(
     again = session(10, 10)
     assert sorted(again) == sorted(first[total - 10 :])  # only the unacknowledged ones
     assert session(0, 0) == []
+
+
+def test_a_topic_removed_from_the_config_is_unsubscribed_from_the_persistent_session(
+    mosquitto: Broker, tmp_path: Path, gateway_proc
+) -> None:
+    topics = 'topics = ["devices/+/up", "legacy/+/data"]'
+    gw = connected(gateway_proc, mosquitto, tmp_path, mqtt_extra=topics)
+    db = tmp_path / "state" / "gateway.db"
+    publish(mosquitto.port, [("legacy/1/data", b"old")])
+    wait_for(lambda: count(db) == 1, what="the legacy topic taken while configured")
+    assert gw.terminate() == 0
+    gw.config.write_text(gw.config.read_text().replace(topics, 'topics = ["devices/+/up"]'))
+    gw.start()
+    wait_for(lambda: "unsubscribed from legacy/+/data" in gw.log(), what="the unsubscribe")
+    wait_for(lambda: "subscribed to devices/+/up" in gw.log(), what="the subscription")
+    # One publisher, in this order: had the session kept legacy/+/data, its packet
+    # would be stored before the device's.
+    publish(mosquitto.port, [("legacy/2/data", b"new"), (f"devices/{ICCID}/up", b"up")])
+    wait_for(lambda: count(db) >= 2, what="the device packet")
+    assert [r[0] for r in stored(db)] == ["legacy/1/data", f"devices/{ICCID}/up"]
+    assert db_rows(db, "SELECT value FROM meta WHERE key = 'subscriptions'") == [
+        ('["devices/+/up"]',)
+    ]
+    assert gw.terminate() == 0

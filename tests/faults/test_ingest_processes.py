@@ -110,3 +110,27 @@ def test_lowering_ingest_processes_retires_the_extra_session_with_its_queue(
     t = Tally.of(receiver)
     assert t.duplicates == 0
     assert gw.terminate(timeout=30) == 0
+
+
+def test_a_new_shared_group_leaves_the_old_one_instead_of_taking_each_packet_twice(
+    mosquitto: Broker, receiver: Receiver, launch: Callable[..., GatewayProc]
+) -> None:
+    gw = launch(receiver.url, batch=BATCH, shared_group="gw", ingest_processes=2)
+    assert gw.terminate(timeout=30) == 0
+    gw.config.write_text(
+        gw.config.read_text().replace('shared_group = "gw"', 'shared_group = "gw2"')
+    )
+    restart(gw)
+    wait_for(
+        lambda: gw.log().count("unsubscribed from $share/gw/devices/+/up") == 2,
+        what="both sessions out of the old group",
+    )
+    # Had either session stayed in group "gw", the broker would hand each packet to a
+    # member of "gw" and to one of "gw2": both are this gateway's sessions.
+    n = 200
+    Publisher(mosquitto.port, n, 1_000).start().join(30)
+    wait_for(delivered_all(n, receiver), what="every packet delivered", timeout=30)
+    wait_for(lambda: status(gw)["packets"]["received"] >= n, what="status caught up")
+    assert Tally.of(receiver).duplicates == 0
+    assert status(gw)["packets"]["received"] == n
+    assert gw.terminate(timeout=30) == 0

@@ -59,6 +59,9 @@ STOP_WAIT_S = 20.0  # for a process to commit what it sent and disconnect
 DRAIN_QUIET_S = 2.0  # a retired session is drained when nothing came for this long
 RESTART_MAX_S = 30.0
 SEND_GATHER_S = 0.001  # a process's packets wait this long to go to the gateway together
+# A process sends its stats every second: silence this long, while the gateway is not
+# holding its reader back, means it hangs (stopped, deadlocked); it is killed and restarted.
+HUNG_S = 10.0
 
 
 def frame(kind: int, body: bytes) -> bytes:
@@ -353,6 +356,9 @@ class _Process:
         self.restart_at = 0.0
         self.backoff = 1.0
         self.started = 0.0
+        # When its last frame came, and whether the reader is waiting for the store.
+        self.heard = 0.0
+        self.submitting = False
         # Counts of earlier processes of this session, so that the totals do not drop.
         self._before = IngestStats()
 
@@ -365,7 +371,7 @@ class _Process:
         )
         theirs.close()
         self.sock = ours
-        self.started = time.monotonic()
+        self.started = self.heard = time.monotonic()
         level, fmt = logs.settings()
         hello = {
             "mqtt": dataclasses.asdict(self.pool.cfg),
@@ -400,11 +406,14 @@ class _Process:
         wait_s = self.pool.cfg.keepalive_s / 2
         source = self.source
         for kind, body in read_frames(sock):
+            self.heard = time.monotonic()
             if kind == PACKET:
                 pkt = decode_packet(body, source)
+                self.submitting = True
                 # The store takes packets from one thread at a time (see submit_packet).
                 with submit_lock:
                     store.submit_packet(pkt, wait_s=wait_s)
+                self.submitting = False
             elif kind == STATS:
                 raw = orjson.loads(bytes(body))
                 self.first_attempt = bool(raw.pop("first_attempt", False))
@@ -424,6 +433,18 @@ class _Process:
     def ended(self) -> int | None:
         """The exit code of the process if it has ended, else None."""
         return None if self.proc is None else self.proc.poll()
+
+    def kill_if_hung(self, now: float) -> None:
+        """Kill the process if it has sent nothing for HUNG_S (the watcher then
+        restarts it): a stopped or deadlocked process would hold its session's share
+        of the packets, unacknowledged, with no error anywhere."""
+        if self.proc is None or self.submitting or now - self.heard < HUNG_S:
+            return
+        silent = now - self.heard
+        log.error("%s: ingest process sent nothing for %.0f s; killing it", self.client_id, silent)
+        self.heard = now  # once
+        with contextlib.suppress(OSError):
+            self.proc.kill()
 
     def reap(self) -> None:
         """After the process ended: its reader is done, its counts kept."""
@@ -506,9 +527,11 @@ class IngestPool:
                 self.first_attempt.set()
             for p in self.procs:
                 code = p.ended()
+                now = time.monotonic()
+                if code is None and not self._stopping.is_set():
+                    p.kill_if_hung(now)
                 if code is None or self._stopping.is_set() or self.drain:
                     continue
-                now = time.monotonic()
                 if not p.restart_at:
                     if now - p.started > 60:
                         p.backoff = 1.0  # it had been running well: not a crash loop

@@ -134,3 +134,22 @@ def test_a_new_shared_group_leaves_the_old_one_instead_of_taking_each_packet_twi
     assert Tally.of(receiver).duplicates == 0
     assert status(gw)["packets"]["received"] == n
     assert gw.terminate(timeout=30) == 0
+
+
+def test_a_hung_ingest_process_is_killed_and_replaced_and_its_share_delivered(
+    mosquitto: Broker, receiver: Receiver, launch: Callable[..., GatewayProc]
+) -> None:
+    gw = launch(receiver.url, batch=BATCH, shared_group="gw", ingest_processes=2)
+    wait_for(lambda: gw.log().count("subscribed to") == 2, what="both sessions subscribed")
+    first = ingest_pids(gw)
+    psutil.Process(first[0]).suspend()  # SIGSTOP: alive, connected, silent
+    # Half the packets go to the stopped process's session: they can only arrive once
+    # the gateway notices, kills it and starts another on the same session.
+    n = 200
+    Publisher(mosquitto.port, n, 1_000).start().join(30)
+    wait_for(lambda: "sent nothing for" in gw.log(), what="the hung process noticed", timeout=30)
+    wait_for(gone(first[:1]), what="the hung process killed")
+    wait_for(delivered_all(n, receiver), what="every packet delivered", timeout=30)
+    assert Tally.of(receiver).duplicates == 0
+    assert first[1] in ingest_pids(gw), "the healthy process was left alone"
+    assert gw.terminate(timeout=30) == 0

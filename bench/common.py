@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import queue
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -137,23 +136,6 @@ def gateway_toml(
 def sink_hook(port: int, batch: str, extra: str = "") -> str:
     """A [[webhooks]] table for a receiver on this host."""
     return f'[[webhooks]]\nname = "sink"\nurl = "http://127.0.0.1:{port}/in"\n{batch}\n{extra}\n'
-
-
-def stored(db: Path) -> int:
-    """packets_received from a gateway's store (0 until it exists)."""
-    if not db.exists():
-        return 0
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            row = conn.execute(
-                "SELECT value FROM counters WHERE name='packets_received'"
-            ).fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
-    return int(row[0]) if row else 0
 
 
 def start_gateway(

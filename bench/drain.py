@@ -40,6 +40,8 @@ from aiohttp import web
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.store import counters
+
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "devices/{}/up"
 PAYLOAD = b'{"temp":21.5,"hum":40,"bat":97,"lat":35.6812,"lon":139.7671,"n":123456}'
@@ -284,6 +286,20 @@ def rss_bytes(ps: psutil.Process) -> int:
     return total
 
 
+def stored(db: Path) -> int:
+    """packets_received from a gateway's store (0 until it exists)."""
+    if not db.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return counters(conn)["packets_received"]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
 def run_gateway(
     cfg: Path, state: Path, n: int, sink: Sink | None, py_spy: Path | None = None
 ) -> dict[str, float]:
@@ -324,17 +340,8 @@ def run_gateway(
             if sink is not None:
                 if sink.records >= n:
                     break
-            elif db.exists():
-                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-                try:
-                    got = conn.execute(
-                        "SELECT value FROM counters WHERE name='packets_received'"
-                    ).fetchone()
-                except sqlite3.Error:
-                    got = None
-                conn.close()
-                if got and got[0] >= n:
-                    break
+            elif stored(db) >= n:
+                break
             time.sleep(0.02)
         took = time.monotonic() - began
         io1 = ps.io_counters()

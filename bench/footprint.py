@@ -49,7 +49,6 @@ from common import (
     sink_hook,
     start_gateway,
     start_publishers,
-    stored,
 )
 from drain import PAYLOAD as SAMPLE_PAYLOAD
 from drain import (
@@ -61,6 +60,7 @@ from drain import (
     run_bare_paho,
     sized_payload,
     start_broker,
+    stored,
 )
 
 MONOZ = "batch = { window_ms = 1000, max_items = 10 }"

@@ -49,9 +49,8 @@ from common import (
     sink_hook,
     start_gateway,
     start_publishers,
-    stored,
 )
-from drain import cpu_seconds, forget_session, rss_bytes, start_broker
+from drain import cpu_seconds, forget_session, rss_bytes, start_broker, stored
 
 PROFILES = {
     "monoz": "batch = { window_ms = 1000, max_items = 10 }",

@@ -30,7 +30,7 @@ from gateway.errors import StoreError
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 COUNTERS = (
     "packets_received",
@@ -44,6 +44,9 @@ COUNTERS = (
     "events_recorded",
 )
 KEEP_EVENTS = 10_000
+# A row of `counters`, not a counter: packets with a higher id are received but not yet
+# added to packets_received, and no packet id at or below it is handed out again.
+COUNTED = "_packets_counted"
 
 
 @dataclass(slots=True)
@@ -222,10 +225,36 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE batches ADD COLUMN retry_delay_ns INTEGER NOT NULL DEFAULT 0")
 
 
+def _migrate_v4(db: sqlite_utils.Database) -> None:
+    # packets without AUTOINCREMENT: its sqlite_sequence row was one more page in every
+    # packet commit. Ids are handed out by _commit_packets instead (see next_packet_id);
+    # the old sequence becomes the `_packets_counted` mark, where it carries on.
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'packets'").fetchone()
+    seq = int(row[0]) if row else 0
+    db.execute(
+        "CREATE TABLE packets_v4 (id INTEGER PRIMARY KEY, recv_ns INTEGER NOT NULL,"
+        " topic TEXT NOT NULL, iccid TEXT NOT NULL DEFAULT '', payload BLOB NOT NULL,"
+        " size INTEGER NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO packets_v4 SELECT id, recv_ns, topic, iccid, payload, size FROM packets"
+    )
+    db.execute("DROP TABLE packets")
+    db.execute("ALTER TABLE packets_v4 RENAME TO packets")
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'packets'")
+    # Every packet so far is in packets_received already.
+    top = db.execute("SELECT COALESCE(MAX(id), 0) FROM packets").fetchone()[0]
+    db.execute(
+        "INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
+        (COUNTED, max(seq, int(top))),
+    )
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
     3: _migrate_v3,
+    4: _migrate_v4,
 }
 
 
@@ -696,9 +725,11 @@ class Store:
                         p.outcome = "stored"
                         store_rows.append((p.recv_ns, p.topic, p.iccid, p.payload, len(p.payload)))
                     accepted.append(p)
+                first = next_packet_id(conn)
                 conn.executemany(
-                    "INSERT INTO packets(recv_ns, topic, iccid, payload, size) VALUES (?,?,?,?,?)",
-                    store_rows,
+                    "INSERT INTO packets(id, recv_ns, topic, iccid, payload, size)"
+                    " VALUES (?,?,?,?,?,?)",
+                    [(first + i, *row) for i, row in enumerate(store_rows)],
                 )
                 conn.executemany(
                     "INSERT OR REPLACE INTO inflight(mid, digest, epoch) VALUES (?,?,?)", inflight
@@ -723,7 +754,8 @@ class Store:
                     and self.buffer_bytes + added > self.max_buffer_bytes
                 ):
                     evicted = self._evict_oldest(self.buffer_bytes + added - self.max_buffer_bytes)
-                _bump(conn, "packets_received", len(store_rows))
+                # packets_received is not bumped here: it is counted from the ids (see
+                # count_received), which keeps the counters page out of this commit.
                 _bump(conn, "packets_redelivered", redelivered)
                 _bump(conn, "packets_too_large", len(too_large))
                 _bump(conn, "packets_dead", len(too_large))
@@ -770,6 +802,7 @@ class Store:
 
         Runs inside the caller's transaction; returns (packets, bytes) dropped, which
         count only once that transaction commits."""
+        count_received(self.conn)
         freed = 0
         dropped = 0
         while freed < excess:
@@ -814,6 +847,7 @@ class Store:
             "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM packets WHERE id <= ?", (bound,)
         ).fetchone()
         if n:
+            count_received(conn)
             conn.execute("DELETE FROM packets WHERE id <= ?", (bound,))
             self.buffer_bytes -= int(freed)
         return int(n)
@@ -833,10 +867,41 @@ def bump(conn: sqlite3.Connection, name: str, n: int = 1) -> None:
     _bump(conn, name, n)
 
 
+def _ids(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(highest packet id in the table or 0, the COUNTED mark)."""
+    top = conn.execute("SELECT MAX(id) FROM packets").fetchone()[0]
+    row = conn.execute("SELECT value FROM counters WHERE name = ?", (COUNTED,)).fetchone()
+    return int(top or 0), int(row[0]) if row else 0
+
+
+def next_packet_id(conn: sqlite3.Connection) -> int:
+    """The id for the next packet row (inside the caller's transaction).
+
+    Ids go up by one per stored packet and are never reused, even once the table is
+    empty: a webhook's cursor is the last id it has delivered. Whatever deletes packets
+    first moves the COUNTED mark up to the highest id (count_received)."""
+    top, counted = _ids(conn)
+    return max(top, counted) + 1
+
+
+def count_received(conn: sqlite3.Connection) -> None:
+    """Add the packets stored since the COUNTED mark to packets_received and move the
+    mark to the highest id. Called (inside the caller's transaction) before packets
+    are deleted, so that the rows it counts from are still there."""
+    top, counted = _ids(conn)
+    if top > counted:
+        _bump(conn, "packets_received", top - counted)
+        conn.execute("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)", (COUNTED, top))
+
+
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
     """All persistent counters, zero for those never bumped."""
     out = dict.fromkeys(COUNTERS, 0)
-    out.update({k: int(v) for k, v in conn.execute("SELECT name, value FROM counters")})
+    for name, value in conn.execute("SELECT name, value FROM counters"):
+        if not name.startswith("_"):
+            out[name] = int(value)
+    top, counted = _ids(conn)
+    out["packets_received"] += max(top - counted, 0)
     return out
 
 
@@ -1139,6 +1204,8 @@ def replay_dead_letters(
     now = time.time_ns()
     n = 0
     with transaction(conn):
+        # Replayed packets get ids like received ones, but do not count as received.
+        count_received(conn)
         for dl_id, hook, source, wid, body, count, single, topic, iccid, recv_ns in conn.execute(
             sql, args
         ).fetchall():
@@ -1153,9 +1220,14 @@ def replay_dead_letters(
                     "UPDATE webhook_stats SET dead = MAX(dead - ?, 0) WHERE name = ?", (count, hook)
                 )
             else:
+                pid = next_packet_id(conn)
                 conn.execute(
-                    "INSERT INTO packets(recv_ns, topic, iccid, payload, size) VALUES (?,?,?,?,?)",
-                    (recv_ns or now, topic or "", iccid or "", body, len(body or b"")),
+                    "INSERT INTO packets(id, recv_ns, topic, iccid, payload, size)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (pid, recv_ns or now, topic or "", iccid or "", body, len(body or b"")),
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)", (COUNTED, pid)
                 )
             conn.execute("DELETE FROM dead_letters WHERE id = ?", (dl_id,))
             n += 1

@@ -158,3 +158,87 @@ def test_a_schema_2_store_is_migrated_keeping_its_open_batches(tmp_path: Path) -
         ) == (str(st.SCHEMA_VERSION),)
         (b,) = store.run_sync(st.load_batches, "cloud")
     assert (b.id, b.attempts, b.next_at_ns, b.retry_delay_ns) == ("msg_old", 2, 5, 0)
+
+
+def _v3_store(db: Path) -> sqlite3.Connection:
+    conn = st.connect(db)
+    sdb = sqlite_utils.Database(conn)
+    for v in (1, 2, 3):
+        with transaction(conn):
+            st.MIGRATIONS[v](sdb)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
+    return conn
+
+
+def test_a_schema_3_store_keeps_its_packets_ids_and_count_across_the_migration(
+    tmp_path: Path,
+) -> None:
+    """Schema 4 drops AUTOINCREMENT from `packets`: the rows, the count of received
+    packets and the ids already handed out (a webhook's cursor) carry over."""
+    conn = _v3_store(tmp_path / "gateway.db")
+    with transaction(conn):
+        for i in range(10):  # as schema 3 stored them: the counter bumped with each
+            conn.execute(
+                "INSERT INTO packets(recv_ns, topic, iccid, payload, size)"
+                " VALUES (?, 't', '', ?, 2)",
+                (i, f"p{i}".encode()),
+            )
+        st.bump(conn, "packets_received", 10)
+        conn.execute("DELETE FROM packets WHERE id > 7")  # 8-10 delivered and released
+    conn.close()
+
+    with Store.open(tmp_path) as store:
+        rows = store.run_sync(lambda c: c.execute("SELECT id, payload FROM packets").fetchall())
+        assert rows == [(i + 1, f"p{i}".encode()) for i in range(7)]
+        assert store.run_sync(st.counters)["packets_received"] == 10
+        sql = store.run_sync(
+            lambda c: c.execute("SELECT sql FROM sqlite_schema WHERE name = 'packets'").fetchone()
+        )[0]
+        assert "AUTOINCREMENT" not in sql
+        store.submit_packet(_packet(0))
+        store.flush()
+        # Id 11: 8-10 were handed out before, and a cursor may stand at 10.
+        assert store.run_sync(lambda c: c.execute("SELECT MAX(id) FROM packets").fetchone()) == (
+            11,
+        )
+        assert store.run_sync(st.counters)["packets_received"] == 11
+
+
+def test_packet_ids_are_never_reused_and_every_packet_is_counted_once(tmp_path: Path) -> None:
+    """packets_received is counted from the ids, not bumped in each packet commit; an
+    emptied table, a replayed dead letter or a restart must not throw that off."""
+    with Store.open(tmp_path) as store:
+        store.set_packet_routes(["cloud"])
+        for i in range(5):
+            store.submit_packet(_packet(i))
+        store.flush()
+        assert store.run_sync(st.counters)["packets_received"] == 5
+
+        def deliver_all(conn: sqlite3.Connection) -> int:
+            with transaction(conn):
+                conn.execute("INSERT OR REPLACE INTO routes VALUES ('cloud', 'packets', 5)")
+                return store.release_packets(conn)
+
+        assert store.run_sync(deliver_all) == 5
+        assert store.run_sync(_stored) == 0
+        assert store.run_sync(st.counters)["packets_received"] == 5
+    with Store.open(tmp_path) as store:
+        store.submit_packet(_packet(5))
+        store.flush()
+        assert store.run_sync(lambda c: c.execute("SELECT id FROM packets").fetchall()) == [(6,)]
+
+        # A dead letter put back into the packets table: a new id, not a new reception.
+        def dead_letter(conn: sqlite3.Connection) -> int:
+            with transaction(conn):
+                conn.execute(
+                    "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, reason,"
+                    " created_ns, topic) VALUES ('', 'packets', '', x'00', 1, 'too_large', 0, 't')"
+                )
+            return st.replay_dead_letters(conn)
+
+        assert store.run_sync(dead_letter) == 1
+        store.submit_packet(_packet(6))
+        store.flush()
+        ids = store.run_sync(lambda c: c.execute("SELECT id FROM packets ORDER BY id").fetchall())
+        assert ids == [(6,), (7,), (8,)]
+        assert store.run_sync(st.counters)["packets_received"] == 7

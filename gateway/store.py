@@ -382,6 +382,8 @@ class Store:
         commit_delay_s: float = 0.0,
     ) -> None:
         self.path = path
+        # For statvfs at each commit: pathlib's `.parent` and str() cost more than the call.
+        self._dir = os.fspath(path.parent)
         # Hold a commit this long after its first packet, for later ones to share it.
         self.commit_delay_s = commit_delay_s
         self.max_buffer_bytes = max_buffer_bytes
@@ -501,7 +503,7 @@ class Store:
         if not self.min_free_bytes:
             return ""
         try:
-            st = os.statvfs(self.path.parent)
+            st = os.statvfs(self._dir)
         except OSError:
             return ""
         free = st.f_bavail * st.f_frsize

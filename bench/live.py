@@ -15,6 +15,7 @@ host, same clock). Consumers, one at a time, each with the same publishers:
   gateway w0     the same with batch = { window_ms = 0, max_items = 10 }: a request as
                  soon as delivery sees packets, with up to 10 of those waiting
   gateway w0-x2  (and any profile with -xN) the same with mqtt.ingest_processes = N
+  gateway monoz-c16  (any profile with -cN, before any -xN) the webhook's concurrency = N
 Latency: p50, p99 and max over every distinct packet received. Packets the broker
 acknowledged to a publisher that did not arrive within --drain-s after the last publish
 are "late" when the gateway had committed them (still in its store), else "lost".
@@ -111,13 +112,14 @@ def run_rate(
     else:
         prof, _, times = consumer.split()[-1].partition("-x")
         processes = int(times or 1)
+        prof, _, slots = prof.partition("-c")
         sink = LatencySink()
         cfg = gateway_toml(
             work / f"{client_id}.toml",
             port,
             work / f"state-{client_id}",
             client_id,
-            sink_hook(sink.port, PROFILES[prof]),
+            sink_hook(sink.port, PROFILES[prof], f"concurrency = {slots}" if slots else ""),
             processes=processes,
         )
         proc = start_gateway(cfg, port, client_id, work / f"{client_id}.log", processes=processes)

@@ -226,7 +226,9 @@ class Route:
         self.source = source
         self.wake = wake
         self.filter = Filter(cfg.when)
-        self.max_open = max(cfg.concurrency * 4, 8)
+        # Batches created and not yet done: enough that a freed request slot finds one
+        # ready. Each holds its body while it waits for a retry, so not many more.
+        self.max_open = max(cfg.concurrency + 8, 16)
         self.open: dict[str, asyncio.Task[None]] = {}
         self.slots = asyncio.Semaphore(cfg.concurrency)
         self.disabled = ""

@@ -67,6 +67,12 @@ class MqttSection:
         client_id, so a gateway going from 1 to more processes keeps its session."""
         return f"{self.client_id}-{n}" if n else self.client_id
 
+    @property
+    def store_wait_s(self) -> float:
+        """How long a thread handing packets to the store waits for room at a time: half
+        the keepalive, so that paho's network thread still answers the broker's."""
+        return self.keepalive_s / 2
+
     def subscriptions(self) -> list[str]:
         """Topic filters as sent to the broker, with the shared-subscription prefix."""
         if not self.shared_group:

@@ -246,8 +246,7 @@ class Ingest:
                 too_large=len(payload) > self.cfg.max_payload_bytes,
                 source=self.source,
             ),
-            # Bounded so the network thread still answers the broker's keepalive.
-            wait_s=self.cfg.keepalive_s / 2,
+            wait_s=self.cfg.store_wait_s,
         )
         if not room and not self._slow_store_logged:
             self._slow_store_logged = True

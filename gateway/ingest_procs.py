@@ -403,7 +403,7 @@ class _Process:
     def _read(self, sock: socket.socket) -> None:
         store = self.pool.store
         submit_lock = self.pool.submit_lock
-        wait_s = self.pool.cfg.keepalive_s / 2
+        wait_s = self.pool.cfg.store_wait_s
         source = self.source
         for kind, body in read_frames(sock):
             self.heard = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import re
 import ssl
@@ -283,6 +284,10 @@ class Ingest:
         props.ReceiveMaximum = self.cfg.receive_maximum
         return props
 
+    def sessions(self) -> list[tuple[str, int, IngestStats]]:
+        """(client id, process id, stats) of each MQTT session: here just this one."""
+        return [(self.client_id, os.getpid(), self.stats)]
+
     def start(self) -> None:
         """Connect in paho's network thread; it reconnects by itself with backoff."""
         # paho doubles the delay from min to max; a random start keeps a fleet of
@@ -359,6 +364,8 @@ class Taker(Protocol):
 
     @property
     def alive(self) -> bool: ...
+
+    def sessions(self) -> list[tuple[str, int, IngestStats]]: ...
 
     def start(self) -> None: ...
 

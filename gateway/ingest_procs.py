@@ -507,6 +507,10 @@ class IngestPool:
         """Whether the pool is running (it restarts a process that ends)."""
         return not self._stopping.is_set() and self._watcher.is_alive()
 
+    def sessions(self) -> list[tuple[str, int, IngestStats]]:
+        """(client id, process id or 0 while it is being restarted, stats) of each."""
+        return [(p.client_id, p.proc.pid if p.proc else 0, p.totals()) for p in self.procs]
+
     def start(self) -> None:
         epoch = self.store.last_epoch()
         for p in self.procs:

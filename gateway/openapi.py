@@ -109,6 +109,26 @@ _STATUS = {
                         "acknowledged": {"type": "integer"},
                         "last_packet": {"type": "string"},
                         "last_error": {"type": "string"},
+                        "sessions": {
+                            "type": "array",
+                            "description": "each MQTT session (one per ingest process)",
+                            "items": {
+                                "type": "object",
+                                "required": ["client_id", "pid", "connected", "last_error"],
+                                "properties": {
+                                    "client_id": {"type": "string"},
+                                    "pid": {
+                                        "type": "integer",
+                                        "description": "0 while it is being restarted",
+                                    },
+                                    "connected": {"type": "boolean"},
+                                    "subscribed": {"type": "boolean"},
+                                    "received": {"type": "integer"},
+                                    "acknowledged": {"type": "integer"},
+                                    "last_error": {"type": "string"},
+                                },
+                            },
+                        },
                     },
                 },
             },

@@ -380,6 +380,19 @@ class Web:
                 "acknowledged": stats.acked if stats else 0,
                 "last_packet": status.iso(stats.last_packet_ns) if stats else "",
                 "last_error": stats.last_error if stats else "",
+                # One per MQTT session: several with mqtt.ingest_processes.
+                "sessions": [
+                    {
+                        "client_id": client_id,
+                        "pid": pid,
+                        "connected": st.connected,
+                        "subscribed": st.subscribed,
+                        "received": st.received,
+                        "acknowledged": st.acked,
+                        "last_error": st.last_error,
+                    }
+                    for client_id, pid, st in (ing.sessions() if ing is not None else [])
+                ],
             },
         }
         snap["rates"] = self.throughput.rates()

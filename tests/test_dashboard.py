@@ -215,6 +215,9 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
         assert int(cell("flaky", "dead")) > 0
         assert cell("flaky", "state") == "dead letters"
         assert browser.find_element(By.ID, "received").text == "60"
+        # The MQTT tag's tooltip names the session and its counts.
+        mqtt_title = browser.find_element(By.ID, "mqtt").get_attribute("title")
+        assert f"gw-test (pid {gw.proc.pid}): connected, 60 received" in mqtt_title
         # The throughput chart has drawn points (samples every 0.5 s).
         wait.until(lambda d: int(d.find_element(By.ID, "chart").get_attribute("data-points")) >= 3)
         line = browser.find_element(By.ID, "chart-delivered").get_attribute("points")

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -296,6 +297,12 @@ async def test_metrics_parse_and_match_api_status_and_the_status_command(
         assert m("gateway_packets_pending") == p["pending"]
         assert m("gateway_packets_received_total") == s["gateway"]["mqtt"]["received"] == 25
         assert m("gateway_packets_acknowledged_total") == s["gateway"]["mqtt"]["acknowledged"]
+        # One MQTT session, in this process, with the same counts.
+        (session,) = s["gateway"]["mqtt"]["sessions"]
+        assert session["client_id"] == cfg.mqtt.client_id
+        assert session["pid"] == os.getpid()
+        assert session["connected"]
+        assert session["received"] == 25
         assert m("gateway_dead_letters") == s["dead_letters"]
         assert m("gateway_store_bytes") == s["gateway"]["store"]["bytes"] > 0
         assert m("gateway_store_writable") == 1

@@ -212,6 +212,7 @@ def start_gateway(
     shared_group: str = "",
     session_expiry_s: int = 3600,
     ingest_processes: int = 1,
+    web: str = "enabled = false",
     **fields: str,
 ) -> GatewayProc:
     """A gateway subprocess on its own store, with one webhook to `url` (`fields` are its
@@ -231,6 +232,7 @@ def start_gateway(
         extra=webhook(url, **fields),
         mqtt_extra=extra,
         client_id=name,
+        web=web,
     )
     gw = make(cfg)
     gw.start()

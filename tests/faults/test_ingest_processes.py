@@ -9,12 +9,15 @@ the gateway, whether it stops cleanly or is killed.
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from tests.conftest import Broker, GatewayProc, db_rows, wait_for
+from tests.conftest import Broker, GatewayProc, db_rows, free_port, wait_for
 from tests.faults.support import Publisher, Tally, delivered_all, restart, seeded, status
 from tests.receiver import Receiver
 
@@ -152,4 +155,45 @@ def test_a_hung_ingest_process_is_killed_and_replaced_and_its_share_delivered(
     wait_for(delivered_all(n, receiver), what="every packet delivered", timeout=30)
     assert Tally.of(receiver).duplicates == 0
     assert first[1] in ingest_pids(gw), "the healthy process was left alone"
+    assert gw.terminate(timeout=30) == 0
+
+
+def test_the_status_api_shows_each_ingest_session_and_which_one_is_down(
+    mosquitto: Broker, receiver: Receiver, launch: Callable[..., GatewayProc]
+) -> None:
+    port = free_port()
+    gw = launch(
+        receiver.url,
+        batch=BATCH,
+        shared_group="gw",
+        ingest_processes=2,
+        web=f'listen = "127.0.0.1:{port}"',
+    )
+
+    def sessions() -> dict[str, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5) as r:
+                return {s["client_id"]: s for s in json.load(r)["gateway"]["mqtt"]["sessions"]}
+        except OSError:
+            return {}
+
+    wait_for(lambda: len(s := sessions()) == 2 and all(x["connected"] for x in s.values()))
+    before = sessions()
+    assert sorted(before) == ["gw", "gw-1"]
+    assert sorted(x["pid"] for x in before.values()) == sorted(ingest_pids(gw))
+    psutil.Process(before["gw-1"]["pid"]).kill()
+    # Until it is started again (after 1 s), the API says which session is down and why.
+    wait_for(
+        lambda: "exited with code" in sessions()["gw-1"]["last_error"],
+        what="the dead session named",
+    )
+    down = sessions()
+    assert not down["gw-1"]["connected"]
+    assert down["gw"]["connected"]
+    assert down["gw"]["last_error"] == ""
+    wait_for(
+        lambda: (s := sessions()["gw-1"])["connected"] and s["pid"] != before["gw-1"]["pid"],
+        what="the session back, in a new process",
+    )
+    assert sessions()["gw"]["pid"] == before["gw"]["pid"]
     assert gw.terminate(timeout=30) == 0

@@ -508,8 +508,11 @@ class IngestPool:
         return not self._stopping.is_set() and self._watcher.is_alive()
 
     def sessions(self) -> list[tuple[str, int, IngestStats]]:
-        """(client id, process id or 0 while it is being restarted, stats) of each."""
-        return [(p.client_id, p.proc.pid if p.proc else 0, p.totals()) for p in self.procs]
+        """(client id, process id or 0 while none runs, stats) of each."""
+        return [
+            (p.client_id, p.proc.pid if p.proc and p.ended() is None else 0, p.totals())
+            for p in self.procs
+        ]
 
     def start(self) -> None:
         epoch = self.store.last_epoch()

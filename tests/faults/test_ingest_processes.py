@@ -189,6 +189,7 @@ def test_the_status_api_shows_each_ingest_session_and_which_one_is_down(
     )
     down = sessions()
     assert not down["gw-1"]["connected"]
+    assert down["gw-1"]["pid"] == 0
     assert down["gw"]["connected"]
     assert down["gw"]["last_error"] == ""
     wait_for(

@@ -334,7 +334,7 @@ class Route:
         single = len(matched) == 1 and not more and not self._continuing_window
         self._continuing_window = more
         n = self.cfg.batch.max_items
-        now = time.time_ns()
+        now, now_mono = time.time_ns(), time.monotonic_ns()
         batches = [
             Batch(
                 new_webhook_id(),
@@ -353,13 +353,19 @@ class Route:
             st.create_batches, self.cfg.name, self.source.name, batches, new_cursor, len(matched)
         )
         for i, b in enumerate(batches):
-            self._spawn(b, matched[i * n : (i + 1) * n])
+            self._spawn(b, matched[i * n : (i + 1) * n], now_mono)
         return new_cursor
 
     # -- sending ----------------------------------------------------------------------
 
-    def _spawn(self, batch: Batch, rows: Sequence[Row] | None) -> None:
-        task = asyncio.create_task(self._deliver(batch, rows), name=f"deliver:{batch.id}")
+    def _spawn(
+        self, batch: Batch, rows: Sequence[Row] | None, created_mono_ns: int | None = None
+    ) -> None:
+        """Start delivering a batch: one created here just now (`created_mono_ns`, the
+        monotonic time of its `created_ns`), or one loaded from the store."""
+        task = asyncio.create_task(
+            self._deliver(batch, rows, created_mono_ns), name=f"deliver:{batch.id}"
+        )
         self.open[batch.id] = task
 
         def done(t: asyncio.Task[None]) -> None:
@@ -381,7 +387,9 @@ class Route:
         body, failed = self.source.body(rows, self.cfg, batch.single)
         return body, len(rows), failed
 
-    async def _deliver(self, batch: Batch, rows: Sequence[Row] | None) -> None:
+    async def _deliver(
+        self, batch: Batch, rows: Sequence[Row] | None, created_mono_ns: int | None = None
+    ) -> None:
         body, records, failed = await self._body(batch, rows)
         if not body:
             # Every packet of this batch was evicted by drop_oldest; nothing to send.
@@ -391,7 +399,12 @@ class Route:
             return
         policy = self.cfg.retry
         attempts = batch.attempts
-        taken_ns, taken_mono_ns = time.time_ns(), time.monotonic_ns()
+        if created_mono_ns is not None:
+            # Created by this process: its age is monotonic from the start, so a jump of
+            # the wall clock between creating and sending it does not count.
+            taken_ns, taken_mono_ns = batch.created_ns, created_mono_ns
+        else:
+            taken_ns, taken_mono_ns = time.time_ns(), time.monotonic_ns()
         if batch.next_at_ns:
             await self._wait_for_retry(batch.next_at_ns, batch.retry_delay_ns)
         while True:

@@ -196,6 +196,37 @@ async def test_a_clock_jumping_days_forward_does_not_expire_a_batch_being_retrie
     assert [r.status for r in receiver.requests] == [500, 500, 500, 200]
 
 
+async def test_a_clock_set_forward_while_a_new_batch_is_written_does_not_expire_it(
+    tmp_path: Path,
+    store: Store,
+    receiver: Receiver,
+    clock: Callable[[Any], Clock],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch's creation time is read before its row is written, its sending starts
+    after: a jump in between (seen once in CI) must not count as the batch's age."""
+    wall = clock(delivery)
+    create = st.create_batches
+
+    def create_while_ntp_sets_the_clock(*args: Any) -> Any:
+        wall.offset_s = 2 * 86400
+        return create(*args)
+
+    monkeypatch.setattr(st, "create_batches", create_while_ntp_sets_the_clock)
+    receiver.behaviour = lambda n, _r: Reply(500) if n == 0 else Reply(200)
+    preload(store, [time.time_ns() - 10**9])
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        batch="{ window_ms = 50 }",
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.2, max_age_s = 3600 }',
+    )
+    async with Running(cfg, store):
+        await until(lambda: receiver.ok() or dead_letters(store), timeout=10, what="an outcome")
+    assert not dead_letters(store)
+    assert [r.status for r in receiver.requests] == [500, 200]
+
+
 async def test_a_batch_created_before_the_clock_went_back_still_expires_after_max_age(
     tmp_path: Path, store: Store, receiver: Receiver
 ) -> None:

@@ -172,6 +172,22 @@ async def test_a_window_opened_before_the_clock_went_back_closes_after_one_windo
 # -- retries ------------------------------------------------------------------------------
 
 
+async def delivered_within_an_hour(tmp_path: Path, store: Store, receiver: Receiver) -> list[int]:
+    """One packet through a webhook whose batches expire after an hour (max_age_s), not
+    dead-lettered; returns the statuses of the attempts it took."""
+    preload(store, [time.time_ns() - 10**9])
+    cfg = webhook(
+        tmp_path,
+        receiver.url,
+        batch="{ window_ms = 50 }",
+        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.2, max_age_s = 3600 }',
+    )
+    async with Running(cfg, store):
+        await until(lambda: receiver.ok() or dead_letters(store), timeout=10, what="an outcome")
+    assert not dead_letters(store)
+    return [r.status for r in receiver.requests]
+
+
 async def test_a_clock_jumping_days_forward_does_not_expire_a_batch_being_retried(
     tmp_path: Path, store: Store, receiver: Receiver, clock: Callable[[Any], Clock]
 ) -> None:
@@ -183,17 +199,7 @@ async def test_a_clock_jumping_days_forward_does_not_expire_a_batch_being_retrie
         return Reply(500) if n < 3 else Reply(200)
 
     receiver.behaviour = behaviour
-    preload(store, [time.time_ns() - 10**9])
-    cfg = webhook(
-        tmp_path,
-        receiver.url,
-        batch="{ window_ms = 50 }",
-        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.2, max_age_s = 3600 }',
-    )
-    async with Running(cfg, store):
-        await until(lambda: receiver.ok() or dead_letters(store), timeout=10, what="an outcome")
-    assert not dead_letters(store)
-    assert [r.status for r in receiver.requests] == [500, 500, 500, 200]
+    assert await delivered_within_an_hour(tmp_path, store, receiver) == [500, 500, 500, 200]
 
 
 async def test_a_clock_set_forward_while_a_new_batch_is_written_does_not_expire_it(
@@ -214,17 +220,7 @@ async def test_a_clock_set_forward_while_a_new_batch_is_written_does_not_expire_
 
     monkeypatch.setattr(st, "create_batches", create_while_ntp_sets_the_clock)
     receiver.behaviour = lambda n, _r: Reply(500) if n == 0 else Reply(200)
-    preload(store, [time.time_ns() - 10**9])
-    cfg = webhook(
-        tmp_path,
-        receiver.url,
-        batch="{ window_ms = 50 }",
-        retry='{ preset = "durable", backoff_min_s = 0.05, backoff_max_s = 0.2, max_age_s = 3600 }',
-    )
-    async with Running(cfg, store):
-        await until(lambda: receiver.ok() or dead_letters(store), timeout=10, what="an outcome")
-    assert not dead_letters(store)
-    assert [r.status for r in receiver.requests] == [500, 200]
+    assert await delivered_within_an_hour(tmp_path, store, receiver) == [500, 200]
 
 
 async def test_a_batch_created_before_the_clock_went_back_still_expires_after_max_age(

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import orjson
 import sqlite_utils
 
+from gateway import sdnotify
 from gateway.errors import StoreError
 
 log = logging.getLogger("gateway.store")
@@ -258,6 +259,9 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
 }
 
 
+# How much longer systemd is asked to wait for the start while the store is migrated.
+MIGRATION_TIMEOUT_S = 1800
+
 # Bytes per database page for a new store (an existing one keeps its own).
 PAGE_SIZE = 1024
 
@@ -295,6 +299,15 @@ def migrate(conn: sqlite3.Connection) -> int:
             f"store schema version {version} is newer than this gateway ({SCHEMA_VERSION}); "
             "upgrade the gateway"
         )
+    if version and version < SCHEMA_VERSION:
+        # Schema 4 copies the packet table: with a large backlog on an SD card that can
+        # outlast the unit's TimeoutStartSec, and a start killed midway rolls it back.
+        notifier = sdnotify.Notifier.from_env()
+        notifier.send(
+            f"EXTEND_TIMEOUT_USEC={MIGRATION_TIMEOUT_S * 1_000_000}",
+            f"STATUS=migrating the store to schema {SCHEMA_VERSION}",
+        )
+        notifier.close()
     for v in range(version + 1, SCHEMA_VERSION + 1):
         with transaction(conn):
             MIGRATIONS[v](db)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import threading
 import time
@@ -242,3 +243,28 @@ def test_packet_ids_are_never_reused_and_every_packet_is_counted_once(tmp_path: 
         ids = store.run_sync(lambda c: c.execute("SELECT id FROM packets ORDER BY id").fetchall())
         assert ids == [(6,), (7,), (8,)]
         assert store.run_sync(st.counters)["packets_received"] == 7
+
+
+def test_a_migration_asks_systemd_for_more_time_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema 4 copies the packet table, which can outlast TimeoutStartSec with a large
+    backlog: the service manager is told before (EXTEND_TIMEOUT_USEC), and only then."""
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    _v3_store(tmp_path / "gateway.db").close()
+    with Store.open(tmp_path):
+        pass
+    message = manager.recv(4096).decode()
+    assert f"EXTEND_TIMEOUT_USEC={st.MIGRATION_TIMEOUT_S * 1_000_000}" in message
+    assert f"schema {st.SCHEMA_VERSION}" in message
+    with Store.open(tmp_path):  # up to date: nothing to say
+        pass
+    with Store.open(tmp_path / "new"):  # a new store: nothing to migrate from
+        pass
+    manager.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        manager.recv(4096)
+    manager.close()

@@ -38,7 +38,7 @@ from gateway import store as st
 from gateway.config import Config, WebhookConfig
 from gateway.delivery import Outcome, Sender, new_webhook_id
 from gateway.errors import GatewayError
-from gateway.ingest import Taker
+from gateway.ingest import IngestStats, Taker
 from gateway.store import PacketRow, Store
 
 log = logging.getLogger("gateway.web")
@@ -312,6 +312,17 @@ def _safe_next(value: str) -> str:
     return "/"
 
 
+def _ingest_state(stats: IngestStats) -> dict[str, Any]:
+    """What /api/status shows of the ingest as a whole, and of each MQTT session."""
+    return {
+        "connected": stats.connected,
+        "subscribed": stats.subscribed,
+        "received": stats.received,
+        "acknowledged": stats.acked,
+        "last_error": stats.last_error,
+    }
+
+
 class Web:
     """The aiohttp application and what it reads: store, ingest, throughput, metrics."""
 
@@ -359,7 +370,7 @@ class Web:
         """The /api/status document (reads the store: call it off the event loop)."""
         snap = self.reader.run_sync(status.snapshot, self.cfg)
         ing = self.ingest
-        stats = ing.stats if ing is not None else None
+        stats = ing.stats if ing is not None else IngestStats()
         snap["gateway"] = {
             "version": __version__,
             "auth": bool(self.token),
@@ -373,25 +384,13 @@ class Web:
             },
             "mqtt": {
                 "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
-                "connected": bool(stats and stats.connected),
-                "subscribed": bool(stats and stats.subscribed),
                 "alive": bool(ing and ing.alive),
-                "received": stats.received if stats else 0,
-                "acknowledged": stats.acked if stats else 0,
-                "last_packet": status.iso(stats.last_packet_ns) if stats else "",
-                "last_error": stats.last_error if stats else "",
+                **_ingest_state(stats),
+                "last_packet": status.iso(stats.last_packet_ns),
                 # One per MQTT session: several with mqtt.ingest_processes.
                 "sessions": [
-                    {
-                        "client_id": client_id,
-                        "pid": pid,
-                        "connected": st.connected,
-                        "subscribed": st.subscribed,
-                        "received": st.received,
-                        "acknowledged": st.acked,
-                        "last_error": st.last_error,
-                    }
-                    for client_id, pid, st in (ing.sessions() if ing is not None else [])
+                    {"client_id": client_id, "pid": pid, **_ingest_state(one)}
+                    for client_id, pid, one in (ing.sessions() if ing is not None else [])
                 ],
             },
         }

@@ -912,11 +912,11 @@ def count_received(conn: sqlite3.Connection) -> None:
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
     """All persistent counters, zero for those never bumped."""
     out = dict.fromkeys(COUNTERS, 0)
-    for name, value in conn.execute("SELECT name, value FROM counters"):
-        if not name.startswith("_"):
-            out[name] = int(value)
-    top, counted = _ids(conn)
-    out["packets_received"] += max(top - counted, 0)
+    rows = {str(k): int(v) for k, v in conn.execute("SELECT name, value FROM counters")}
+    counted = rows.pop(COUNTED, 0)
+    out.update(rows)
+    top = conn.execute("SELECT MAX(id) FROM packets").fetchone()[0]
+    out["packets_received"] += max(int(top or 0) - counted, 0)
     return out
 
 
@@ -1219,8 +1219,10 @@ def replay_dead_letters(
     now = time.time_ns()
     n = 0
     with transaction(conn):
-        # Replayed packets get ids like received ones, but do not count as received.
+        # Replayed packets get ids like received ones, but do not count as received:
+        # the mark moves past them.
         count_received(conn)
+        pid = next_packet_id(conn)
         for dl_id, hook, source, wid, body, count, single, topic, iccid, recv_ns in conn.execute(
             sql, args
         ).fetchall():
@@ -1235,7 +1237,6 @@ def replay_dead_letters(
                     "UPDATE webhook_stats SET dead = MAX(dead - ?, 0) WHERE name = ?", (count, hook)
                 )
             else:
-                pid = next_packet_id(conn)
                 conn.execute(
                     "INSERT INTO packets(id, recv_ns, topic, iccid, payload, size)"
                     " VALUES (?,?,?,?,?,?)",
@@ -1244,6 +1245,7 @@ def replay_dead_letters(
                 conn.execute(
                     "INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)", (COUNTED, pid)
                 )
+                pid += 1
             conn.execute("DELETE FROM dead_letters WHERE id = ?", (dl_id,))
             n += 1
     return n

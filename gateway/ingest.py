@@ -131,7 +131,7 @@ class Ingest:
         self.drain = drain
         # Filters an earlier config subscribed this session to, no longer wanted: the
         # broker keeps a persistent session's subscriptions until they are unsubscribed.
-        self.stale = [t for t in stale if t not in cfg.subscriptions()]
+        self.stale = list(stale)
         self.unsubscribed = threading.Event()
         # Log lines name the client when there are several (mqtt.ingest_processes).
         self._who = f"{self.client_id}: " if client_id else ""

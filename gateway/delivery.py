@@ -219,9 +219,13 @@ class Route:
         source: Source,
         wake: asyncio.Event,
         on_result: Callable[[str, Outcome], None] | None = None,
+        *,
+        reader: st.Reader,
     ) -> None:
         self.cfg = cfg
         self.store = store
+        # New records are read through this, not the writer's queue (see store.Reader).
+        self.reader = reader
         self.sender = sender
         self.source = source
         self.wake = wake
@@ -230,6 +234,9 @@ class Route:
         # ready. Each holds its body while it waits for a retry, so not many more.
         self.max_open = max(cfg.concurrency + 8, 16)
         self.open: dict[str, asyncio.Task[None]] = {}
+        # Open batches the receiver has accepted, waiting only for their bookkeeping. They
+        # hold no request and no body any more, so they leave their room to new batches.
+        self.finishing: set[str] = set()
         self.slots = asyncio.Semaphore(cfg.concurrency)
         self.disabled = ""
         self.on_result = on_result
@@ -285,7 +292,7 @@ class Route:
                 last_rescan = time.monotonic()
                 for b in await self._db(st.load_batches, self.cfg.name, list(self.open)):
                     self._spawn(b, None)  # re-queued by `gateway dlq replay`
-            room = self.max_open - len(self.open)
+            room = self.max_open - len(self.open) + len(self.finishing)
             if room <= 0:
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
@@ -294,10 +301,10 @@ class Route:
             limit = min(self.FETCH_LIMIT, room * self.cfg.batch.max_items)
             if len(ahead) < limit:
                 after = ahead[-1].id if ahead else cursor
-                ahead += await self._db(self.source.fetch, after, limit - len(ahead))
+                ahead += await self.reader.run(self.source.fetch, after, limit - len(ahead))
             if not ahead:
                 self.wake.clear()
-                ahead = await self._db(self.source.fetch, cursor, limit)
+                ahead = await self.reader.run(self.source.fetch, cursor, limit)
                 if not ahead:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), 1.0)
@@ -370,7 +377,10 @@ class Route:
 
         def done(t: asyncio.Task[None]) -> None:
             self.open.pop(batch.id, None)
-            self._slot_freed.set()
+            if batch.id in self.finishing:
+                self.finishing.discard(batch.id)  # its room was freed already
+            else:
+                self._slot_freed.set()
             if not t.cancelled() and t.exception() is not None:
                 log.error("webhook %s: batch %s failed: %r", self.cfg.name, batch.id, t.exception())
 
@@ -381,7 +391,7 @@ class Route:
         if batch.body is not None:
             return batch.body, max(batch.count, 1), 0
         if rows is None:
-            rows = await self._db(self.source.by_ids, list(batch.item_ids))
+            rows = await self.reader.run(self.source.by_ids, list(batch.item_ids))
         if not rows:
             return b"", 0, 0
         body, failed = self.source.body(rows, self.cfg, batch.single)
@@ -418,6 +428,8 @@ class Route:
                 self.on_result(self.cfg.name, outcome)
             verdict = classify(policy, outcome)
             if verdict == "ok":
+                self.finishing.add(batch.id)
+                self._slot_freed.set()
                 await self._db_write(
                     st.complete_batch,
                     self.store,
@@ -539,9 +551,16 @@ async def run(
     on_result: Callable[[str, Outcome], None] | None = None,
 ) -> None:
     """Deliver records to every webhook until cancelled."""
+    reader = st.Reader(store.path)
     routes = [
         Route(
-            w, store, Sender(w, session), sources.for_webhook(w, payload_encoding), wake, on_result
+            w,
+            store,
+            Sender(w, session),
+            sources.for_webhook(w, payload_encoding),
+            wake,
+            on_result,
+            reader=reader,
         )
         for w in webhooks
     ]
@@ -568,3 +587,4 @@ async def run(
                 t.cancel()
             if r.open:
                 await asyncio.gather(*r.open.values(), return_exceptions=True)
+        reader.close()

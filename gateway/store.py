@@ -8,6 +8,7 @@ sees two writers and the asyncio loop never blocks on disk. Packets are committe
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
@@ -866,6 +867,44 @@ class Store:
             conn.execute("DELETE FROM packets WHERE id <= ?", (bound,))
             self.buffer_bytes -= int(freed)
         return int(n)
+
+
+class Reader:
+    """A read-only connection to the store, used from worker threads one call at a time.
+
+    Its reads never queue behind the writer's commits (each an fsync), as a `Store.call`
+    does: the web interface's queries, and delivery's fetches of new records, which
+    otherwise wait out a commit or two each at high rates. In WAL mode a read sees every
+    transaction committed before it began."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(conn, *args) on the calling thread (never the event loop), in one read
+        transaction so that all its queries see the same state of the store."""
+        with self._lock:
+            if self._conn is None:
+                self._conn = connect(self.path, readonly=True)
+            self._conn.execute("BEGIN")
+            try:
+                return fn(self._conn, *args)
+            finally:
+                if self._conn.in_transaction:
+                    self._conn.execute("COMMIT")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(conn, *args) in a worker thread."""
+        return await asyncio.to_thread(self.run_sync, fn, *args)
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 def _bump(conn: sqlite3.Connection, name: str, n: int) -> None:

@@ -1,7 +1,7 @@
 """The web interface: dashboard, JSON API, Prometheus metrics, health and report downloads.
 
 Handlers read the store through their own read-only SQLite connection in a worker thread
-(`Reader`), so a slow query never stalls the event loop, and write only through the
+(`store.Reader`), so a slow query never stalls the event loop, and write only through the
 store's writer (`Store.call`). With `web.token` set, every page and API call needs
 `Authorization: Bearer <token>` or the session cookie from /login; /healthz and report
 downloads (whose URL token is the credential) stay open.
@@ -21,7 +21,6 @@ import math
 import secrets
 import sqlite3
 import string
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -56,39 +55,6 @@ TEST_ICCID = "8900000000000000000"
 TEST_PAYLOAD = b'{"test":"edge-gateway test request"}'
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Reader:
-    """A read-only connection to the store, used from worker threads one call at a time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._conn: Any = None
-        self._lock = threading.Lock()
-
-    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(conn, *args) on the calling thread (never the event loop), in one read
-        transaction so that all its queries see the same state of the store."""
-        with self._lock:
-            if self._conn is None:
-                self._conn = st.connect(self.path, readonly=True)
-            self._conn.execute("BEGIN")
-            try:
-                return fn(self._conn, *args)
-            finally:
-                if self._conn.in_transaction:
-                    self._conn.execute("COMMIT")
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(conn, *args) in a worker thread."""
-        return await asyncio.to_thread(self.run_sync, fn, *args)
-
-    def close(self) -> None:
-        """Close the connection; idempotent."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +297,7 @@ class Web:
         self.store = store
         self.http = http
         self.ingest: Taker | None = None
-        self.reader = Reader(store.path)
+        self.reader = st.Reader(store.path)
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.throughput = Throughput(cfg.web.sample_s)

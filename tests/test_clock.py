@@ -96,12 +96,14 @@ class Running:
         self.session = delivery.client_session()
         self.http = await self.session.__aenter__()
         self.store.set_packet_routes([self.cfg.name])
+        self.reader = st.Reader(self.store.path)
         route = Route(
             self.cfg,
             self.store,
             Sender(self.cfg, self.http),
             sources.for_webhook(self.cfg, "auto"),
             asyncio.Event(),
+            reader=self.reader,
         )
         self.route = route
         self.task = asyncio.create_task(route.run())
@@ -112,6 +114,7 @@ class Running:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.reader.close()
         await self.session.__aexit__(None, None, None)
 
 

@@ -245,6 +245,29 @@ def test_packet_ids_are_never_reused_and_every_packet_is_counted_once(tmp_path: 
         assert store.run_sync(st.counters)["packets_received"] == 7
 
 
+def test_a_reader_sees_committed_packets_while_the_writer_is_busy(tmp_path: Path) -> None:
+    """Delivery fetches new packets through a Reader: a fetch must not wait for the
+    writer's next commit (or a slow call), and it must see every commit before it."""
+    with Store.open(tmp_path) as store:
+        for i in range(3):
+            store.submit_packet(_packet(i))
+        store.flush()
+        reader = st.Reader(store.path)
+        release = threading.Event()
+        busy = store.call(lambda _c: release.wait(30))
+        store.submit_packet(_packet(3))  # queued behind the busy call: not committed yet
+        try:
+            rows = reader.run_sync(st.fetch_packets, 0, 100)
+            assert [r.payload for r in rows] == [_packet(i).payload for i in range(3)]
+            assert not busy.done()
+        finally:
+            release.set()
+        busy.result(10)
+        store.flush()
+        assert len(reader.run_sync(st.fetch_packets, 0, 100)) == 4
+        reader.close()
+
+
 def test_a_migration_asks_systemd_for_more_time_to_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

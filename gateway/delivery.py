@@ -241,10 +241,13 @@ class Route:
         self.disabled = ""
         self.on_result = on_result
         self._slot_freed = asyncio.Event()
-        self._continuing_window = False
-        # The open window's first record, and when (monotonic ns) this process first saw it.
-        self._window_first = 0
-        self._window_seen_ns = 0
+        # The open batching window: when it closes, by the wall clock (its first record's
+        # time + window_ms) and by the monotonic clock (window_ms after this process first
+        # saw that record: a clock set back must not hold it open for the jump).
+        self._window: tuple[int, int] | None = None
+        # Records of the open window taken so far; whether the last window filled a batch.
+        self._window_taken = 0
+        self._busy = False
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.store.call(fn, *args))
@@ -285,6 +288,7 @@ class Route:
         # Records fetched but not taken yet (those after `cursor`, oldest first): a window
         # shorter than a fetch would otherwise read the same rows again and again.
         ahead: list[Row] = []
+        self._window = None
         while True:
             if self.disabled:
                 await asyncio.Event().wait()
@@ -310,36 +314,69 @@ class Route:
                         await asyncio.wait_for(self.wake.wait(), 1.0)
                     continue
             rows = ahead[:limit]
-            if window_ns:
-                if rows[0].id != self._window_first:
-                    self._window_first, self._window_seen_ns = rows[0].id, time.monotonic_ns()
-                end = ts_ns(rows[0]) + window_ns
-                # Closed by the wall clock, or one window after this process first saw its
-                # first record: a clock set back must not hold it open for the jump.
-                wait_ns = min(
-                    end - time.time_ns(), self._window_seen_ns + window_ns - time.monotonic_ns()
-                )
-                if wait_ns > 0 and not self._continuing_window:
-                    await asyncio.sleep(wait_ns / 1e9)
+            if not window_ns:
+                cursor = await self._take(rows, cursor, several=False)
+                del ahead[: len(rows)]
+                continue
+            if self._window is None:
+                self._window = (ts_ns(rows[0]) + window_ns, time.monotonic_ns() + window_ns)
+                self._window_taken = 0
+            end, end_mono = self._window
+            taken = window_rows(rows, end)
+            wait_ns = min(end - time.time_ns(), end_mono - time.monotonic_ns())
+            if wait_ns > 0:
+                # Open. Its full batches can go now: whatever else comes, they stay arrays
+                # of max_items. The rest waits for the window to close.
+                full = self._full_batches(taken)
+                if full:
+                    cursor = await self._take(full, cursor, several=True)
+                    self._window_taken += len(full)
+                    del ahead[: len(full)]
                     continue
-                taken = window_rows(rows, end)
-                # The window holds more than one fetch: every request of it is an array.
-                more_in_window = len(taken) == len(rows) == limit
-            else:
-                taken = rows
-                more_in_window = False
-            cursor = await self._take(taken, cursor, more_in_window)
-            del ahead[: len(taken)]
+                if self._busy:
+                    # The last window filled a batch: look again in a tenth of a window.
+                    wait_ns = min(wait_ns, window_ns // 10)
+                await asyncio.sleep(wait_ns / 1e9)
+                continue
+            if taken:
+                # Closed. It may hold more than one fetch; every request of it is an array
+                # then, and so is the rest of a window that sent full batches early.
+                more = len(taken) == len(rows) == limit
+                several = more or self._window_taken > 0
+                cursor = await self._take(taken, cursor, several=several)
+                self._window_taken += len(taken)
+                del ahead[: len(taken)]
+                if more:
+                    continue
+            self._busy = self._window_taken >= self.cfg.batch.max_items
+            self._window = None
 
-    async def _take(self, rows: Sequence[Row], cursor: int, more: bool) -> int:
+    def _full_batches(self, rows: Sequence[Row]) -> Sequence[Row]:
+        """The longest prefix of an open window's `rows` whose wanted records fill whole
+        batches: those are arrays of max_items whatever else the window gets."""
+        n = self.cfg.batch.max_items
+        if self.filter.empty:
+            wanted, cut = len(rows), len(rows) // n * n
+        else:
+            cut = wanted = 0
+            for i, r in enumerate(rows):
+                if self._wants(r):
+                    wanted += 1
+                    if wanted % n == 0:
+                        cut = i + 1
+        if wanted < 2 and not self._window_taken:
+            return rows[:0]  # alone so far, so maybe an object (max_items = 1)
+        return rows[:cut]
+
+    async def _take(self, rows: Sequence[Row], cursor: int, several: bool) -> int:
+        """Turn `rows` into batches (`several`: other records of their window go, or went,
+        in other requests, so even a batch of one is an array) and move the cursor."""
         matched = [r for r in rows if self._wants(r)]
         new_cursor = rows[-1].id
         if not matched:
             await self._db(st.advance_cursor, self.store, self.cfg.name, new_cursor)
-            self._continuing_window = more
             return new_cursor
-        single = len(matched) == 1 and not more and not self._continuing_window
-        self._continuing_window = more
+        single = len(matched) == 1 and not several
         n = self.cfg.batch.max_items
         now, now_mono = time.time_ns(), time.monotonic_ns()
         batches = [

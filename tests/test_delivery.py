@@ -102,6 +102,40 @@ async def test_a_window_of_21_packets_is_sent_as_arrays_of_10_10_and_1_with_auth
     await until(lambda: pending(tmp_path) == 0, what="delivered packets removed from the store")
 
 
+async def test_a_busy_windows_full_batches_go_before_it_closes_and_the_rest_after(
+    mosquitto: Broker, tmp_path: Path, receiver: Receiver, run_gateway
+) -> None:
+    """A full batch of max_items goes as soon as delivery sees it, and once a window has
+    filled a batch, delivery looks every tenth of the next window, not only when it
+    closes: at thousands of packets a second, waiting would add the whole window to each."""
+    window_s = 4.0
+    cfg = gw_config(
+        tmp_path, mosquitto, hook(receiver.url, batch="{ window_ms = 4000, max_items = 10 }")
+    )
+    await run_gateway(cfg)
+    await connected(tmp_path)
+    await pub(mosquitto, [(TOPIC, f"a{i}".encode()) for i in range(12)])
+    await until(lambda: len(receiver.delivered()) == 12, what="the first window", timeout=20)
+    # Its batch of 10 went as soon as delivery saw it full (at once, or when the window
+    # closed if delivery first looked before all 12 were stored), the other 2 at the close.
+    first = receiver.ok()
+    assert sorted(len(r.json) for r in first) == [2, 10]
+
+    published = time.monotonic()
+    await pub(mosquitto, [(TOPIC, f"b{i}".encode()) for i in range(23)])
+    await until(lambda: len(receiver.delivered()) == 35, what="the second window", timeout=20)
+    second = receiver.ok()[len(first) :]
+    assert sorted(len(r.json) for r in second) == [3, 10, 10]
+    full = [r.at - published for r in second if len(r.json) == 10]
+    rest = next(r.at - published for r in second if len(r.json) == 3)
+    assert max(full) < window_s / 2, f"full batches {full} s after publishing"
+    assert rest >= window_s - 0.5, f"the rest {rest} s after publishing"
+    assert all(isinstance(r.json, list) for r in second)
+    assert sorted(x["Payload"] for x in receiver.delivered()) == sorted(
+        [f"a{i}" for i in range(12)] + [f"b{i}" for i in range(23)]
+    )
+
+
 async def test_one_packet_alone_in_its_window_is_one_object(
     mosquitto: Broker, tmp_path: Path, receiver: Receiver, run_gateway
 ) -> None:

@@ -167,8 +167,10 @@ class LatencySink:
     """aiohttp receiver in a thread: for every monoZ record, the latency from its
     publisher's clock to now; counts requests and bytes on the wire."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace: bool = False) -> None:
         self.latencies_ns: list[int] = []
+        # With `trace`: (publisher's clock, the record's Timestamp, arrival) per packet.
+        self.trace: list[tuple[int, str, int]] | None = [] if trace else None
         self.seen: set[tuple[int, int]] = set()
         self.duplicates = 0
         self.records = 0
@@ -205,6 +207,8 @@ class LatencySink:
                 continue
             self.seen.add(key)
             self.latencies_ns.append(now - p["t"])
+            if self.trace is not None:
+                self.trace.append((p["t"], rec.get("Timestamp", ""), now))
         return web.Response(text="ok")
 
     def _serve(self, ready: threading.Event) -> None:

@@ -21,7 +21,9 @@ acknowledged to a publisher that did not arrive within --drain-s after the last 
 are "late" when the gateway had committed them (still in its store), else "lost".
 CPU % (of one core) and peak RSS are the gateway's (with its ingest processes) while
 the publishers ran.
-Prints a table and one JSON line. Only loopback; every wait is bounded.
+Prints a table and one JSON line. Only loopback; every wait is bounded. `--dump DIR`
+also writes each gateway row's packets (publish time, the record's Timestamp, arrival
+time) to DIR/<profile>-<rate>.csv, to see where in a run latency came from.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def run_rate(
         prof, _, times = consumer.split()[-1].partition("-x")
         processes = int(times or 1)
         prof, _, slots = prof.partition("-c")
-        sink = LatencySink()
+        sink = LatencySink(trace=args.dump is not None)
         cfg = gateway_toml(
             work / f"{client_id}.toml",
             port,
@@ -177,6 +179,13 @@ def run_rate(
             row["stored"] = stored(work / f"state-{client_id}" / "gateway.db")
         if sink is not None:
             sink.stop()
+            if sink.trace is not None and args.dump is not None:
+                args.dump.mkdir(parents=True, exist_ok=True)
+                lines = [f"{t},{stamp},{at}" for t, stamp, at in sink.trace]
+                name = f"{consumer.split()[-1]}-{rate}.csv"
+                (args.dump / name).write_text(
+                    "published_ns,timestamp,arrived_ns\n" + "\n".join(lines) + "\n"
+                )
 
 
 def main() -> int:
@@ -189,6 +198,12 @@ def main() -> int:
     ap.add_argument("--profiles", default="monoz,w0")
     ap.add_argument("--drain-s", type=float, default=30.0, help="wait for stragglers")
     ap.add_argument("--no-baselines", action="store_true", help="gateway rows only")
+    ap.add_argument(
+        "--dump",
+        type=Path,
+        help="write DIR/<consumer>-<rate>.csv per gateway row: each packet's publish time"
+        " (ns), its Timestamp in the gateway's record and its arrival time (ns)",
+    )
     args = ap.parse_args()
     if shutil.which("mosquitto") is None:
         raise SystemExit("needs Debian's mosquitto")

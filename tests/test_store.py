@@ -253,9 +253,15 @@ def test_a_reader_sees_committed_packets_while_the_writer_is_busy(tmp_path: Path
             store.submit_packet(_packet(i))
         store.flush()
         reader = st.Reader(store.path)
-        release = threading.Event()
-        busy = store.call(lambda _c: release.wait(30))
-        store.submit_packet(_packet(3))  # queued behind the busy call: not committed yet
+        running, release = threading.Event(), threading.Event()
+
+        def hold(_c: sqlite3.Connection) -> bool:
+            running.set()
+            return release.wait(30)
+
+        busy = store.call(hold)
+        assert running.wait(10)
+        store.submit_packet(_packet(3))  # the writer is in `hold`: not committed yet
         try:
             rows = reader.run_sync(st.fetch_packets, 0, 100)
             assert [r.payload for r in rows] == [_packet(i).payload for i in range(3)]

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -463,10 +464,18 @@ async def test_poller_sim_swap_is_an_event_and_rereads_identity(
 async def test_poller_reports_a_different_sim_after_a_restart(
     emulator: Factory, harness: Any
 ) -> None:
-    emu = emulator("quectel", urcs=False)
+    # A slow modem, and the writer held once the poller talks to it: the first snapshot is
+    # still queued when the poller is stopped. A stop must not drop a reading it showed.
+    emu = emulator("quectel", urcs=False, faults=("slow",), slow_s=0.05)
     h = harness(emu.start_pty())
+    await until(lambda: len(emu.commands) > 0, "the poller's first command")
+    release = threading.Event()
+    held = h.store.call(lambda _c: release.wait(10))
     await h.wait_state("ok")
     await h.stop()
+    release.set()
+    await asyncio.wrap_future(held)
+    emu.clear_fault("slow")
     emu.swap_sim("89441000303132333435")
     h2 = harness(emu.url)
     changed = await h2.wait_event("sim_changed")

@@ -383,8 +383,12 @@ class _Poller:
         events = [(kind, {"port": port, **d}) for kind, d in events]
         encoded = [(kind, orjson.dumps(d)) for kind, d in events]
         try:
-            await asyncio.wrap_future(
-                self.store.call(write_snapshot, now, new, data, encoded, self.cdr_cfg)
+            # Shielded: the state above is already visible, so a poller cancelled at
+            # shutdown still commits it (the next start compares the SIM against it).
+            await asyncio.shield(
+                asyncio.wrap_future(
+                    self.store.call(write_snapshot, now, new, data, encoded, self.cdr_cfg)
+                )
             )
         except (GatewayError, sqlite3.Error) as exc:
             log.warning("modem: cannot store snapshot: %s", exc)

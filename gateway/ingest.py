@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import socket
 import ssl
 import struct
 import threading
@@ -76,11 +77,75 @@ def send_pubacks(client: mqtt.Client, mids: list[int]) -> None:
     queue(mqtt.PUBACK, b"".join([_PUBACK.pack(mqtt.PUBACK, 2, m) for m in mids]), 0, 0)
 
 
+class BufferedSocket:
+    """The broker connection with a read buffer: paho reads a packet in three or more
+    recv() calls (the type byte, each byte of the length, then the rest), each a syscall
+    that also lets go of the GIL. Here one recv() takes what the kernel has, up to
+    `size`, and the small reads are served from it. `pending()` is what paho already asks
+    an SSL socket for, so that it does not wait in select() while bytes are buffered.
+    Everything else goes to the socket itself."""
+
+    def __init__(self, sock: Any, size: int = 65536) -> None:
+        self._sock = sock
+        self._size = size
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        if self._pos >= len(self._buf):
+            data: bytes = self._sock.recv(max(n, self._size))
+            if len(data) <= n:
+                return data
+            self._buf, self._pos = data, 0
+        end = self._pos + n
+        out = self._buf[self._pos : end]
+        self._pos = min(end, len(self._buf))
+        return out
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return self.buffered() + int(inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _Client(mqtt.Client):
+    """paho's client reading through a BufferedSocket, and taking every buffered packet
+    each time it reads. paho's own loop_read() takes one packet per select() when no
+    outgoing QoS message is in flight, as for a subscriber. Without paho's private
+    `_create_socket` (a future paho) it is the plain client."""
+
+    MAX_PACKETS_PER_READ = 1000  # then paho's loop writes queued PUBACKs before reading on
+
+    def _create_socket(self) -> Any:
+        sock = super()._create_socket()
+        return BufferedSocket(sock) if isinstance(sock, socket.socket) else sock
+
+    def loop_read(self, max_packets: int = 1) -> Any:
+        rc = super().loop_read(max_packets)
+        sock = self._sock
+        n = 1
+        while (
+            rc == mqtt.MQTT_ERR_SUCCESS
+            and isinstance(sock, BufferedSocket)
+            and sock.buffered()
+            and self._sock is sock
+            and n < self.MAX_PACKETS_PER_READ
+        ):
+            rc = super().loop_read(max_packets)
+            n += 1
+        return rc
+
+
 def new_client(cfg: MqttSection, client_id: str, *, clean: bool) -> mqtt.Client:
     """A paho client for the broker of `cfg` (login, TLS), acknowledging by hand. Over
     MQTT 3.1.1 `clean` is the clean session flag; over 5 it goes with connect()."""
     v5 = cfg.protocol == "5"
-    client = mqtt.Client(
+    client = _Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,

@@ -65,6 +65,7 @@ class Broker:
     port: int
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
+    extra_conf: str = ""  # more mosquitto.conf lines, such as a TLS listener
 
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
@@ -79,8 +80,10 @@ class Broker:
             "max_queued_bytes 0\n"
             "log_dest stderr\n"
             "log_type error\n"
-            "log_type warning\n" + ("user root\n" if os.geteuid() == 0 else "")
+            "log_type warning\n"
+            + ("user root\n" if os.geteuid() == 0 else "")
             # As root, mosquitto drops to user 'mosquitto' and cannot write our temp dir.
+            + self.extra_conf
         )
         with (self.workdir / "mosquitto.log").open("ab") as log:
             self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=log, stderr=log)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -12,13 +13,16 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+import trustme
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.ingest import BufferedSocket
 from tests.conftest import (
     Broker,
     GatewayProc,
     db_rows,
+    free_port,
     gateway_cmd,
     publish,
     wait_for,
@@ -68,6 +72,68 @@ def test_every_published_packet_is_stored_with_topic_iccid_and_exact_bytes(
     assert [r[1] for r in rows] == [ICCID, ICCID, "8981100000000000020", "8981100000000000020"]
     assert [r[3] for r in rows] == [len(p) for _, p in messages]
     assert gw.terminate() == 0
+
+
+def test_the_broker_connection_is_read_in_one_recv_and_served_from_the_buffer() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        data = b"\x30\x04\x00\x01tx" * 50 + b"\x30\x7f" + bytes(127)
+        a.sendall(data)
+        wait_for(lambda: len(b.recv(len(data), socket.MSG_PEEK)) == len(data), what="data")
+        sock = BufferedSocket(b)
+        # paho's reads: the type byte, the length byte, then the rest of the packet
+        got = [sock.recv(1)]
+        assert sock.pending() == len(data) - 1  # one recv() took everything there was
+        b.setblocking(False)
+        while True:
+            got.append(length := sock.recv(1))
+            got.append(sock.recv(length[0]))
+            if not sock.pending():
+                break
+            got.append(sock.recv(1))
+        assert b"".join(got) == data
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_a_burst_of_small_and_large_packets_is_stored_whole_and_in_order(
+    transport: str, tmp_path: Path, gateway_proc
+) -> None:
+    # The gateway reads the broker connection through a 64 KiB buffer (BufferedSocket):
+    # many packets per read, and packets larger than the buffer or split over TLS records.
+    d = tmp_path / "broker"
+    d.mkdir()
+    tls_port = free_port()
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = ca.issue_cert("127.0.0.1")
+    server.private_key_pem.write_to_path(str(d / "key.pem"))
+    server.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    broker = Broker(
+        free_port(),
+        d,
+        extra_conf=f"listener {tls_port} 127.0.0.1\ncertfile {d / 'cert.pem'}\n"
+        f"keyfile {d / 'key.pem'}\n",
+    )
+    broker.start()
+    try:
+        tls = f'tls = true\nca_file = "{tmp_path / "ca.pem"}"' if transport == "tls" else ""
+        cfg = write_config(tmp_path / "gw.toml", broker.port, tmp_path / "state", mqtt_extra=tls)
+        if transport == "tls":
+            cfg.write_text(cfg.read_text().replace(f"port = {broker.port}", f"port = {tls_port}"))
+        gw = gateway_proc(cfg)
+        gw.start()
+        wait_for(lambda: "subscribed to" in gw.log(), what="gateway to subscribe")
+        sizes = [40] * 300 + [16_000, 70_000, 40, 200_000, 3] + [60] * 200
+        messages = [(f"devices/{ICCID}/up", bytes([i % 256]) * n) for i, n in enumerate(sizes)]
+        publish(broker.port, messages)
+        db = tmp_path / "state" / "gateway.db"
+        wait_for(lambda: count(db) == len(messages), what=f"{len(messages)} packets stored")
+        assert [(r[0], r[2]) for r in stored(db)] == messages
+        assert gw.terminate() == 0
+    finally:
+        broker.stop()
 
 
 def test_two_identical_packets_from_a_device_are_both_kept(

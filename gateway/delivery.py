@@ -247,7 +247,7 @@ class Route:
         self._window: tuple[int, int] | None = None
         # Records of the open window taken so far; whether the last window filled a batch.
         self._window_taken = 0
-        self._busy = False
+        self._prev_taken = 0  # records the window before took
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.store.call(fn, *args))
@@ -333,9 +333,12 @@ class Route:
                     self._window_taken += len(full)
                     del ahead[: len(full)]
                     continue
-                if self._busy:
-                    # The last window filled a batch: look again in a tenth of a window.
-                    wait_ns = min(wait_ns, window_ns // 10)
+                n = self.cfg.batch.max_items
+                if self._prev_taken > n:
+                    # At the last window's rate this one fills a batch before it closes:
+                    # look again then (every tenth of a window at most). At a few
+                    # records a window the looks would be CPU spent for nothing.
+                    wait_ns = min(wait_ns, max(window_ns // 10, window_ns * n // self._prev_taken))
                 await asyncio.sleep(wait_ns / 1e9)
                 continue
             if taken:
@@ -348,7 +351,7 @@ class Route:
                 del ahead[: len(taken)]
                 if more:
                     continue
-            self._busy = self._window_taken >= self.cfg.batch.max_items
+            self._prev_taken = self._window_taken
             self._window = None
 
     def _full_batches(self, rows: Sequence[Row]) -> Sequence[Row]:

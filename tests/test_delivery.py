@@ -106,24 +106,25 @@ async def test_a_busy_windows_full_batches_go_before_it_closes_and_the_rest_afte
     mosquitto: Broker, tmp_path: Path, receiver: Receiver, run_gateway
 ) -> None:
     """A full batch of max_items goes as soon as delivery sees it, and once a window has
-    filled a batch, delivery looks every tenth of the next window, not only when it
-    closes: at thousands of packets a second, waiting would add the whole window to each."""
+    taken several batches' worth, delivery looks again within the next window (when, at
+    that rate, a batch has filled), not only when it closes: at thousands of packets a
+    second, waiting would add the whole window to each."""
     window_s = 4.0
     cfg = gw_config(
         tmp_path, mosquitto, hook(receiver.url, batch="{ window_ms = 4000, max_items = 10 }")
     )
     await run_gateway(cfg)
     await connected(tmp_path)
-    await pub(mosquitto, [(TOPIC, f"a{i}".encode()) for i in range(12)])
-    await until(lambda: len(receiver.delivered()) == 12, what="the first window", timeout=20)
-    # Its batch of 10 went as soon as delivery saw it full (at once, or when the window
-    # closed if delivery first looked before all 12 were stored), the other 2 at the close.
+    await pub(mosquitto, [(TOPIC, f"a{i}".encode()) for i in range(42)])
+    await until(lambda: len(receiver.delivered()) == 42, what="the first window", timeout=20)
+    # Its batches of 10 went as soon as delivery saw them full (at once, or when the window
+    # closed if delivery first looked before all 42 were stored), the other 2 at the close.
     first = receiver.ok()
-    assert sorted(len(r.json) for r in first) == [2, 10]
+    assert sorted(len(r.json) for r in first) == [2, 10, 10, 10, 10]
 
     published = time.monotonic()
     await pub(mosquitto, [(TOPIC, f"b{i}".encode()) for i in range(23)])
-    await until(lambda: len(receiver.delivered()) == 35, what="the second window", timeout=20)
+    await until(lambda: len(receiver.delivered()) == 65, what="the second window", timeout=20)
     second = receiver.ok()[len(first) :]
     assert sorted(len(r.json) for r in second) == [3, 10, 10]
     full = [r.at - published for r in second if len(r.json) == 10]
@@ -132,7 +133,7 @@ async def test_a_busy_windows_full_batches_go_before_it_closes_and_the_rest_afte
     assert rest >= window_s - 0.5, f"the rest {rest} s after publishing"
     assert all(isinstance(r.json, list) for r in second)
     assert sorted(x["Payload"] for x in receiver.delivered()) == sorted(
-        [f"a{i}" for i in range(12)] + [f"b{i}" for i in range(23)]
+        [f"a{i}" for i in range(42)] + [f"b{i}" for i in range(23)]
     )
 
 

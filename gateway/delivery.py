@@ -245,9 +245,9 @@ class Route:
         # time + window_ms) and by the monotonic clock (window_ms after this process first
         # saw that record: a clock set back must not hold it open for the jump).
         self._window: tuple[int, int] | None = None
-        # Records of the open window taken so far; whether the last window filled a batch.
+        # Records the open window took so far, and those the window before it took.
         self._window_taken = 0
-        self._prev_taken = 0  # records the window before took
+        self._prev_taken = 0
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.store.call(fn, *args))

@@ -333,12 +333,7 @@ class Route:
                     self._window_taken += len(full)
                     del ahead[: len(full)]
                     continue
-                n = self.cfg.batch.max_items
-                if self._prev_taken > n:
-                    # At the last window's rate this one fills a batch before it closes:
-                    # look again then (every tenth of a window at most). At a few
-                    # records a window the looks would be CPU spent for nothing.
-                    wait_ns = min(wait_ns, max(window_ns // 10, window_ns * n // self._prev_taken))
+                wait_ns = min(wait_ns, self._next_look_ns(window_ns, end_mono, len(taken)))
                 await asyncio.sleep(wait_ns / 1e9)
                 continue
             if taken:
@@ -353,6 +348,26 @@ class Route:
                     continue
             self._prev_taken = self._window_taken
             self._window = None
+
+    def _next_look_ns(self, window_ns: int, end_mono: int, seen: int) -> int:
+        """How soon to look again at an open window that has `seen` records so far and
+        no full batch: when, at the faster of the last window's rate and this one's, a
+        batch will have filled (every tenth of a window at most); else once, a tenth of
+        a window in, to catch a burst (the first of a run, or one after a quiet spell);
+        else not before it closes. At a few records a window more looks would be CPU
+        spent for nothing."""
+        tenth = window_ns // 10
+        elapsed = time.monotonic_ns() - (end_mono - window_ns)
+        rate = self._prev_taken  # records a window
+        if elapsed >= tenth // 2:
+            # The record that opened the window says nothing of the rate.
+            rate = max(rate, (self._window_taken + seen - 1) * window_ns // elapsed)
+        n = self.cfg.batch.max_items
+        if rate > n:
+            return max(tenth, window_ns * n // rate)
+        if elapsed < tenth // 2:
+            return tenth - elapsed
+        return window_ns
 
     def _full_batches(self, rows: Sequence[Row]) -> Sequence[Row]:
         """The longest prefix of an open window's `rows` whose wanted records fill whole

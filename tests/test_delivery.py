@@ -105,22 +105,32 @@ async def test_a_window_of_21_packets_is_sent_as_arrays_of_10_10_and_1_with_auth
 async def test_a_busy_windows_full_batches_go_before_it_closes_and_the_rest_after(
     mosquitto: Broker, tmp_path: Path, receiver: Receiver, run_gateway
 ) -> None:
-    """A full batch of max_items goes as soon as delivery sees it, and once a window has
-    taken several batches' worth, delivery looks again within the next window (when, at
-    that rate, a batch has filled), not only when it closes: at thousands of packets a
-    second, waiting would add the whole window to each."""
+    """A full batch of max_items goes as soon as delivery sees it, and delivery looks again
+    within an open window (a tenth of the way in, and then when, at the rate seen, a
+    batch has filled), not only when it closes: at thousands of packets a second,
+    waiting would add the whole window to each. That holds for the first window of a
+    run too, with no window before it to tell the rate."""
     window_s = 4.0
     cfg = gw_config(
         tmp_path, mosquitto, hook(receiver.url, batch="{ window_ms = 4000, max_items = 10 }")
     )
     await run_gateway(cfg)
     await connected(tmp_path)
-    await pub(mosquitto, [(TOPIC, f"a{i}".encode()) for i in range(42)])
+    published = time.monotonic()
+    # One packet opens the window; the burst comes once it is stored (so, nearly always,
+    # after delivery's first look).
+    await pub(mosquitto, [(TOPIC, b"a0")])
+    await until(lambda: pending(tmp_path) == 1, what="the first packet stored")
+    await pub(mosquitto, [(TOPIC, f"a{i}".encode()) for i in range(1, 42)])
     await until(lambda: len(receiver.delivered()) == 42, what="the first window", timeout=20)
-    # Its batches of 10 went as soon as delivery saw them full (at once, or when the window
-    # closed if delivery first looked before all 42 were stored), the other 2 at the close.
+    # Its batches of 10 went at delivery's look a tenth of the way in, or later if it
+    # had not seen them all then; the other 2 at the close.
     first = receiver.ok()
     assert sorted(len(r.json) for r in first) == [2, 10, 10, 10, 10]
+    full = [r.at - published for r in first if len(r.json) == 10]
+    rest = next(r.at - published for r in first if len(r.json) == 2)
+    assert max(full) < window_s / 2, f"first window: full batches {full} s after publishing"
+    assert rest >= window_s - 0.5, f"first window: the rest {rest} s after publishing"
 
     published = time.monotonic()
     await pub(mosquitto, [(TOPIC, f"b{i}".encode()) for i in range(23)])

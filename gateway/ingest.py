@@ -140,6 +140,36 @@ class _Client(mqtt.Client):
             n += 1
         return rc
 
+    def _handle_publish(self) -> Any:
+        """paho's, minus the MQTT 5 property parsing of a QoS 1 PUBLISH that has none.
+
+        paho builds a `Properties` for every PUBLISH, whose constructor fills two tables
+        of some thirty entries and whose `unpack` first clears each name by string
+        replacement: about a fifth of the gateway's CPU in a backlog drain. Packets
+        without properties (the property length is 0) get one empty `Properties`,
+        shared and never filled; everything else (properties, QoS 0 or 2, MQTT 3.1.1,
+        automatic acks, a packet too short to be sound) goes to paho as before."""
+        pkt = getattr(self, "_in_packet", None)
+        if not (self._protocol == mqtt.MQTTv5 and self._manual_ack and isinstance(pkt, dict)):
+            return super()._handle_publish()
+        header, data = pkt.get("command"), pkt.get("packet")
+        if not isinstance(header, int) or (header & 0x06) != 0x02 or not data:
+            return super()._handle_publish()
+        at = 2 + ((data[0] << 8) | data[1]) if len(data) >= 2 else 0  # after the topic
+        if not at or len(data) < at + 3 or data[at + 2] != 0:
+            return super()._handle_publish()
+        message = mqtt.MQTTMessage(mid=(data[at] << 8) | data[at + 1], topic=bytes(data[2:at]))
+        message.dup = bool(header & 0x08)
+        message.qos = 1
+        message.retain = bool(header & 0x01)
+        message.properties = self._NO_PROPERTIES
+        message.payload = bytes(data[at + 3 :])
+        message.timestamp = mqtt.time_func()
+        self._handle_on_message(message)
+        return mqtt.MQTT_ERR_SUCCESS  # the PUBACK is sent by hand, after the commit
+
+    _NO_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+
 
 def new_client(cfg: MqttSection, client_id: str, *, clean: bool) -> mqtt.Client:
     """A paho client for the broker of `cfg` (login, TLS), acknowledging by hand. Over

@@ -14,10 +14,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 import trustme
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.ingest import BufferedSocket
+from gateway.ingest import BufferedSocket, _Client
 from tests.conftest import (
     Broker,
     GatewayProc,
@@ -94,6 +95,63 @@ def test_the_broker_connection_is_read_in_one_recv_and_served_from_the_buffer() 
         assert b"".join(got) == data
         with pytest.raises(BlockingIOError):
             sock.recv(1)
+
+
+def test_the_gateways_client_reads_publishes_as_plain_paho_does(mosquitto: Broker) -> None:
+    # _Client skips paho's property parsing for QoS 1 packets without properties; every
+    # field a subscriber sees must stay what plain paho gives, with and without them.
+    def subscriber(cls: type[mqtt.Client], got: list[tuple[object, ...]]) -> mqtt.Client:
+        c = cls(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+
+        def on_message(c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+            props = m.properties.json() if m.properties is not None else None
+            got.append((m.topic, m.payload, m.qos, m.retain, m.dup, m.mid > 0, props))
+            c.ack(m.mid, m.qos)
+
+        c.on_message = on_message
+        c.connect("127.0.0.1", mosquitto.port)
+        c.subscribe("t/#", qos=2)
+        c.loop_start()
+        return c
+
+    def props(**values: object) -> Properties:
+        p = Properties(PacketTypes.PUBLISH)
+        for k, v in values.items():
+            setattr(p, k, v)
+        return p
+
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    pub.publish("t/retained", b"kept", qos=1, retain=True).wait_for_publish(10)
+    ours: list[tuple[object, ...]] = []
+    plain: list[tuple[object, ...]] = []
+    clients = [subscriber(_Client, ours), subscriber(mqtt.Client, plain)]
+    try:
+        wait_for(lambda: len(ours) == len(plain) == 1, what="the retained message")
+        sent = [
+            ("t/a", b"plain", 1, None),
+            ("t/b", bytes(range(256)), 1, None),
+            ("t/" + "x" * 300, b"", 1, None),  # a long topic, an empty payload
+            ("t/c", b'{"v":1}', 1, props(ContentType="application/json")),
+            ("t/d", b"\x01", 1, props(UserProperty=[("k", "v"), ("k", "w")])),
+            ("t/e", b"fmt", 1, props(PayloadFormatIndicator=1, MessageExpiryInterval=60)),
+            ("t/f", b"q0", 0, None),
+            ("t/g", b"q2", 2, None),
+            ("t/h", b"q2p", 2, props(ContentType="text/plain")),
+        ]
+        for topic, payload, qos, p in sent:
+            pub.publish(topic, payload, qos=qos, properties=p).wait_for_publish(10)
+        n = 1 + len(sent)
+        wait_for(lambda: len(ours) == len(plain) == n, what=f"{n} messages each")
+    finally:
+        for c in [*clients, pub]:
+            c.disconnect()
+            c.loop_stop()
+    assert ours == plain
+    assert [(m[0], m[1], m[2]) for m in ours[1:]] == [(t, p, q) for t, p, q, _ in sent]
+    assert ours[0][3] is True  # the retained one
+    assert ours[4][6] == {"ContentType": "application/json"}
 
 
 @pytest.mark.parametrize("transport", ["tcp", "tls"])

@@ -1,7 +1,7 @@
 """Footprint: memory with a large backlog, CPU when idle, disk writes and wire bytes.
 
     .venv/bin/python bench/footprint.py [--backlog 1000000] [--idle-s 60] [--packets 20000]
-                                        [--idle-commit-delay-ms 100] [--no-baselines]
+                                        [--idle-commit-delay-ms 0] [--no-baselines]
                                         [--backlog-payloads 71,256] [--parts backlog,…]
 
 One mosquitto started here on a free loopback port (in memory, as bench/drain.py).
@@ -19,9 +19,11 @@ One mosquitto started here on a free loopback port (in memory, as bench/drain.py
    bytes on the wire per packet at the receiver (body; body and request headers).
 3. Idle: `python -m firmware_sim fleet --devices 100 --rate 0.1` (10 packets/s in all)
    for --idle-s after a 10 s warm-up, delivered by the gateway (monoZ profile, web
-   dashboard on); CPU % of one core and RSS of the gateway, and in the same window of
-   a second gateway with `gateway.commit_delay_ms` (--idle-commit-delay-ms, 100) and,
-   as baselines, `mosquitto_sub -q 1` and a bare paho subscriber.
+   dashboard on); CPU % of one core and RSS of the gateway (defaults: its commit delay
+   is "auto", 100 ms for that profile), and in the same window of a second gateway
+   with `gateway.commit_delay_ms` (--idle-commit-delay-ms, 0: no delay, the default
+   before session 10) and, as baselines, `mosquitto_sub -q 1` and a bare paho
+   subscriber.
 Prints a table and one JSON line. Only loopback; every wait is bounded.
 """
 
@@ -271,7 +273,7 @@ def idle(
                 {
                     "what": "idle",
                     "consumer": k,
-                    "commit_delay_ms": delay_ms if k == IDLE_DELAYED else 0,
+                    "commit_delay_ms": {IDLE_DELAYED: delay_ms, "gateway": "auto"}.get(k),
                     "seconds": seconds,
                     "cpu_pct": 100 * busy / seconds,
                     "rss_mb": p.memory_info().rss / 1e6,
@@ -320,8 +322,8 @@ def main() -> int:
     ap.add_argument(
         "--idle-commit-delay-ms",
         type=float,
-        default=100.0,
-        help="gateway.commit_delay_ms of the idle part's second gateway",
+        default=0.0,
+        help="gateway.commit_delay_ms of the idle part's second gateway (0: none)",
     )
     ap.add_argument("--parts", default="backlog,deliver,idle")
     ap.add_argument("--no-baselines", action="store_true", help="gateway rows only")
@@ -363,6 +365,8 @@ def report(rows: list[dict[str, Any]]) -> None:
             name = r["consumer"]
             if name == IDLE_DELAYED:
                 name = f"gateway, commit_delay_ms = {r['commit_delay_ms']:g}"
+            elif name == "gateway":
+                name = "gateway (commit_delay_ms auto)"
             disk = f"{r['disk_bytes_per_packet']:.0f}" if "gateway" in name else "-"
             print(f"{name:<34}{r['cpu_pct']:>16.2f}{r['rss_mb']:>8.1f}{disk:>12}")
         for g in idle_rows[:2]:

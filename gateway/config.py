@@ -8,7 +8,7 @@ import os
 import re
 import string
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +30,7 @@ class GatewaySection:
     max_buffer_mb: float = 512.0
     on_full: str = "backpressure"
     commit_max_packets: int = 2000
-    commit_delay_ms: float = 0.0
+    commit_delay_ms: float | None = None  # None: "auto" (see commit_delay_ms())
     log_level: str = "info"
     log_format: str = "text"
     min_free_mb: float = 64.0
@@ -368,6 +368,35 @@ def _float(lo: float | None, hi: float | None, *, above: bool = False) -> Callab
     return check
 
 
+def _or_auto(check: Callable[[Any], float]) -> Callable[[Any], float | None]:
+    """`check`, or "auto" (None): a value the gateway works out from the rest."""
+
+    def either(value: Any) -> float | None:
+        if value == "auto":
+            return None
+        try:
+            return check(value)
+        except _Bad as exc:
+            raise _Bad(f'{exc.what} or "auto"') from None
+
+    return either
+
+
+# The most "auto" holds a commit for later packets to share it (gateway.commit_delay_ms).
+AUTO_COMMIT_DELAY_MAX_MS = 100.0
+
+
+def commit_delay_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConfig]) -> float:
+    """gateway.commit_delay_ms as set; for "auto" (the default) a tenth of the shortest
+    batching window of the packet webhooks, at most 100 ms. So 0 when one of them sends
+    at once (`window_ms = 0`), and 100 ms for monoZ's 1 s window, where a packet waits
+    for its window anyway; 100 ms also with no packet webhook."""
+    if gateway.commit_delay_ms is not None:
+        return gateway.commit_delay_ms
+    windows = [w.batch.window_ms for w in webhooks if w.source == "packets"]
+    return min([AUTO_COMMIT_DELAY_MAX_MS, *(w / 10 for w in windows)])
+
+
 def _statuses(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise _Bad("must be a list of HTTP status codes")
@@ -679,7 +708,7 @@ def parse(
         max_buffer_mb=_float(0, None, above=True),
         on_full=_choice("backpressure", "drop_oldest"),
         commit_max_packets=_int(1, 100_000),
-        commit_delay_ms=_float(0, 1000),
+        commit_delay_ms=_or_auto(_float(0, 1000)),
         log_level=_choice("debug", "info", "warning", "error"),
         log_format=_choice("text", "json"),
         min_free_mb=_float(0, None),

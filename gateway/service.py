@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway import __version__, cdr, delivery, ingest, reports
 from gateway import store as st
-from gateway.config import Config, WebhookConfig
+from gateway.config import Config, WebhookConfig, commit_delay_ms
 from gateway.store import Store
 from gateway.supervisor import Supervisor
 
@@ -31,7 +31,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 on_full=cfg.gateway.on_full,
                 commit_max_packets=cfg.gateway.commit_max_packets,
                 min_free_bytes=int(cfg.gateway.min_free_mb * 1024 * 1024),
-                commit_delay_s=cfg.gateway.commit_delay_ms / 1000,
+                commit_delay_s=commit_delay_ms(cfg.gateway, cfg.webhooks) / 1000,
             )
         )
 
@@ -60,6 +60,8 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         def start_delivery(hooks: Sequence[WebhookConfig]) -> Coroutine[Any, Any, None]:
             if site is not None:
                 site.set_webhooks(hooks)  # the dashboard shows what is delivered
+            # "auto" follows the packet webhooks' windows, reloaded ones too.
+            store.commit_delay_s = commit_delay_ms(cfg.gateway, hooks) / 1000
             return delivery.run(
                 hooks,
                 store,

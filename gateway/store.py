@@ -263,6 +263,11 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
 # How much longer systemd is asked to wait for the start while the store is migrated.
 MIGRATION_TIMEOUT_S = 1800
 
+# gateway.commit_delay_ms waits for later packets until a commit has this many: then the
+# fsync is shared enough, and at a high rate waiting on would only hold PUBACKs back
+# (and, with the broker's receive maximum reached, the packets after them).
+DELAY_ENOUGH_PACKETS = 64
+
 # Bytes per database page for a new store (an existing one keeps its own).
 PAGE_SIZE = 1024
 
@@ -588,7 +593,7 @@ class Store:
         one commit (one fsync) with those already taken. A store call (delivery, status)
         or close ends the wait at once. Returns whether close was asked for."""
         deadline = time.monotonic() + self.commit_delay_s
-        while len(packets) < self.commit_max_packets:
+        while len(packets) < min(self.commit_max_packets, DELAY_ENOUGH_PACKETS):
             left = deadline - time.monotonic()
             if left <= 0:
                 break

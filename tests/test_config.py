@@ -101,6 +101,14 @@ BAD_CASES = [
     ),
     ('[mqtt]\nhost = "h"\ningest_processes = 0\n', "mqtt.ingest_processes: must be 1-16, got 0"),
     (
+        '[mqtt]\nhost = "h"\n[gateway]\ncommit_delay_ms = "soon"\n',
+        'gateway.commit_delay_ms: must be a number or "auto"',
+    ),
+    (
+        '[mqtt]\nhost = "h"\n[gateway]\ncommit_delay_ms = 5000\n',
+        'gateway.commit_delay_ms: must be at most 1000 or "auto"',
+    ),
+    (
         '[mqtt]\nhost = "h"\n[modme]\nport = "/dev/ttyUSB2"\n',
         "modme: unknown key (did you mean 'modem'?)",
     ),
@@ -183,6 +191,31 @@ def test_defaults_follow_the_design() -> None:
         .retry
     )
     assert (monoz.timeout_s, monoz.max_attempts, monoz.retry_on_status) == (90.0, 3, ())
+
+
+@pytest.mark.parametrize(
+    ("gateway", "hooks", "expected"),
+    [
+        ({}, [{}], 100.0),  # monoZ's 1 s window: a tenth of it
+        ({"commit_delay_ms": "auto"}, [{"batch": {"window_ms": 50}}], 5.0),
+        ({}, [{}, {"batch": {"window_ms": 0}}], 0.0),  # one webhook sends at once
+        ({}, [{"batch": {"window_ms": 60_000}}], 100.0),  # at most 100 ms
+        ({}, [{"source": "cdrs", "format": "monogoto", "batch": {"window_ms": 0}}], 100.0),
+        ({}, [], 100.0),
+        ({"commit_delay_ms": 0}, [{}], 0.0),  # as set
+        ({"commit_delay_ms": 250}, [{"batch": {"window_ms": 0}}], 250.0),
+    ],
+)
+def test_commit_delay_auto_is_a_tenth_of_the_shortest_packet_window(
+    gateway: dict[str, Any], hooks: list[dict[str, Any]], expected: float
+) -> None:
+    raw = {
+        "mqtt": {"host": "h"},
+        "gateway": gateway,
+        "webhooks": [{"name": f"w{i}", "url": "https://x", **h} for i, h in enumerate(hooks)],
+    }
+    cfg = config.parse(raw, {})
+    assert config.commit_delay_ms(cfg.gateway, cfg.webhooks) == expected
 
 
 def test_shared_group_prefixes_every_topic() -> None:

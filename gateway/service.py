@@ -53,7 +53,13 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         taker = await stack.enter_async_context(ingest.running(cfg.mqtt, store))
         if site is not None:
             site.ingest = taker
-        log.info("gateway started: store %s, %d webhook(s)", cfg.db_path, len(cfg.webhooks))
+        log.info(
+            "gateway started: store %s, %d webhook(s), commit delay %g ms%s",
+            cfg.db_path,
+            len(cfg.webhooks),
+            store.commit_delay_s * 1000,
+            " (auto)" if cfg.gateway.commit_delay_ms is None else "",
+        )
         _record(store, "gateway_started")
         stack.callback(_record, store, "gateway_stopped")
 

@@ -72,6 +72,8 @@ def test_every_published_packet_is_stored_with_topic_iccid_and_exact_bytes(
     assert [(r[0], r[2]) for r in rows] == messages
     assert [r[1] for r in rows] == [ICCID, ICCID, "8981100000000000020", "8981100000000000020"]
     assert [r[3] for r in rows] == [len(p) for _, p in messages]
+    # No packet webhook: the "auto" commit delay is its upper bound, and the log says so.
+    assert "commit delay 100 ms (auto)" in gw.log()
     assert gw.terminate() == 0
 
 

@@ -150,7 +150,9 @@ class _Client(mqtt.Client):
         shared and never filled; everything else (properties, QoS 0 or 2, MQTT 3.1.1,
         automatic acks, a packet too short to be sound) goes to paho as before."""
         pkt = getattr(self, "_in_packet", None)
-        if not (self._protocol == mqtt.MQTTv5 and self._manual_ack and isinstance(pkt, dict)):
+        handle = getattr(self, "_handle_on_message", None)  # private too: checked, not assumed
+        v5 = getattr(self, "_protocol", None) == mqtt.MQTTv5
+        if not (v5 and getattr(self, "_manual_ack", False) and isinstance(pkt, dict) and handle):
             return super()._handle_publish()
         header, data = pkt.get("command"), pkt.get("packet")
         if not isinstance(header, int) or (header & 0x06) != 0x02 or not data:
@@ -165,7 +167,7 @@ class _Client(mqtt.Client):
         message.properties = self._NO_PROPERTIES
         message.payload = bytes(data[at + 3 :])
         message.timestamp = mqtt.time_func()
-        self._handle_on_message(message)
+        handle(message)
         return mqtt.MQTT_ERR_SUCCESS  # the PUBACK is sent by hand, after the commit
 
     _NO_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]

@@ -67,6 +67,19 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _unvarint(buf: bytes, i: int) -> tuple[int, int] | None:
+    """The Variable Byte Integer at buf[i:]: (value, index after it), or None if buf ends
+    before it does."""
+    n = shift = 0
+    while i < len(buf):
+        b = buf[i]
+        n |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not b & 0x80:
+            return n, i
+    return None
+
+
 def _packet(first: int, body: bytes) -> bytes:
     return bytes([first]) + _varint(len(body)) + body
 
@@ -100,13 +113,7 @@ class _RawMqtt:
 
     def _connack_props(self, props: bytes) -> None:
         # properties length, then (id, value) pairs; only Receive Maximum (0x21) matters
-        i, shift, n = 0, 0, 0
-        while True:
-            b = props[i]
-            n |= (b & 0x7F) << shift
-            i, shift = i + 1, shift + 7
-            if not b & 0x80:
-                break
+        n, i = _unvarint(props, 0) or (0, len(props))
         end = i + n
         while i < end:
             pid = props[i]
@@ -135,15 +142,10 @@ class _RawMqtt:
 
     def _split(self) -> tuple[int, bytes] | None:
         buf = self.buf
-        n, shift, i = 0, 0, 1
-        while True:
-            if i >= len(buf):
-                return None
-            b = buf[i]
-            n |= (b & 0x7F) << shift
-            i, shift = i + 1, shift + 7
-            if not b & 0x80:
-                break
+        length = _unvarint(buf, 1)  # the remaining length, after the type byte
+        if length is None:
+            return None
+        n, i = length
         if len(buf) < i + n:
             return None
         self.buf = buf[i + n :]

@@ -46,6 +46,7 @@ import orjson
 import paho.mqtt.client as mqtt
 import psutil
 from common import (
+    PUBLISHERS,
     LatencySink,
     gateway_toml,
     percentiles,
@@ -200,7 +201,7 @@ def main() -> int:
     ap.add_argument("--publishers", type=int, default=4)
     ap.add_argument(
         "--publisher",
-        choices=("raw", "paho"),
+        choices=sorted(PUBLISHERS),
         default="raw",
         help="raw: a minimal MQTT 5 publisher on a socket (the default since session 9);"
         " paho: paho-mqtt clients, as before (they take about 190 µs of CPU per packet)",

@@ -121,6 +121,18 @@ class _Client(mqtt.Client):
 
     MAX_PACKETS_PER_READ = 1000  # then paho's loop writes queued PUBACKs before reading on
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # _handle_publish's own decoding reads these private parts of paho, set here and
+        # never changed: checked once, not assumed. Without them (a future paho) every
+        # PUBLISH goes to paho's own code.
+        self._own_publish = bool(
+            getattr(self, "_protocol", None) == mqtt.MQTTv5
+            and getattr(self, "_manual_ack", False)
+            and hasattr(self, "_in_packet")
+            and hasattr(self, "_handle_on_message")
+        )
+
     def _create_socket(self) -> Any:
         sock = super()._create_socket()
         return BufferedSocket(sock) if isinstance(sock, socket.socket) else sock
@@ -149,10 +161,8 @@ class _Client(mqtt.Client):
         without properties (the property length is 0) get one empty `Properties`,
         shared and never filled; everything else (properties, QoS 0 or 2, MQTT 3.1.1,
         automatic acks, a packet too short to be sound) goes to paho as before."""
-        pkt = getattr(self, "_in_packet", None)
-        handle = getattr(self, "_handle_on_message", None)  # private too: checked, not assumed
-        v5 = getattr(self, "_protocol", None) == mqtt.MQTTv5
-        if not (v5 and getattr(self, "_manual_ack", False) and isinstance(pkt, dict) and handle):
+        pkt = self._in_packet if self._own_publish else None
+        if not isinstance(pkt, dict):
             return super()._handle_publish()
         header, data = pkt.get("command"), pkt.get("packet")
         if not isinstance(header, int) or (header & 0x06) != 0x02 or not data:
@@ -167,7 +177,7 @@ class _Client(mqtt.Client):
         message.properties = self._NO_PROPERTIES
         message.payload = bytes(data[at + 3 :])
         message.timestamp = mqtt.time_func()
-        handle(message)
+        self._handle_on_message(message)
         return mqtt.MQTT_ERR_SUCCESS  # the PUBACK is sent by hand, after the commit
 
     _NO_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]

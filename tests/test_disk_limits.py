@@ -193,9 +193,13 @@ def test_a_full_disk_stops_acknowledgements_and_everything_is_delivered_once_spa
     gw = gateway_proc(cfg)
     gw.start()
     wait_for(lambda: "subscribed to" in gw.log(), what="gateway to subscribe")
-    filler = fill(small_fs, leave_bytes=300 * 1024)
     sent = [f"{i:04d}".encode().ljust(1000, b"#") for i in range(total)]
-    publish(mosquitto.port, [(f"devices/{ICCID}/up", p) for p in sent])
+    # The first 100 are stored before the disk fills up. Without them, a gateway that took
+    # all 800 into its first commit stored none: that group never fits in 300 KB.
+    publish(mosquitto.port, [(f"devices/{ICCID}/up", p) for p in sent[:100]])
+    wait_for(lambda: stored_count(db) == 100, what="the first 100 packets stored")
+    filler = fill(small_fs, leave_bytes=300 * 1024)
+    publish(mosquitto.port, [(f"devices/{ICCID}/up", p) for p in sent[100:]])
     wait_for(lambda: "store write failed" in gw.log(), what="the disk to fill up")
     assert gw.terminate() == 0
 

@@ -252,12 +252,16 @@ class Route:
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.store.call(fn, *args))
 
-    async def _db_write(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _db_write(self, fn: Callable[..., Any], *args: Any, lazy: bool = False) -> Any:
         """A batch's bookkeeping, retried while the store cannot write (disk full):
-        giving up would send the batch again, and again, for as long as that lasts."""
+        giving up would send the batch again, and again, for as long as that lasts.
+
+        `lazy`: the write may join the next packet commit (Store.defer), for writes whose
+        loss in a crash only sends a batch again."""
+        submit = self.store.defer if lazy else self.store.call
         while True:
             try:
-                return await self._db(fn, *args)
+                return await asyncio.wrap_future(submit(fn, *args))
             except sqlite3.Error as exc:
                 log.error("webhook %s: store error, retrying: %s", self.cfg.name, exc)  # noqa: TRY400
                 await asyncio.sleep(1.0)
@@ -493,6 +497,7 @@ class Route:
                     batch.id,
                     records,
                     failed if attempts == 1 else 0,
+                    lazy=True,
                 )
                 return
             error = _describe(outcome)

@@ -268,6 +268,9 @@ MIGRATION_TIMEOUT_S = 1800
 # (and, with the broker's receive maximum reached, the packets after them).
 DELAY_ENOUGH_PACKETS = 64
 
+# At most this many store calls share one transaction.
+MAX_GROUP_CALLS = 256
+
 # Bytes per database page for a new store (an existing one keeps its own).
 PAGE_SIZE = 1024
 
@@ -368,11 +371,14 @@ _STOP = object()
 
 
 class _Call:
-    __slots__ = ("args", "fn", "future")
+    __slots__ = ("args", "fn", "future", "lazy")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], lazy: bool = False) -> None:
         self.fn = fn
         self.args = args
+        # Lazy (Store.defer): may wait for the next packet commit instead of cutting the
+        # commit delay short.
+        self.lazy = lazy
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
 
@@ -385,6 +391,30 @@ def _sort(item: Any, packets: list[Incoming], calls: list[_Call]) -> bool:
     else:
         calls.append(item)
     return False
+
+
+def _hand_out(results: list[tuple[_Call, Any, BaseException | None]]) -> None:
+    """Give each call of a committed group its result or error."""
+    for c, value, error in results:
+        if error is None:
+            c.future.set_result(value)
+        else:
+            c.future.set_exception(error)
+
+
+@dataclass(slots=True)
+class _Written:
+    """What a packet commit wrote, for after its COMMIT."""
+
+    accepted: list[Incoming]  # stored, recognised redeliveries, too large
+    stored: bool  # whether any packet row was added
+    added: int  # payload bytes added to the buffer
+    evicted: tuple[int, int]  # (packets, bytes) drop_oldest deleted
+
+
+def _urgent(calls: list[_Call]) -> bool:
+    """Whether any of the calls is one that must not wait for the commit delay."""
+    return any(not c.lazy for c in calls)
 
 
 class Store:
@@ -472,7 +502,16 @@ class Store:
 
     def call(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Run fn(conn, *args) on the writer thread."""
-        c = _Call(fn, args)
+        return self._enqueue(_Call(fn, args))
+
+    def defer(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Like call, for bookkeeping that can wait: instead of ending the commit delay
+        (gateway.commit_delay_ms) at once, it joins the packets' commit, so that both
+        share one fsync. For writes whose loss in a crash costs a resend, never a packet
+        (a delivered batch's completion)."""
+        return self._enqueue(_Call(fn, args, lazy=True))
+
+    def _enqueue(self, c: _Call) -> concurrent.futures.Future[Any]:
         if self._closed:
             c.future.set_exception(StoreError("store is closed"))
         else:
@@ -558,20 +597,21 @@ class Store:
             item = first
             while item is not None:
                 stop = _sort(item, packets, calls) or stop
-                if len(packets) >= self.commit_max_packets or len(calls) >= 256:
+                if len(packets) >= self.commit_max_packets or len(calls) >= MAX_GROUP_CALLS:
                     break
                 try:
                     item = self._q.get_nowait()
                 except queue.Empty:
                     item = None
-            if packets and not calls and not stop and self.commit_delay_s:
+            if packets and not _urgent(calls) and not stop and self.commit_delay_s:
                 stop = self._wait_for_more(packets, calls)
             if packets:
-                self._commit_packets(packets)
+                self._commit_packets(packets, calls)
                 self._watch_buffer()
                 # What is still held (buffer full, write failing) stays pending.
                 self._release_pending(len(packets) - len(self._held))
-            self._run_calls(calls)
+            else:
+                self._run_calls(calls)
             if stop:
                 # Drain anything that raced with close so no caller waits forever.
                 while True:
@@ -589,11 +629,15 @@ class Store:
                 return
 
     def _wait_for_more(self, packets: list[Incoming], calls: list[_Call]) -> bool:
-        """gateway.commit_delay_ms: take packets for up to the delay, so that they share
-        one commit (one fsync) with those already taken. A store call (delivery, status)
-        or close ends the wait at once. Returns whether close was asked for."""
+        """gateway.commit_delay_ms: take packets and lazy calls (Store.defer) for up to the
+        delay, so that they share one commit (one fsync) with those already taken. Any
+        other store call (a new batch, status) or close ends the wait at once. Returns
+        whether close was asked for."""
         deadline = time.monotonic() + self.commit_delay_s
-        while len(packets) < min(self.commit_max_packets, DELAY_ENOUGH_PACKETS):
+        while (
+            len(packets) < min(self.commit_max_packets, DELAY_ENOUGH_PACKETS)
+            and len(calls) < MAX_GROUP_CALLS
+        ):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -603,7 +647,7 @@ class Store:
                 break
             if _sort(item, packets, calls):
                 return True
-            if calls:
+            if isinstance(item, _Call) and not item.lazy:
                 break
         return False
 
@@ -649,49 +693,95 @@ class Store:
         Each call runs in a savepoint of its own, so one that fails leaves the others'
         changes; results are handed out only once the group has committed. If the group
         cannot commit, each call runs again on its own and gets its own result or error."""
-        calls = [c for c in calls if c.future.set_running_or_notify_cancel()]
-        if len(calls) <= 1:
-            for c in calls:
-                self._run_one(c)
+        self._run_started([c for c in calls if c.future.set_running_or_notify_cancel()])
+
+    def _calls_in_group(self, calls: list[_Call]) -> list[tuple[_Call, Any, BaseException | None]]:
+        """Run calls (already marked running) inside the open transaction, each in a
+        savepoint; their results, to hand out once the transaction has committed."""
+        conn = self.conn
+        results: list[tuple[_Call, Any, BaseException | None]] = []
+        for c in calls:
+            conn.execute("SAVEPOINT call")
+            try:
+                value = c.fn(conn, *c.args)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    raise _GroupAborted from exc
+                conn.execute("ROLLBACK TO call")
+                conn.execute("RELEASE call")
+                results.append((c, None, exc))
+            else:
+                conn.execute("RELEASE call")
+                results.append((c, value, None))
+        return results
+
+    def _abort_group(self, buffer_bytes: int) -> None:
+        """Roll back a group that could not commit, and what its calls did to the buffer's
+        byte count (release_packets), which they will do again when run on their own."""
+        if self.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+        self.buffer_bytes = buffer_bytes
+
+    def _commit_packets(self, packets: list[Incoming], calls: Sequence[_Call] = ()) -> None:
+        """Commit packets and then tell the ingest to acknowledge them (on_committed).
+
+        `calls` taken from the queue with them run in the same transaction, after the
+        packets: one fsync for both. If the packets cannot be written, they are held
+        and the calls run on their own; if a call brings the whole group down, the
+        packets are committed alone and then each call on its own."""
+        group = [c for c in calls if c.future.set_running_or_notify_cancel()]
+        packets = self._admit(packets)
+        if not packets:
+            self._run_started(group)
             return
         conn = self.conn
+        buffer_bytes = self.buffer_bytes
         results: list[tuple[_Call, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for c in calls:
-                conn.execute("SAVEPOINT call")
-                try:
-                    value = c.fn(conn, *c.args)
-                except Exception as exc:
-                    if not conn.in_transaction:
-                        raise _GroupAborted from exc
-                    conn.execute("ROLLBACK TO call")
-                    conn.execute("RELEASE call")
-                    results.append((c, None, exc))
-                else:
-                    conn.execute("RELEASE call")
-                    results.append((c, value, None))
+            try:
+                written = self._write_packets(packets)
+            except sqlite3.Error as exc:
+                self._abort_group(buffer_bytes)
+                self._write_failed(packets, exc)
+                self._run_started(group)
+                return
+            results = self._calls_in_group(group)
             conn.execute("COMMIT")
-        except (sqlite3.Error, _GroupAborted):
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            for c in calls:
+        except (sqlite3.Error, _GroupAborted) as exc:
+            self._abort_group(buffer_bytes)
+            if isinstance(exc, sqlite3.Error) and not group:
+                # The COMMIT itself failed (disk full, I/O error).
+                self._write_failed(packets, exc)
+                return
+            self._commit_packets(packets)
+            for c in group:
                 self._run_one(c)
             return
-        for c, value, error in results:
-            if error is None:
-                c.future.set_result(value)
-            else:
-                c.future.set_exception(error)
+        self._committed(written)
+        _hand_out(results)
 
-    def _commit_packets(self, packets: list[Incoming]) -> None:
-        conn = self.conn
-        store_rows: list[tuple[int, str, str, bytes, int]] = []
-        inflight: list[tuple[int, bytes, int]] = []
-        too_large: list[Incoming] = []
-        redelivered = 0
-        accepted: list[Incoming] = []
+    def _run_started(self, calls: list[_Call]) -> None:
+        """_run_calls for calls already marked running (set_running_or_notify_cancel)."""
+        if len(calls) == 1:
+            self._run_one(calls[0])
+        elif calls:
+            buffer_bytes = self.buffer_bytes
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                results = self._calls_in_group(calls)
+                self.conn.execute("COMMIT")
+            except (sqlite3.Error, _GroupAborted):
+                self._abort_group(buffer_bytes)
+                for c in calls:
+                    self._run_one(c)
+                return
+            _hand_out(results)
+
+    def _admit(self, packets: list[Incoming]) -> list[Incoming]:
+        """The packets to write now; the rest are held in memory (not acknowledged, so the
+        broker keeps them) while the buffer is full or the disk is short of space."""
         incoming_bytes = sum(len(p.payload) for p in packets if not p.too_large)
         if (
             self.buffer_bytes + incoming_bytes > self.max_buffer_bytes
@@ -711,7 +801,7 @@ class Store:
             self._held = packets[len(fit) :]
             packets = fit
             if not packets:
-                return
+                return []
         shortage = self.disk_shortage(sum(len(p.payload) for p in packets))
         if shortage:
             # Keep the disk from filling up: acknowledge nothing, hold the packets (at
@@ -720,102 +810,114 @@ class Store:
                 log.error("store paused, not acknowledging packets: %s", shortage)
             self.paused = shortage
             self._held = packets + self._held
-            return
+            return []
         if self.paused:
             log.warning("store resumed: disk space is back above gateway.min_free_mb")
             self.paused = ""
+        return packets
+
+    def _write_packets(self, packets: list[Incoming]) -> _Written:
+        """Write packets inside the open transaction (in a savepoint of their own)."""
+        conn = self.conn
+        store_rows: list[tuple[int, str, str, bytes, int]] = []
+        inflight: list[tuple[int, bytes, int]] = []
+        too_large: list[Incoming] = []
+        redelivered = 0
+        accepted: list[Incoming] = []
         evicted = (0, 0)
-        try:
-            with transaction(conn):
-                for p in packets:
-                    digest = p.digest()
-                    if p.dup:
-                        row = conn.execute(
-                            "SELECT digest, epoch FROM inflight WHERE mid = ?", (p.inflight_key,)
-                        ).fetchone()
-                        if row is not None and row[0] == digest and row[1] < p.epoch:
-                            p.outcome = "redelivery"
-                            redelivered += 1
-                            accepted.append(p)
-                            continue
-                    inflight.append((p.inflight_key, digest, p.epoch))
-                    if p.too_large:
-                        p.outcome = "too_large"
-                        too_large.append(p)
-                    else:
-                        p.outcome = "stored"
-                        store_rows.append((p.recv_ns, p.topic, p.iccid, p.payload, len(p.payload)))
-                    accepted.append(p)
-                first = next_packet_id(conn)
-                conn.executemany(
-                    "INSERT INTO packets(id, recv_ns, topic, iccid, payload, size)"
-                    " VALUES (?,?,?,?,?,?)",
-                    [(first + i, *row) for i, row in enumerate(store_rows)],
-                )
-                conn.executemany(
-                    "INSERT OR REPLACE INTO inflight(mid, digest, epoch) VALUES (?,?,?)", inflight
-                )
-                for p in too_large:
-                    conn.execute(
-                        "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, reason,"
-                        " status, excerpt, attempts, created_ns, topic, iccid, recv_ns)"
-                        " VALUES ('', 'packets', '', ?, 1, 'too_large', 0, ?, 0, ?, ?, ?, ?)",
-                        (
-                            p.payload,
-                            f"payload of {len(p.payload)} bytes exceeds mqtt.max_payload_bytes",
-                            time.time_ns(),
-                            p.topic,
-                            p.iccid,
-                            p.recv_ns,
-                        ),
-                    )
-                added = sum(r[4] for r in store_rows)
-                if (
-                    self.on_full == "drop_oldest"
-                    and self.buffer_bytes + added > self.max_buffer_bytes
-                ):
-                    evicted = self._evict_oldest(self.buffer_bytes + added - self.max_buffer_bytes)
-                # packets_received is not bumped here: it is counted from the ids (see
-                # count_received), which keeps the counters page out of this commit.
-                _bump(conn, "packets_redelivered", redelivered)
-                _bump(conn, "packets_too_large", len(too_large))
-                _bump(conn, "packets_dead", len(too_large))
-                if self.write_error:
-                    # Written with the first commit that works again, so that `gateway
-                    # status` can tell what happened while nothing could be written.
-                    conn.execute(
-                        "INSERT INTO events(ts_ns, kind, data) VALUES (?, ?, ?)",
-                        (
-                            time.time_ns(),
-                            "store_write_failed",
-                            dumps({"error": self.write_error, "since_ns": self._failing_since_ns}),
-                        ),
-                    )
-                    _bump(conn, "events_recorded", 1)
-            self.buffer_bytes += added - evicted[1]
-            if evicted[0]:
-                log.warning(
-                    "buffer full: dropped %d oldest packets (%d bytes)", evicted[0], evicted[1]
-                )
-            if self.write_error:
-                log.warning("store writable again after: %s", self.write_error)
-            self.write_error = ""
-        except sqlite3.Error as exc:
-            # Disk full, read-only file system, I/O error: acknowledge nothing, keep the
-            # packets in memory and try again; the broker still holds them.
-            if exc.__class__.__name__ != self.write_error.split(":", 1)[0]:
-                log.error("store write failed, not acknowledging packets: %s", exc)  # noqa: TRY400
-            if not self.write_error:
-                self._failing_since_ns = time.time_ns()
-            self.write_error = f"{exc.__class__.__name__}: {exc}"
+        with transaction(conn):
             for p in packets:
-                p.outcome = ""
-            self._held = packets + self._held
-            time.sleep(0.2)
-            return
+                digest = p.digest()
+                if p.dup:
+                    row = conn.execute(
+                        "SELECT digest, epoch FROM inflight WHERE mid = ?", (p.inflight_key,)
+                    ).fetchone()
+                    if row is not None and row[0] == digest and row[1] < p.epoch:
+                        p.outcome = "redelivery"
+                        redelivered += 1
+                        accepted.append(p)
+                        continue
+                inflight.append((p.inflight_key, digest, p.epoch))
+                if p.too_large:
+                    p.outcome = "too_large"
+                    too_large.append(p)
+                else:
+                    p.outcome = "stored"
+                    store_rows.append((p.recv_ns, p.topic, p.iccid, p.payload, len(p.payload)))
+                accepted.append(p)
+            first = next_packet_id(conn)
+            conn.executemany(
+                "INSERT INTO packets(id, recv_ns, topic, iccid, payload, size)"
+                " VALUES (?,?,?,?,?,?)",
+                [(first + i, *row) for i, row in enumerate(store_rows)],
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO inflight(mid, digest, epoch) VALUES (?,?,?)", inflight
+            )
+            for p in too_large:
+                conn.execute(
+                    "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, reason,"
+                    " status, excerpt, attempts, created_ns, topic, iccid, recv_ns)"
+                    " VALUES ('', 'packets', '', ?, 1, 'too_large', 0, ?, 0, ?, ?, ?, ?)",
+                    (
+                        p.payload,
+                        f"payload of {len(p.payload)} bytes exceeds mqtt.max_payload_bytes",
+                        time.time_ns(),
+                        p.topic,
+                        p.iccid,
+                        p.recv_ns,
+                    ),
+                )
+            added = sum(r[4] for r in store_rows)
+            if self.on_full == "drop_oldest" and self.buffer_bytes + added > self.max_buffer_bytes:
+                evicted = self._evict_oldest(self.buffer_bytes + added - self.max_buffer_bytes)
+            # packets_received is not bumped here: it is counted from the ids (see
+            # count_received), which keeps the counters page out of this commit.
+            _bump(conn, "packets_redelivered", redelivered)
+            _bump(conn, "packets_too_large", len(too_large))
+            _bump(conn, "packets_dead", len(too_large))
+            if self.write_error:
+                # Written with the first commit that works again, so that `gateway
+                # status` can tell what happened while nothing could be written.
+                conn.execute(
+                    "INSERT INTO events(ts_ns, kind, data) VALUES (?, ?, ?)",
+                    (
+                        time.time_ns(),
+                        "store_write_failed",
+                        dumps({"error": self.write_error, "since_ns": self._failing_since_ns}),
+                    ),
+                )
+                _bump(conn, "events_recorded", 1)
+        return _Written(accepted, bool(store_rows), added, evicted)
+
+    def _write_failed(self, packets: list[Incoming], exc: sqlite3.Error) -> None:
+        """Disk full, read-only file system, I/O error: acknowledge nothing, keep the
+        packets in memory and try again; the broker still holds them."""
+        if exc.__class__.__name__ != self.write_error.split(":", 1)[0]:
+            log.error("store write failed, not acknowledging packets: %s", exc)
+        if not self.write_error:
+            self._failing_since_ns = time.time_ns()
+        self.write_error = f"{exc.__class__.__name__}: {exc}"
+        for p in packets:
+            p.outcome = ""
+        self._held = packets + self._held
+        time.sleep(0.2)
+
+    def _committed(self, written: _Written) -> None:
+        """After the packets' COMMIT: count their bytes, then have them acknowledged."""
+        self.buffer_bytes += written.added - written.evicted[1]
+        if written.evicted[0]:
+            log.warning(
+                "buffer full: dropped %d oldest packets (%d bytes)",
+                written.evicted[0],
+                written.evicted[1],
+            )
+        if self.write_error:
+            log.warning("store writable again after: %s", self.write_error)
+        self.write_error = ""
         if self.on_committed is not None:
-            self.on_committed(accepted)
-        if self.on_change is not None and store_rows:
+            self.on_committed(written.accepted)
+        if self.on_change is not None and written.stored:
             self.on_change()
 
     def _evict_oldest(self, excess: int) -> tuple[int, int]:

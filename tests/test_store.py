@@ -146,6 +146,73 @@ def test_commit_delay_lets_later_packets_share_a_commit_and_a_store_call_ends_it
         assert committed_at[0] - submitted >= 0.19
 
 
+def test_deferred_bookkeeping_joins_the_packets_commit_without_ending_its_delay(
+    tmp_path: Path,
+) -> None:
+    """Store.defer (a delivered batch's completion, new batches): while packets wait for
+    the commit delay, the call waits with them and commits in the same transaction (one
+    fsync for both); with no packet waiting it is not held at all."""
+    db = tmp_path / "gateway.db"
+    with Store.open(tmp_path, commit_delay_s=0.5) as store:
+        at_commit: list[set[str]] = []
+        store.on_committed = lambda _ps: at_commit.append(_keys(db))
+        began = time.monotonic()
+        store.submit_packet(_packet(0))
+        # Most likely the writer is waiting out the delay by now, and the call comes in
+        # during the wait (it must not end it); if not, both are taken at once.
+        time.sleep(0.1)
+        done = store.defer(_add, "completed")
+        assert done.result(10) == "completed"
+        # It did not cut the packet's delay short, as a store call does …
+        assert time.monotonic() - began >= 0.45
+        # … and its write was committed with the packet: visible when the packet was
+        # acknowledged, not in a commit of its own after it.
+        wait_for(lambda: at_commit, what="the packet's commit")
+        assert at_commit == [{"completed"}]
+        assert store.run_sync(_stored) == 1
+
+    with Store.open(tmp_path / "idle", commit_delay_s=30.0) as store:
+        began = time.monotonic()
+        assert store.defer(_add, "alone").result(10) == "alone"
+        assert time.monotonic() - began < 15  # far from the 30 s delay
+
+
+def test_a_deferred_call_that_fails_costs_the_packets_of_its_commit_nothing(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "gateway.db"
+
+    def end_the_transaction(conn: sqlite3.Connection) -> str:
+        # As SQLite does on an I/O error: the whole group is rolled back under it.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error")
+        return "alone"
+
+    def add_then_fail(conn: sqlite3.Connection, key: str) -> None:
+        with transaction(conn):
+            conn.execute("INSERT INTO meta(key, value) VALUES (?, 'x')", (key,))
+            raise ValueError(f"{key} failed after writing")
+
+    with Store.open(tmp_path, commit_delay_s=0.3) as store:
+        acked: list[bytes] = []
+        store.on_committed = lambda ps: acked.extend(p.payload for p in ps)
+        store.submit_packet(_packet(0))
+        failing = store.defer(add_then_fail, "failing")
+        store.submit_packet(_packet(1))
+        aborting = store.defer(end_the_transaction)
+        store.submit_packet(_packet(2))
+        with pytest.raises(ValueError, match="failing failed after writing"):
+            failing.result(10)
+        # The group could not commit: the packets were committed on their own, then
+        # the call ran again alone.
+        assert aborting.result(10) == "alone"
+        wait_for(lambda: len(acked) == 3, what="all three packets acknowledged")
+        assert sorted(acked) == [b"p0", b"p1", b"p2"]
+        assert store.run_sync(_stored) == 3
+    assert _keys(db) == set()
+
+
 def test_a_schema_2_store_is_migrated_keeping_its_open_batches(tmp_path: Path) -> None:
     """An upgrade from schema 2: the open batch stays, with no stored retry delay (a
     restart then caps its wait by the retry policy, as schema 2 did)."""

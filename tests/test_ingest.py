@@ -34,7 +34,11 @@ ICCID = "8981100000000000012"
 
 
 def stored(db: Path) -> list[tuple[object, ...]]:
-    return db_rows(db, "SELECT topic, iccid, payload, size FROM packets ORDER BY id")
+    return db_rows(
+        db,
+        "SELECT s.topic, s.iccid, p.payload, p.size"
+        " FROM packets p JOIN senders s ON s.id = p.sender ORDER BY p.id",
+    )
 
 
 def count(db: Path) -> int:

@@ -283,6 +283,84 @@ def test_a_schema_3_store_keeps_its_packets_ids_and_count_across_the_migration(
         assert store.run_sync(st.counters)["packets_received"] == 11
 
 
+def test_a_schema_4_store_keeps_each_packets_topic_and_iccid_across_the_migration(
+    tmp_path: Path,
+) -> None:
+    """Schema 5 keeps topic and ICCID once per sender: every packet still reads back
+    with its own, under its own id, and the open batch still finds its packets."""
+    conn = st.connect(tmp_path / "gateway.db")
+    sdb = sqlite_utils.Database(conn)
+    for v in (1, 2, 3, 4):
+        with transaction(conn):
+            st.MIGRATIONS[v](sdb)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
+    senders = [("devices/8981100000000000012/up", "8981100000000000012"), ("legacy/x", "")]
+    with transaction(conn):
+        for i in range(6):
+            topic, iccid = senders[i % 2]
+            conn.execute(
+                "INSERT INTO packets(id, recv_ns, topic, iccid, payload, size)"
+                " VALUES (?, ?, ?, ?, ?, 2)",
+                (i + 3, 1000 + i, topic, iccid, f"p{i}".encode()),
+            )
+    conn.close()
+
+    with Store.open(tmp_path) as store:
+        rows = store.run_sync(st.fetch_packets, 0, 100)
+        assert [(r.id, r.recv_ns, r.topic, r.iccid, r.payload) for r in rows] == [
+            (i + 3, 1000 + i, *senders[i % 2], f"p{i}".encode()) for i in range(6)
+        ]
+        assert [r.id for r in store.run_sync(st.packets_by_ids, [4, 6])] == [4, 6]
+        assert store.run_sync(lambda c: c.execute("SELECT COUNT(*) FROM senders").fetchone()) == (
+            2,
+        )
+        # A new packet from a known sender takes that sender's row.
+        store.submit_packet(Incoming(senders[0][0], b"new", senders[0][1], 1, False, 1))
+        store.flush()
+        assert store.run_sync(st.fetch_packets, 8, 10)[0].topic == senders[0][0]
+        assert store.run_sync(lambda c: c.execute("SELECT COUNT(*) FROM senders").fetchone()) == (
+            2,
+        )
+
+
+def test_senders_no_packet_refers_to_are_deleted_once_enough_were_added(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A topic with a part of its own per message (a message id) makes a new sender for
+    every packet: once delivered, those must not stay on disk for ever."""
+    monkeypatch.setattr(st, "SENDER_CACHE", 10)
+
+    def senders(c: sqlite3.Connection) -> int:
+        return int(c.execute("SELECT COUNT(*) FROM senders").fetchone()[0])
+
+    with Store.open(tmp_path) as store:
+        store.set_packet_routes(["cloud"])
+
+        def deliver_up_to(conn: sqlite3.Connection, cursor: int) -> int:
+            with transaction(conn):
+                conn.execute(
+                    "INSERT OR REPLACE INTO routes VALUES ('cloud', 'packets', ?)", (cursor,)
+                )
+                return store.release_packets(conn)
+
+        for i in range(25):
+            store.submit_packet(Incoming(f"devices/d/msg/{i}", b"x", "", i + 1, False, 1))
+        store.flush()
+        assert store.run_sync(senders) == 25
+        # Delivered but for the last five: the senders of those twenty go.
+        assert store.run_sync(deliver_up_to, 20) == 20
+        assert store.run_sync(senders) == 5
+        kept = store.run_sync(st.fetch_packets, 0, 100)
+        assert [r.topic for r in kept] == [f"devices/d/msg/{i}" for i in range(20, 25)]
+        # A sender seen before the prune gets a row again, with its own topic.
+        store.submit_packet(Incoming("devices/d/msg/3", b"y", "", 99, False, 1))
+        store.flush()
+        assert store.run_sync(st.fetch_packets, 25, 10)[0].topic == "devices/d/msg/3"
+        # Fewer added since than SENDER_CACHE: the next delivery prunes nothing.
+        assert store.run_sync(deliver_up_to, 25) == 5
+        assert store.run_sync(senders) == 6
+
+
 def test_packet_ids_are_never_reused_and_every_packet_is_counted_once(tmp_path: Path) -> None:
     """packets_received is counted from the ids, not bumped in each packet commit; an
     emptied table, a replayed dead letter or a restart must not throw that off."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import sqlite3
 import threading
@@ -321,6 +322,42 @@ def test_a_schema_4_store_keeps_each_packets_topic_and_iccid_across_the_migratio
         assert store.run_sync(lambda c: c.execute("SELECT COUNT(*) FROM senders").fetchone()) == (
             2,
         )
+
+
+def test_a_broker_redelivery_is_known_by_its_digest_also_one_kept_before_schema_5(
+    tmp_path: Path,
+) -> None:
+    """A DUP packet with the packet id, topic and payload of one committed on an earlier
+    connection is acknowledged, not stored again; `inflight` keeps 8 bytes of its digest
+    now, and a row from before that kept 16 still recognises it."""
+
+    def dup(payload: bytes, mid: int, epoch: int) -> Incoming:
+        return Incoming("devices/x/up", payload, "", mid, True, epoch)
+
+    with Store.open(tmp_path) as store:
+        outcomes: list[str] = []
+        store.on_committed = lambda ps: outcomes.extend(p.outcome for p in ps)
+        store.submit_packet(Incoming("devices/x/up", b"a", "", 5, False, 1))
+        store.flush()
+        store.submit_packet(dup(b"a", 5, 2))  # its PUBACK was lost: the same packet
+        store.submit_packet(dup(b"b", 6, 2))  # never committed under id 6: new
+        store.flush()
+        # A row written before schema 5: the whole 16-byte digest.
+        h = hashlib.blake2b(b"devices/x/up", digest_size=16)
+        h.update(b"\0")
+        h.update(b"c")
+        store.run_sync(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO inflight(mid, digest, epoch) VALUES (7, ?, 1)",
+                (h.digest(),),
+            )
+        )
+        store.submit_packet(dup(b"c", 7, 2))
+        store.submit_packet(dup(b"d", 7, 3))  # the same id, other content: new
+        store.flush()
+        assert outcomes == ["stored", "redelivery", "stored", "redelivery", "stored"]
+        assert [r.payload for r in store.run_sync(st.fetch_packets, 0, 10)] == [b"a", b"b", b"d"]
+        assert store.run_sync(st.counters)["packets_redelivered"] == 2
 
 
 def test_senders_no_packet_refers_to_are_deleted_once_enough_were_added(

@@ -102,6 +102,11 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
     store = gw["store"]
     yield from _gauge("gateway_store_bytes", "Store files on disk (db, WAL).", store["bytes"])
     yield from _gauge("gateway_store_writable", "0 while writes fail.", store["writable"])
+    c = CounterMetricFamily(
+        "gateway_store_commits", "Store transactions that wrote (each an fsync), since start."
+    )
+    c.add_metric([], store["commits"])
+    yield c
 
     yield from _webhooks(s["webhooks"])
     yield from _modem(s.get("modem"))

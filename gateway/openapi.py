@@ -83,11 +83,12 @@ _STATUS = {
                 "uptime_s": {"type": "number"},
                 "store": {
                     "type": "object",
-                    "required": ["bytes", "writable", "write_error"],
+                    "required": ["bytes", "writable", "write_error", "commits"],
                     "properties": {
                         "bytes": {"type": "integer"},
                         "writable": {"type": "boolean"},
                         "write_error": {"type": "string"},
+                        "commits": {"type": "integer"},
                     },
                 },
                 "mqtt": {

@@ -492,6 +492,9 @@ class Store:
         self.write_error = ""
         self.paused = ""
         self._failing_since_ns = 0
+        # Transactions that wrote, since start: each is an fsync and a few WAL pages, the
+        # store's wear on an SD card (gateway_store_commits in /metrics).
+        self.commits = 0
         self._page_size = self._scalar("PRAGMA page_size")
         self._buffer_high = False
         # Packets handed over by the MQTT thread and not yet committed (see submit_packet).
@@ -719,8 +722,12 @@ class Store:
             self._run_one(c)
 
     def _run_one(self, c: _Call) -> None:
+        changes = self.conn.total_changes
         try:
-            c.future.set_result(c.fn(self.conn, *c.args))
+            value = c.fn(self.conn, *c.args)
+            if self.conn.total_changes != changes:
+                self.commits += 1
+            c.future.set_result(value)
         except BaseException as exc:
             if self.conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
@@ -789,6 +796,7 @@ class Store:
                 return
             results = self._calls_in_group(group)
             conn.execute("COMMIT")
+            self.commits += 1
         except (sqlite3.Error, _GroupAborted) as exc:
             self._abort_group(buffer_bytes)
             if isinstance(exc, sqlite3.Error) and not group:
@@ -812,6 +820,7 @@ class Store:
                 self.conn.execute("BEGIN IMMEDIATE")
                 results = self._calls_in_group(calls)
                 self.conn.execute("COMMIT")
+                self.commits += 1
             except (sqlite3.Error, _GroupAborted):
                 self._abort_group(buffer_bytes)
                 for c in calls:

@@ -347,6 +347,7 @@ class Web:
                 "bytes": store_bytes(self.store.path),
                 "writable": not self.store.write_error,
                 "write_error": self.store.write_error,
+                "commits": self.store.commits,
             },
             "mqtt": {
                 "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",

@@ -297,6 +297,8 @@ async def test_metrics_parse_and_match_api_status_and_the_status_command(
         assert m("gateway_packets_pending") == p["pending"]
         assert m("gateway_packets_received_total") == s["gateway"]["mqtt"]["received"] == 25
         assert m("gateway_packets_acknowledged_total") == s["gateway"]["mqtt"]["acknowledged"]
+        # Read before the status: commits made in between count only there.
+        assert 1 <= m("gateway_store_commits_total") <= s["gateway"]["store"]["commits"]
         # One MQTT session, in this process, with the same counts.
         (session,) = s["gateway"]["mqtt"]["sessions"]
         assert session["client_id"] == cfg.mqtt.client_id

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import aiohttp
 import psutil
 import pytest
 import trustme
@@ -23,11 +24,13 @@ from tests.conftest import (
     ROOT,
     Broker,
     db_rows,
+    free_port,
     gateway_cmd,
     publish,
     register_session,
     until,
     wait_for,
+    wait_port,
     write_config,
 )
 from tests.receiver import Receiver, Reply
@@ -145,6 +148,66 @@ async def test_a_busy_windows_full_batches_go_before_it_closes_and_the_rest_afte
     assert sorted(x["Payload"] for x in receiver.delivered()) == sorted(
         [f"a{i}" for i in range(42)] + [f"b{i}" for i in range(23)]
     )
+
+
+def publish_steadily(port: int, n: int, rate: float) -> None:
+    """Publish n packets at QoS 1, 10 at a time, at about `rate` a second."""
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        start = time.monotonic()
+        infos = []
+        for i in range(0, n, 10):
+            infos += [c.publish(TOPIC, f"s{j}".encode(), qos=1) for j in range(i, i + 10)]
+            time.sleep(max(0.0, start + (i + 10) / rate - time.monotonic()))
+        for info in infos:
+            info.wait_for_publish(10)
+            assert info.is_published(), "broker did not acknowledge a publish in time"
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+async def test_at_a_steady_rate_full_batches_go_a_tenth_of_a_window_apart(
+    mosquitto: Broker, tmp_path: Path, receiver: Receiver, run_gateway
+) -> None:
+    """Full batches of an open window go together at most every tenth of the window, not
+    each as soon as it fills: each take is a commit (its webhook-ids are on disk before
+    anything is sent) that ends the writer's commit delay, and taking them at once made
+    takes and commits chase each other. gateway_store_commits counts them."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    path = write_config(
+        tmp_path / "gw.toml",
+        mosquitto.port,
+        tmp_path / "state",
+        extra=hook(receiver.url, batch="{ window_ms = 2000, max_items = 10 }"),
+        web=f'listen = "{listen}"',
+    )
+    cfg = config.load(path)
+    register_session(mosquitto.port, cfg.mqtt.client_id, cfg.mqtt.topics[0])
+    await run_gateway(cfg)
+    await connected(tmp_path)
+    await asyncio.to_thread(wait_port, port)
+
+    async def commits() -> int:
+        async with aiohttp.ClientSession() as http, http.get(f"http://{listen}/api/status") as r:
+            return int((await r.json())["gateway"]["store"]["commits"])
+
+    before = await commits()
+    await asyncio.to_thread(publish_steadily, mosquitto.port, 1500, 1000.0)
+    await until(lambda: len(receiver.delivered()) == 1500, what="1500 records", timeout=30)
+    n = await commits() - before
+    # A packet commit every 64 packets (less at a lower rate), a take every 0.2 s and
+    # the batches' completions: 34 to 39 commits here; 64 to 70 when each full batch
+    # was taken at once.
+    assert n <= 50, f"{n} commits for 1500 packets in 150 batches"
+    assert all(isinstance(r.json, list) and len(r.json) == 10 for r in receiver.ok())
 
 
 async def test_one_packet_alone_in_its_window_is_one_object(

@@ -334,16 +334,16 @@ class Route:
                 # Open. Its full batches can go now: whatever else comes, they stay arrays
                 # of max_items. The rest waits for the window to close.
                 full = self._full_batches(taken)
-                pause_ns = self._last_full_ns + window_ns // 10 - time.monotonic_ns()
-                if full and pause_ns > 0 and len(full) < limit:
+                if full:
                     # A take is a commit (its webhook-ids are on disk before anything
                     # is sent), and it ends the writer's commit delay. Taken as soon as
                     # the commit before made them, full batches and commits chased each
                     # other: 50 commits a second at 1,000 records/s. So they go at most
                     # every tenth of a window, unless they fill the room (behind).
-                    await asyncio.sleep(min(pause_ns, wait_ns) / 1e9)
-                    continue
-                if full:
+                    pause_ns = self._last_full_ns + window_ns // 10 - time.monotonic_ns()
+                    if pause_ns > 0 and len(full) < limit:
+                        await asyncio.sleep(min(pause_ns, wait_ns) / 1e9)
+                        continue
                     self._last_full_ns = time.monotonic_ns()
                     cursor = await self._take(full, cursor, several=True)
                     self._window_taken += len(full)

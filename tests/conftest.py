@@ -132,8 +132,10 @@ def publish(
     qos: int = 1,
     client_id: str = "",
     timeout: float = 30.0,
+    rate: float = 0.0,
 ) -> None:
-    """Publish with a separate paho MQTT 5 client and wait until the broker has them all."""
+    """Publish with a separate paho MQTT 5 client and wait until the broker has them all.
+    With `rate`, at about that many a second, 10 at a time; else all at once."""
     import paho.mqtt.client as mqtt
 
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
@@ -142,7 +144,12 @@ def publish(
     c.connect("127.0.0.1", port)
     c.loop_start()
     try:
-        infos = [c.publish(t, p, qos=qos) for t, p in messages]
+        start = time.monotonic()
+        infos = []
+        for i in range(0, len(messages), 10):
+            infos += [c.publish(t, p, qos=qos) for t, p in messages[i : i + 10]]
+            if rate:
+                time.sleep(max(0.0, start + (i + 10) / rate - time.monotonic()))
         deadline = time.monotonic() + timeout
         for info in infos:
             info.wait_for_publish(max(0.1, deadline - time.monotonic()))

@@ -150,29 +150,6 @@ async def test_a_busy_windows_full_batches_go_before_it_closes_and_the_rest_afte
     )
 
 
-def publish_steadily(port: int, n: int, rate: float) -> None:
-    """Publish n packets at QoS 1, 10 at a time, at about `rate` a second."""
-    import paho.mqtt.client as mqtt
-
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.max_inflight_messages_set(1000)
-    c.max_queued_messages_set(0)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    try:
-        start = time.monotonic()
-        infos = []
-        for i in range(0, n, 10):
-            infos += [c.publish(TOPIC, f"s{j}".encode(), qos=1) for j in range(i, i + 10)]
-            time.sleep(max(0.0, start + (i + 10) / rate - time.monotonic()))
-        for info in infos:
-            info.wait_for_publish(10)
-            assert info.is_published(), "broker did not acknowledge a publish in time"
-    finally:
-        c.disconnect()
-        c.loop_stop()
-
-
 async def test_at_a_steady_rate_full_batches_go_a_tenth_of_a_window_apart(
     mosquitto: Broker, tmp_path: Path, receiver: Receiver, run_gateway
 ) -> None:
@@ -200,7 +177,8 @@ async def test_at_a_steady_rate_full_batches_go_a_tenth_of_a_window_apart(
             return int((await r.json())["gateway"]["store"]["commits"])
 
     before = await commits()
-    await asyncio.to_thread(publish_steadily, mosquitto.port, 1500, 1000.0)
+    messages = [(TOPIC, f"s{i}".encode()) for i in range(1500)]
+    await asyncio.to_thread(publish, mosquitto.port, messages, rate=1000.0)
     await until(lambda: len(receiver.delivered()) == 1500, what="1500 records", timeout=30)
     n = await commits() - before
     # A packet commit every 64 packets (less at a lower rate), a take every 0.2 s and

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import email.utils
 import gzip
 import itertools
@@ -427,9 +428,10 @@ class Route:
             )
             for i in range(0, len(matched), n)
         ]
-        await self._db(
+        seqs = await self._db(
             st.create_batches, self.cfg.name, self.source.name, batches, new_cursor, len(matched)
         )
+        batches = [dataclasses.replace(b, seq=s) for b, s in zip(batches, seqs, strict=True)]
         for i, b in enumerate(batches):
             self._spawn(b, matched[i * n : (i + 1) * n], now_mono)
         return new_cursor
@@ -475,7 +477,7 @@ class Route:
         if not body:
             # Every packet of this batch was evicted by drop_oldest; nothing to send.
             await self._db_write(
-                st.complete_batch, self.store, self.cfg.name, self.source.name, batch.id, 0
+                st.complete_batch, self.store, self.cfg.name, self.source.name, batch, 0
             )
             return
         policy = self.cfg.retry
@@ -506,7 +508,7 @@ class Route:
                     self.store,
                     self.cfg.name,
                     self.source.name,
-                    batch.id,
+                    batch,
                     records,
                     failed if attempts == 1 else 0,
                     lazy=True,
@@ -528,7 +530,7 @@ class Route:
                 reason = "expired"
             if reason:
                 await self._db_write(
-                    st.record_failure, self.cfg.name, batch.id, attempts, 0, outcome.status, error
+                    st.record_failure, self.cfg.name, batch, attempts, 0, outcome.status, error
                 )
                 log.warning(
                     "webhook %s: batch %s (%d records) dead-lettered: %s (%s)",
@@ -538,16 +540,8 @@ class Route:
                     reason,
                     error,
                 )
-                done = Batch(
-                    batch.id,
-                    batch.route,
-                    batch.item_ids,
-                    batch.single,
-                    batch.body,
-                    attempts,
-                    batch.created_ns,
-                    0,
-                    records,
+                done = dataclasses.replace(
+                    batch, attempts=attempts, next_at_ns=0, count=records, retry_delay_ns=0
                 )
                 await self._db_write(
                     st.dead_letter,
@@ -566,7 +560,7 @@ class Route:
             await self._db_write(
                 st.record_failure,
                 self.cfg.name,
-                batch.id,
+                batch,
                 attempts,
                 time.time_ns() + delay_ns,
                 outcome.status,

@@ -324,6 +324,53 @@ def test_a_schema_4_store_keeps_each_packets_topic_and_iccid_across_the_migratio
         )
 
 
+def test_a_schema_5_store_keeps_its_open_batches_in_order_and_finds_each_by_its_row(
+    tmp_path: Path,
+) -> None:
+    """Schema 6 keys `batches` by a row number, with no index on webhook-id or route:
+    open batches carry over in the order they were made, with their retry state, and a
+    retry, a completion and a new batch each touch their own row only."""
+    conn = st.connect(tmp_path / "gateway.db")
+    sdb = sqlite_utils.Database(conn)
+    for v in range(1, 6):
+        with transaction(conn):
+            st.MIGRATIONS[v](sdb)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
+    with transaction(conn):
+        for wid, attempts, next_at in (("msg_c", 0, 0), ("msg_a", 3, 77), ("msg_b", 0, 0)):
+            conn.execute(
+                "INSERT INTO batches(id, route, source, item_ids, first_id, count, single,"
+                " body, attempts, created_ns, next_at_ns, retry_delay_ns)"
+                " VALUES (?, 'cloud', 'reports', '[]', NULL, 1, 1, x'7b7d', ?, 1, ?, ?)",
+                (wid, attempts, next_at, next_at),
+            )
+    conn.close()
+
+    with Store.open(tmp_path) as store:
+        c, a, b = store.run_sync(st.load_batches, "cloud")
+        assert [x.id for x in (c, a, b)] == ["msg_c", "msg_a", "msg_b"]
+        assert (a.attempts, a.next_at_ns, a.retry_delay_ns, a.body) == (3, 77, 77, b"{}")
+        assert len({c.seq, a.seq, b.seq}) == 3
+        indexes = store.run_sync(
+            lambda c: c.execute(
+                "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'batches'"
+            ).fetchall()
+        )
+        assert indexes == []
+
+        store.run_sync(st.record_failure, "cloud", b, 1, 99, 500, "HTTP 500", 99)
+        store.run_sync(st.complete_batch, store, "cloud", "reports", c, 1)
+        new = st.Batch("msg_new", "cloud", (5,), True, None, 0, 2, 0, 1)
+        (seq,) = store.run_sync(st.create_batches, "cloud", "packets", [new], 5, 1)
+        after = store.run_sync(st.load_batches, "cloud")
+    assert [(x.id, x.attempts, x.next_at_ns) for x in after] == [
+        ("msg_a", 3, 77),
+        ("msg_b", 1, 99),
+        ("msg_new", 0, 0),
+    ]
+    assert after[-1].seq == seq > b.seq
+
+
 def test_a_broker_redelivery_is_known_by_its_digest_also_one_kept_before_schema_5(
     tmp_path: Path,
 ) -> None:

@@ -32,6 +32,8 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 commit_max_packets=cfg.gateway.commit_max_packets,
                 min_free_bytes=int(cfg.gateway.min_free_mb * 1024 * 1024),
                 commit_delay_s=commit_delay_ms(cfg.gateway, cfg.webhooks) / 1000,
+                # The broker sends at most receive_maximum packets ahead of their PUBACKs.
+                commit_delay_max_packets=max(1, cfg.mqtt.receive_maximum // 2),
             )
         )
 
@@ -54,11 +56,12 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         if site is not None:
             site.ingest = taker
         log.info(
-            "gateway started: store %s, %d webhook(s), commit delay %g ms%s",
+            "gateway started: store %s, %d webhook(s), commit delay %g ms%s or %d packets",
             cfg.db_path,
             len(cfg.webhooks),
             store.commit_delay_s * 1000,
             " (auto)" if cfg.gateway.commit_delay_ms is None else "",
+            store.commit_delay_max_packets,
         )
         _record(store, "gateway_started")
         stack.callback(_record, store, "gateway_stopped")

@@ -312,10 +312,13 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
 # How much longer systemd is asked to wait for the start while the store is migrated.
 MIGRATION_TIMEOUT_S = 1800
 
-# gateway.commit_delay_ms waits for later packets until a commit has this many: then the
-# fsync is shared enough, and at a high rate waiting on would only hold PUBACKs back
-# (and, with the broker's receive maximum reached, the packets after them).
-DELAY_ENOUGH_PACKETS = 64
+# gateway.commit_delay_ms waits for later packets until a commit has this many (by
+# default; the service asks for half of mqtt.receive_maximum). Past the broker's receive
+# maximum no packet comes until PUBACKs go, so waiting on would only stall the stream;
+# below it, each packet more shares the commit's fsync and the bookkeeping pages every
+# commit writes. Until session 13 it was 64, which at 1,000 packets/s made a commit
+# every 64 ms instead of one per delay.
+DELAY_ENOUGH_PACKETS = 500
 
 # The writer keeps at most this many senders (topic and ICCID) in memory.
 SENDER_CACHE = 10_000
@@ -485,12 +488,15 @@ class Store:
         commit_max_packets: int = 2000,
         min_free_bytes: int = 0,
         commit_delay_s: float = 0.0,
+        commit_delay_max_packets: int = DELAY_ENOUGH_PACKETS,
     ) -> None:
         self.path = path
         # For statvfs at each commit: pathlib's `.parent` and str() cost more than the call.
         self._dir = os.fspath(path.parent)
         # Hold a commit this long after its first packet, for later ones to share it.
         self.commit_delay_s = commit_delay_s
+        # ... unless it has this many packets by then.
+        self.commit_delay_max_packets = commit_delay_max_packets
         self.max_buffer_bytes = max_buffer_bytes
         self.on_full = on_full
         self.commit_max_packets = commit_max_packets
@@ -702,7 +708,7 @@ class Store:
         whether close was asked for."""
         deadline = time.monotonic() + self.commit_delay_s
         while (
-            len(packets) < min(self.commit_max_packets, DELAY_ENOUGH_PACKETS)
+            len(packets) < min(self.commit_max_packets, self.commit_delay_max_packets)
             and len(calls) < MAX_GROUP_CALLS
         ):
             left = deadline - time.monotonic()

@@ -62,7 +62,7 @@ def connected(
 def test_every_published_packet_is_stored_with_topic_iccid_and_exact_bytes(
     mosquitto: Broker, tmp_path: Path, gateway_proc
 ) -> None:
-    gw = connected(gateway_proc, mosquitto, tmp_path)
+    gw = connected(gateway_proc, mosquitto, tmp_path, mqtt_extra="receive_maximum = 300")
     db = tmp_path / "state" / "gateway.db"
     messages = [
         (f"devices/{ICCID}/up", b'{"temp": 21.5}'),
@@ -76,8 +76,9 @@ def test_every_published_packet_is_stored_with_topic_iccid_and_exact_bytes(
     assert [(r[0], r[2]) for r in rows] == messages
     assert [r[1] for r in rows] == [ICCID, ICCID, "8981100000000000020", "8981100000000000020"]
     assert [r[3] for r in rows] == [len(p) for _, p in messages]
-    # No packet webhook: the "auto" commit delay is its upper bound, and the log says so.
-    assert "commit delay 100 ms (auto)" in gw.log()
+    # No packet webhook: the "auto" commit delay is its upper bound, and the log says so,
+    # with the packets that end it early: half of what the broker may send unacknowledged.
+    assert "commit delay 100 ms (auto) or 150 packets" in gw.log()
     assert gw.terminate() == 0
 
 

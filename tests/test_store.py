@@ -127,16 +127,18 @@ def test_commit_delay_lets_later_packets_share_a_commit_and_a_store_call_ends_it
         assert time.monotonic() - began < 15  # far from the 30 s delay
         assert groups == [[b"p0", b"p1", b"p2"]]
 
-    # Once a commit has DELAY_ENOUGH_PACKETS, it goes without waiting out the delay.
-    with Store.open(tmp_path / "many", commit_delay_s=30.0) as store:
+    # Once a commit has commit_delay_max_packets (the service asks for half the MQTT
+    # receive maximum: no more would come before PUBACKs), it goes without waiting out
+    # the delay.
+    with Store.open(tmp_path / "many", commit_delay_s=30.0, commit_delay_max_packets=20) as store:
         groups.clear()
         store.on_committed = lambda ps: groups.append([p.payload for p in ps])
         began = time.monotonic()
-        for i in range(st.DELAY_ENOUGH_PACKETS + 1):
+        for i in range(21):
             store.submit_packet(_packet(i))
         wait_for(lambda: groups, what="a commit before the delay ran out")
         assert time.monotonic() - began < 15
-        assert len(groups[0]) >= st.DELAY_ENOUGH_PACKETS
+        assert len(groups[0]) >= 20
 
     with Store.open(tmp_path / "short", commit_delay_s=0.2) as store:
         committed_at: list[float] = []

@@ -1,6 +1,7 @@
 """Backlog drain: N packets preloaded into a stopped consumer's session, then drained.
 
     .venv/bin/python bench/drain.py [--n 200000] [--profiles ingest,bulk,bulk-x2,monoz]
+                                    [--payload-bytes 71]
 
 Every consumer gets the same backlog on its own persistent session, on one mosquitto
 started here on a free loopback port. Baselines in the same run:
@@ -11,6 +12,10 @@ Gateway rows:
   bulk / monoz   gateway delivering to a local aiohttp sink (50 ms/500 and 1 s/10)
   bulk-x2        bulk with mqtt.ingest_processes = 2 (sessions in one shared group):
                  CPU and peak RSS are those of the gateway and its ingest processes
+Disk bytes per packet (/proc/<pid>/io write_bytes until the receiver has every record)
+take in most of a packet's life here: its row written (WAL, then checkpoint), its batch,
+and its row deleted once delivered; not the checkpoint at the gateway's stop. Also per
+payload byte. --payload-bytes pads the JSON payload to that size (drain.sized_payload).
 Prints a table and one JSON line. Only loopback; every wait is bounded.
 """
 
@@ -400,6 +405,11 @@ def _fmt(summary: dict[str, Any], key: str, spec: str) -> str:
     return format(summary[key], spec) if key in summary else "-"
 
 
+def _per_payload_byte(summary: dict[str, Any], payload_bytes: int) -> str:
+    disk = summary.get("disk_bytes_per_packet")
+    return "-" if disk is None else f"{disk / payload_bytes:.2f}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -410,6 +420,7 @@ def main() -> int:
         "--py-spy", type=Path, default=None, metavar="DIR", help="profile each gateway run"
     )
     ap.add_argument("--no-baselines", action="store_true", help="gateway rows only")
+    ap.add_argument("--payload-bytes", type=int, default=len(PAYLOAD))
     ap.add_argument(
         "--rounds",
         type=int,
@@ -421,6 +432,7 @@ def main() -> int:
     if shutil.which("mosquitto") is None or shutil.which("mosquitto_sub") is None:
         raise SystemExit("needs Debian's mosquitto and mosquitto-clients")
     n = args.n
+    payload = sized_payload(args.payload_bytes)
     work = Path(tempfile.mkdtemp(prefix="drain-"))
     broker, port = start_broker(work)
     rows: list[dict[str, object]] = []
@@ -429,7 +441,7 @@ def main() -> int:
 
         def measure(name: str, register: object, consume: object) -> None:
             sessions = register()  # type: ignore[operator]
-            pub_s = preload(port, n)
+            pub_s = preload(port, n, payload)
             result = consume()  # type: ignore[operator]
             # Ended, so that later preloads queue nothing for it: every row meets a
             # broker holding only its own backlog.
@@ -491,13 +503,13 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     print(
-        f"\nbacklog drain, {n:,} packets of {len(PAYLOAD)} bytes, "
+        f"\nbacklog drain, {n:,} packets of {len(payload)} bytes, "
         f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"
         + (f", medians of {args.rounds} rounds" if args.rounds > 1 else "")
     )
     print(
         f"{'consumer':<16}{'packets/s':>12}{'x paho':>8}{'x sub':>8}{'peak RSS MB':>13}"
-        f"{'disk B/pkt':>12}{'CPU us/pkt':>12}"
+        f"{'disk B/pkt':>12}{'B/payload B':>12}{'CPU us/pkt':>12}"
         + ("  x paho, each round" if args.rounds > 1 else "")
     )
     summaries = summarise(rows)
@@ -506,6 +518,7 @@ def main() -> int:
             f"{name:<16}{summary['rate']:>12,.0f}{summary['x_paho']:>8.2f}"
             f"{summary['x_sub']:>8.2f}{_fmt(summary, 'peak_rss_mb', '.1f'):>13}"
             f"{_fmt(summary, 'disk_bytes_per_packet', '.0f'):>12}"
+            f"{_per_payload_byte(summary, len(payload)):>12}"
             f"{_fmt(summary, 'cpu_us_per_packet', '.1f'):>12}"
             + (each(summary) if args.rounds > 1 else "")
         )
@@ -515,7 +528,7 @@ def main() -> int:
                 f"({name}: {summary['ingest_procs_cpu_us_per_packet']:.1f} of its"
                 f" {summary['cpu_us_per_packet']:.1f} CPU us/pkt in the ingest processes)"
             )
-    print(json.dumps({"bench": "drain", "n": n, "payload_bytes": len(PAYLOAD), "rows": rows}))
+    print(json.dumps({"bench": "drain", "n": n, "payload_bytes": len(payload), "rows": rows}))
     return 0
 
 

@@ -1129,6 +1129,17 @@ def _bump(conn: sqlite3.Connection, name: str, n: int) -> None:
         )
 
 
+def _set_counted(conn: sqlite3.Connection, packet_id: int) -> None:
+    # An upsert keeps the row where it is: INSERT OR REPLACE deletes and adds it again,
+    # which also rewrites its entry in the name index, one page more in each commit that
+    # released packets.
+    conn.execute(
+        "INSERT INTO counters(name, value) VALUES (?, ?)"
+        " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        (COUNTED, packet_id),
+    )
+
+
 def bump(conn: sqlite3.Connection, name: str, n: int = 1) -> None:
     """Add n to a persistent counter (inside the caller's transaction)."""
     _bump(conn, name, n)
@@ -1158,7 +1169,7 @@ def count_received(conn: sqlite3.Connection) -> None:
     top, counted = _ids(conn)
     if top > counted:
         _bump(conn, "packets_received", top - counted)
-        conn.execute("INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)", (COUNTED, top))
+        _set_counted(conn, top)
 
 
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
@@ -1534,9 +1545,7 @@ def replay_dead_letters(
                         len(body or b""),
                     ),
                 )
-                conn.execute(
-                    "INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)", (COUNTED, pid)
-                )
+                _set_counted(conn, pid)
                 pid += 1
             conn.execute("DELETE FROM dead_letters WHERE id = ?", (dl_id,))
             n += 1

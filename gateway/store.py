@@ -1318,12 +1318,9 @@ def create_batches(
     return seqs
 
 
-def _this_batch(batch: Batch) -> tuple[str, tuple[Any, ...]]:
-    """WHERE clause and arguments for a batch's row: by its row number (the table has no
-    index on webhook-id), checked against its webhook-id."""
-    if batch.seq:
-        return "seq = ? AND id = ?", (batch.seq, batch.id)
-    return "id = ?", (batch.id,)
+# A batch's row: by its row number (the table has no index on webhook-id), checked
+# against its webhook-id. Every Batch the gateway handles was stored or loaded with it.
+_THIS_BATCH = "seq = ? AND id = ?"
 
 
 def advance_cursor(conn: sqlite3.Connection, store: Store, route: str, cursor: int) -> None:
@@ -1370,9 +1367,8 @@ def complete_batch(
 ) -> None:
     """The receiver accepted a batch: forget it, count it, release finished packets."""
     now = time.time_ns()
-    where, args = _this_batch(batch)
     with transaction(conn):
-        conn.execute(f"DELETE FROM batches WHERE {where}", args)
+        conn.execute(f"DELETE FROM batches WHERE {_THIS_BATCH}", (batch.seq, batch.id))
         conn.execute(
             "UPDATE webhook_stats SET requests_ok = requests_ok + 1, delivered = delivered + ?,"
             " last_success_ns = ? WHERE name = ?",
@@ -1397,11 +1393,11 @@ def record_failure(
     """One failed attempt: persist the attempt count and when (and after what delay) to
     try again."""
     now = time.time_ns()
-    where, args = _this_batch(batch)
     with transaction(conn):
         conn.execute(
-            f"UPDATE batches SET attempts = ?, next_at_ns = ?, retry_delay_ns = ? WHERE {where}",
-            (attempts, next_at_ns, retry_delay_ns, *args),
+            "UPDATE batches SET attempts = ?, next_at_ns = ?, retry_delay_ns = ?"
+            f" WHERE {_THIS_BATCH}",
+            (attempts, next_at_ns, retry_delay_ns, batch.seq, batch.id),
         )
         conn.execute(
             "UPDATE webhook_stats SET requests_failed = requests_failed + 1,"
@@ -1442,8 +1438,7 @@ def dead_letter(
                 time.time_ns(),
             ),
         )
-        where, args = _this_batch(batch)
-        conn.execute(f"DELETE FROM batches WHERE {where}", args)
+        conn.execute(f"DELETE FROM batches WHERE {_THIS_BATCH}", (batch.seq, batch.id))
         conn.execute("UPDATE webhook_stats SET dead = dead + ? WHERE name = ?", (records, route))
         if source == "packets":
             _bump(conn, "packets_dead", records)

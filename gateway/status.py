@@ -48,7 +48,7 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
         conn.execute("SELECT route, COALESCE(SUM(count), 0) FROM batches GROUP BY route")
     )
     cursors = dict(conn.execute("SELECT name, cursor FROM routes"))
-    max_packet = conn.execute("SELECT COALESCE(MAX(id), 0) FROM packets").fetchone()[0]
+    max_packet = store_mod.packet_span(conn)[1]
     rows = []
     for name in names:
         s = stats.get(name)

@@ -32,7 +32,7 @@ from gateway.errors import StoreError
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 COUNTERS = (
     "packets_received",
@@ -49,6 +49,17 @@ KEEP_EVENTS = 10_000
 # A row of `counters`, not a counter: packets with a higher id are received but not yet
 # added to packets_received, and no packet id at or below it is handed out again.
 COUNTED = "_packets_counted"
+# Also a row of `counters`: every packet with an id at or below it has been delivered
+# (or dead-lettered) wherever it had to go. Such rows may stay on disk for a while (see
+# PACKET_TABLES), and nothing reads them.
+RELEASED = "_packets_released"
+# Packets live in two tables, each holding one range of ids. New packets go to one; once
+# every packet in the other is released, that table is emptied whole (DELETE without
+# WHERE), which frees its pages without writing them. Deleting delivered packets row by
+# row changed every page before it was freed, and each changed page is written twice
+# (WAL, checkpoint): a quarter of the WAL at 1,000 packets/s. The `packets` view shows
+# both tables' unreleased rows, for people and tests; the gateway reads the tables.
+PACKET_TABLES = ("packets_a", "packets_b")
 
 
 @dataclass(slots=True)
@@ -299,6 +310,24 @@ def _migrate_v6(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE batches_v6 RENAME TO batches")
 
 
+_PACKETS_VIEW = "CREATE VIEW packets AS " + " UNION ALL ".join(
+    f"SELECT * FROM {t} WHERE id > "
+    f"(SELECT COALESCE(MAX(value), 0) FROM counters WHERE name = '{RELEASED}')"
+    for t in PACKET_TABLES
+)
+
+
+def _migrate_v7(db: sqlite_utils.Database) -> None:
+    # Two packet tables, emptied whole in turn (see PACKET_TABLES). The rows stay where
+    # they are: no packet in the old table is released yet, so no mark is needed.
+    db.execute(f"ALTER TABLE packets RENAME TO {PACKET_TABLES[0]}")
+    db.execute(
+        f"CREATE TABLE {PACKET_TABLES[1]} (id INTEGER PRIMARY KEY, recv_ns INTEGER NOT NULL,"
+        " sender INTEGER NOT NULL, payload BLOB NOT NULL, size INTEGER NOT NULL)"
+    )
+    db.execute(_PACKETS_VIEW)
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
@@ -306,6 +335,7 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     4: _migrate_v4,
     5: _migrate_v5,
     6: _migrate_v6,
+    7: _migrate_v7,
 }
 
 
@@ -645,10 +675,34 @@ class Store:
         # Pages freed by delivered packets are reused before the file grows.
         if self._scalar("PRAGMA freelist_count") * self._page_size >= need:
             return ""
+        if (
+            self._delete_released()
+            and self._scalar("PRAGMA freelist_count") * self._page_size >= need
+        ):
+            return ""
         return (
             f"{free / 1e6:.1f} MB free on the store's file system, "
             f"less than gateway.min_free_mb ({self.min_free_bytes / 1048576:g} MB)"
         )
+
+    def _delete_released(self) -> bool:
+        """Delete released packets still on disk (see PACKET_TABLES), row by row; whether
+        any were. Only for a disk short of space, where the pages they free are worth
+        the writes."""
+        conn = self.conn
+        mark = released_mark(conn)
+        tables = [t for t, lo, _hi in packet_tables(conn) if lo <= mark]
+        if not tables:
+            return False
+        try:
+            with transaction(conn):
+                for t in tables:
+                    conn.execute(f"DELETE FROM {t} WHERE id <= ?", (mark,))
+        except sqlite3.Error as exc:
+            log.warning("could not delete delivered packets to free space: %s", exc)
+            return False
+        self.commits += 1
+        return True
 
     # -- the writer thread --------------------------------------------------------------
 
@@ -928,7 +982,8 @@ class Store:
                 accepted.append(p)
             first = next_packet_id(conn)
             conn.executemany(
-                "INSERT INTO packets(id, recv_ns, sender, payload, size) VALUES (?,?,?,?,?)",
+                f"INSERT INTO {write_table(conn)}(id, recv_ns, sender, payload, size)"
+                " VALUES (?,?,?,?,?)",
                 [(first + i, *row) for i, row in enumerate(store_rows)],
             )
             conn.executemany(
@@ -995,10 +1050,15 @@ class Store:
         """Delete senders no packet refers to, once enough were added (see __init__)."""
         if self._senders_added < SENDER_CACHE:
             return
-        lo, hi = conn.execute("SELECT MIN(id), MAX(id) FROM packets").fetchone()
-        if self._senders_added < (hi or 0) - (lo or 0):
+        lo, hi = packet_span(conn)
+        if self._senders_added < hi - lo:
             return
-        conn.execute("DELETE FROM senders WHERE id NOT IN (SELECT sender FROM packets)")
+        # Released rows still on disk are never read again (see PACKET_TABLES).
+        held = " UNION ".join(f"SELECT sender FROM {t} WHERE id > ?" for t in PACKET_TABLES)
+        conn.execute(
+            f"DELETE FROM senders WHERE id NOT IN ({held})",
+            (released_mark(conn),) * len(PACKET_TABLES),
+        )
         self._senders_added = 0
         self._senders.clear()
 
@@ -1030,23 +1090,27 @@ class Store:
 
         Runs inside the caller's transaction; returns (packets, bytes) dropped, which
         count only once that transaction commits."""
-        count_received(self.conn)
+        conn = self.conn
+        count_received(conn)
         freed = 0
         dropped = 0
-        while freed < excess:
-            rows = self.conn.execute(
-                "SELECT id, size FROM packets ORDER BY id LIMIT 500"
-            ).fetchall()
-            if not rows:
-                break
-            last = rows[-1][0]
-            for rid, size in rows:
-                freed += size
-                dropped += 1
-                if freed >= excess:
-                    last = rid
+        after = released_mark(conn)
+        for table, _lo, _hi in packet_tables(conn):
+            while freed < excess:
+                rows = conn.execute(
+                    f"SELECT id, size FROM {table} WHERE id > ? ORDER BY id LIMIT 500", (after,)
+                ).fetchall()
+                if not rows:
                     break
-            self.conn.execute("DELETE FROM packets WHERE id <= ?", (last,))
+                last = rows[-1][0]
+                for rid, size in rows:
+                    freed += size
+                    dropped += 1
+                    if freed >= excess:
+                        last = rid
+                        break
+                conn.execute(f"DELETE FROM {table} WHERE id > ? AND id <= ?", (after, last))
+                after = last
         _bump(self.conn, "packets_dropped", dropped)
         return dropped, freed
 
@@ -1071,15 +1135,33 @@ class Store:
         ).fetchone()[0]
         if open_first is not None:
             bound = min(bound, int(open_first) - 1)
-        freed, n = conn.execute(
-            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM packets WHERE id <= ?", (bound,)
-        ).fetchone()
+        mark = released_mark(conn)
+        spans = packet_tables(conn)
+        freed = n = 0
+        for table, lo, hi in spans:
+            if lo <= bound and hi > mark:
+                size, count = conn.execute(
+                    f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM {table}"
+                    " WHERE id > ? AND id <= ?",
+                    (mark, bound),
+                ).fetchone()
+                freed += int(size)
+                n += int(count)
         if n:
             count_received(conn)
-            conn.execute("DELETE FROM packets WHERE id <= ?", (bound,))
-            self.buffer_bytes -= int(freed)
+            _set_mark(conn, RELEASED, bound)
+            mark = bound
+        # A table is emptied only once all of it is released: row by row, SQLite would
+        # write each of its pages once more before freeing it. (drop_oldest can leave a
+        # table with released rows only, hence `mark`.)
+        for table, _lo, hi in spans:
+            if hi > mark:
+                break
+            conn.execute(f"DELETE FROM {table}")
+        if n:
+            self.buffer_bytes -= freed
             self._prune_senders(conn)
-        return int(n)
+        return n
 
 
 class Reader:
@@ -1129,27 +1211,82 @@ def _bump(conn: sqlite3.Connection, name: str, n: int) -> None:
         )
 
 
-def _set_counted(conn: sqlite3.Connection, packet_id: int) -> None:
+def bump(conn: sqlite3.Connection, name: str, n: int = 1) -> None:
+    """Add n to a persistent counter (inside the caller's transaction)."""
+    _bump(conn, name, n)
+
+
+def _mark(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _set_mark(conn: sqlite3.Connection, name: str, value: int) -> None:
     # An upsert keeps the row where it is: INSERT OR REPLACE deletes and adds it again,
     # which also rewrites its entry in the name index, one page more in each commit that
     # released packets.
     conn.execute(
         "INSERT INTO counters(name, value) VALUES (?, ?)"
         " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-        (COUNTED, packet_id),
+        (name, value),
     )
 
 
-def bump(conn: sqlite3.Connection, name: str, n: int = 1) -> None:
-    """Add n to a persistent counter (inside the caller's transaction)."""
-    _bump(conn, name, n)
+def released_mark(conn: sqlite3.Connection) -> int:
+    """The RELEASED mark: packets with an id at or below it are finished with."""
+    return _mark(conn, RELEASED)
+
+
+# Two subqueries: with MIN and MAX in one SELECT, SQLite reads the whole table.
+_SPAN = "SELECT (SELECT MIN(id) FROM {0}), (SELECT MAX(id) FROM {0})"
+
+
+def packet_tables(conn: sqlite3.Connection) -> list[tuple[str, int, int]]:
+    """(table, lowest id, highest id) of each packet table holding rows, oldest first.
+
+    Their lowest rows may be released ones (see released_mark). A store not migrated to
+    schema 7 yet, as `gateway status` may read it, has the one table `packets`."""
+    spans = []
+    names: tuple[str, ...] = PACKET_TABLES
+    try:
+        rows = [conn.execute(_SPAN.format(t)).fetchone() for t in names]
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        names = ("packets",)
+        rows = [conn.execute(_SPAN.format("packets")).fetchone()]
+    for t, (lo, hi) in zip(names, rows, strict=True):
+        if lo is not None:
+            spans.append((t, int(lo), int(hi)))
+    spans.sort(key=lambda r: r[1])
+    return spans
+
+
+def packet_span(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(lowest, highest) id of the packets not yet released, (0, 0) when there are none.
+    Ids in between may be missing (packets evicted by drop_oldest)."""
+    spans = packet_tables(conn)
+    if not spans:
+        return 0, 0
+    lo, hi = max(spans[0][1], released_mark(conn) + 1), spans[-1][2]
+    return (lo, hi) if lo <= hi else (0, 0)
+
+
+def write_table(conn: sqlite3.Connection) -> str:
+    """The packet table new packets go to.
+
+    The newer table while both hold packets. Once the older one has been emptied, the
+    other table is left to drain and new packets go to the empty one."""
+    spans = packet_tables(conn)
+    if len(spans) == 1:
+        return next(t for t in PACKET_TABLES if t != spans[0][0])
+    return spans[-1][0] if spans else PACKET_TABLES[0]
 
 
 def _ids(conn: sqlite3.Connection) -> tuple[int, int]:
-    """(highest packet id in the table or 0, the COUNTED mark)."""
-    top = conn.execute("SELECT MAX(id) FROM packets").fetchone()[0]
-    row = conn.execute("SELECT value FROM counters WHERE name = ?", (COUNTED,)).fetchone()
-    return int(top or 0), int(row[0]) if row else 0
+    """(highest packet id stored or 0, the COUNTED mark)."""
+    spans = packet_tables(conn)
+    return (spans[-1][2] if spans else 0), _mark(conn, COUNTED)
 
 
 def next_packet_id(conn: sqlite3.Connection) -> int:
@@ -1169,7 +1306,7 @@ def count_received(conn: sqlite3.Connection) -> None:
     top, counted = _ids(conn)
     if top > counted:
         _bump(conn, "packets_received", top - counted)
-        _set_counted(conn, top)
+        _set_mark(conn, COUNTED, top)
 
 
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
@@ -1177,9 +1314,10 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     out = dict.fromkeys(COUNTERS, 0)
     rows = {str(k): int(v) for k, v in conn.execute("SELECT name, value FROM counters")}
     counted = rows.pop(COUNTED, 0)
+    rows.pop(RELEASED, None)
     out.update(rows)
-    top = conn.execute("SELECT MAX(id) FROM packets").fetchone()[0]
-    out["packets_received"] += max(int(top or 0) - counted, 0)
+    top, _ = _ids(conn)
+    out["packets_received"] += max(top - counted, 0)
     return out
 
 
@@ -1215,7 +1353,7 @@ def dumps(value: Any) -> str:
 # -- delivery bookkeeping: each function runs on the writer thread via Store.call ---------
 
 _PACKET_COLS = "p.id, p.recv_ns, s.topic, s.iccid, p.payload"
-_PACKETS = "packets p JOIN senders s ON s.id = p.sender"
+_PACKETS = "{} p JOIN senders s ON s.id = p.sender"
 
 
 def sender_id(conn: sqlite3.Connection, topic: str, iccid: str) -> int:
@@ -1254,29 +1392,45 @@ def ensure_route(conn: sqlite3.Connection, name: str, source: str) -> int:
 
 
 def fetch_packets(conn: sqlite3.Connection, after: int, limit: int) -> list[PacketRow]:
-    """Packets with id > after, oldest first."""
-    return [
-        PacketRow(*r)
-        for r in conn.execute(
-            f"SELECT {_PACKET_COLS} FROM {_PACKETS} WHERE p.id > ? ORDER BY p.id LIMIT ?",
-            (after, limit),
-        )
-    ]
-
-
-def packets_by_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> list[PacketRow]:
-    """The packets still stored among `ids` (drop_oldest may have evicted some)."""
+    """Unreleased packets with id > after, oldest first."""
+    # A new route starts at 0: released rows still on disk are not for it either.
+    after = max(after, released_mark(conn))
     out: list[PacketRow] = []
-    for i in range(0, len(ids), 500):
-        chunk = ids[i : i + 500]
-        marks = ",".join("?" * len(chunk))
+    for table, _lo, hi in packet_tables(conn):
+        if hi <= after:
+            continue
         out.extend(
             PacketRow(*r)
             for r in conn.execute(
-                f"SELECT {_PACKET_COLS} FROM {_PACKETS} WHERE p.id IN ({marks}) ORDER BY p.id",
-                chunk,
+                f"SELECT {_PACKET_COLS} FROM {_PACKETS.format(table)}"
+                " WHERE p.id > ? ORDER BY p.id LIMIT ?",
+                (after, limit - len(out)),
             )
         )
+        if len(out) >= limit:
+            break
+    return out
+
+
+def packets_by_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> list[PacketRow]:
+    """The packets still stored and unreleased among `ids` (drop_oldest may have evicted
+    some), oldest first."""
+    mark = released_mark(conn)
+    wanted = sorted(i for i in ids if i > mark)
+    out: list[PacketRow] = []
+    for table, lo, hi in packet_tables(conn):
+        mine = [i for i in wanted if lo <= i <= hi]
+        for k in range(0, len(mine), 500):
+            chunk = mine[k : k + 500]
+            marks = ",".join("?" * len(chunk))
+            out.extend(
+                PacketRow(*r)
+                for r in conn.execute(
+                    f"SELECT {_PACKET_COLS} FROM {_PACKETS.format(table)}"
+                    f" WHERE p.id IN ({marks}) ORDER BY p.id",
+                    chunk,
+                )
+            )
     return out
 
 
@@ -1513,6 +1667,7 @@ def replay_dead_letters(
         # the mark moves past them.
         count_received(conn)
         pid = next_packet_id(conn)
+        table = write_table(conn)
         for dl_id, hook, source, wid, body, count, single, topic, iccid, recv_ns in conn.execute(
             sql, args
         ).fetchall():
@@ -1531,7 +1686,7 @@ def replay_dead_letters(
                 )
             else:
                 conn.execute(
-                    "INSERT INTO packets(id, recv_ns, sender, payload, size) VALUES (?,?,?,?,?)",
+                    f"INSERT INTO {table}(id, recv_ns, sender, payload, size) VALUES (?,?,?,?,?)",
                     (
                         pid,
                         recv_ns or now,
@@ -1540,7 +1695,7 @@ def replay_dead_letters(
                         len(body or b""),
                     ),
                 )
-                _set_counted(conn, pid)
+                _set_mark(conn, COUNTED, pid)
                 pid += 1
             conn.execute("DELETE FROM dead_letters WHERE id = ?", (dl_id,))
             n += 1

@@ -28,6 +28,7 @@ from typing import Any
 
 from gateway import config as config_mod
 from gateway import logs
+from gateway import store as store_mod
 from gateway.config import Config, WebhookConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import Taker
@@ -57,11 +58,11 @@ class Figures:
 
 
 def _figures(conn: sqlite3.Connection) -> Figures:
-    # Packets are stored and released in id order, so the table holds one id range:
-    # two index lookups instead of a COUNT(*) over the whole backlog.
-    lo, hi = conn.execute("SELECT MIN(id), MAX(id) FROM packets").fetchone()
+    # Packets are stored and released in id order, so the unreleased ones are one id
+    # range: a few index lookups instead of a COUNT(*) over the whole backlog.
+    lo, hi = store_mod.packet_span(conn)
     last = conn.execute("SELECT MAX(last_success_ns) FROM webhook_stats").fetchone()[0]
-    return Figures(int(hi - lo + 1) if lo is not None else 0, int(last or 0))
+    return Figures(hi - lo + 1 if hi else 0, int(last or 0))
 
 
 def _load(path: Path | None) -> Config:

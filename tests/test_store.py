@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import sqlite_utils
 
+from gateway import status as status_mod
 from gateway import store as st
 from gateway.store import Incoming, Store, transaction
 from tests.conftest import wait_for
@@ -216,16 +219,22 @@ def test_a_deferred_call_that_fails_costs_the_packets_of_its_commit_nothing(
     assert _keys(db) == set()
 
 
+def _store_at_schema(db: Path, version: int) -> sqlite3.Connection:
+    """A store as a gateway of that schema version left it."""
+    conn = st.connect(db)
+    sdb = sqlite_utils.Database(conn)
+    for v in range(1, version + 1):
+        with transaction(conn):
+            st.MIGRATIONS[v](sdb)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
+    return conn
+
+
 def test_a_schema_2_store_is_migrated_keeping_its_open_batches(tmp_path: Path) -> None:
     """An upgrade from schema 2: the open batch stays, with no stored retry delay (a
     restart then caps its wait by the retry policy, as schema 2 did)."""
     db = tmp_path / "gateway.db"
-    conn = st.connect(db)
-    sdb = sqlite_utils.Database(conn)
-    for v in (1, 2):
-        with transaction(conn):
-            st.MIGRATIONS[v](sdb)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
+    conn = _store_at_schema(db, 2)
     with transaction(conn):
         conn.execute(
             "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
@@ -242,22 +251,12 @@ def test_a_schema_2_store_is_migrated_keeping_its_open_batches(tmp_path: Path) -
     assert (b.id, b.attempts, b.next_at_ns, b.retry_delay_ns) == ("msg_old", 2, 5, 0)
 
 
-def _v3_store(db: Path) -> sqlite3.Connection:
-    conn = st.connect(db)
-    sdb = sqlite_utils.Database(conn)
-    for v in (1, 2, 3):
-        with transaction(conn):
-            st.MIGRATIONS[v](sdb)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
-    return conn
-
-
 def test_a_schema_3_store_keeps_its_packets_ids_and_count_across_the_migration(
     tmp_path: Path,
 ) -> None:
     """Schema 4 drops AUTOINCREMENT from `packets`: the rows, the count of received
     packets and the ids already handed out (a webhook's cursor) carry over."""
-    conn = _v3_store(tmp_path / "gateway.db")
+    conn = _store_at_schema(tmp_path / "gateway.db", 3)
     with transaction(conn):
         for i in range(10):  # as schema 3 stored them: the counter bumped with each
             conn.execute(
@@ -291,12 +290,7 @@ def test_a_schema_4_store_keeps_each_packets_topic_and_iccid_across_the_migratio
 ) -> None:
     """Schema 5 keeps topic and ICCID once per sender: every packet still reads back
     with its own, under its own id, and the open batch still finds its packets."""
-    conn = st.connect(tmp_path / "gateway.db")
-    sdb = sqlite_utils.Database(conn)
-    for v in (1, 2, 3, 4):
-        with transaction(conn):
-            st.MIGRATIONS[v](sdb)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
+    conn = _store_at_schema(tmp_path / "gateway.db", 4)
     senders = [("devices/8981100000000000012/up", "8981100000000000012"), ("legacy/x", "")]
     with transaction(conn):
         for i in range(6):
@@ -332,12 +326,7 @@ def test_a_schema_5_store_keeps_its_open_batches_in_order_and_finds_each_by_its_
     """Schema 6 keys `batches` by a row number, with no index on webhook-id or route:
     open batches carry over in the order they were made, with their retry state, and a
     retry, a completion and a new batch each touch their own row only."""
-    conn = st.connect(tmp_path / "gateway.db")
-    sdb = sqlite_utils.Database(conn)
-    for v in range(1, 6):
-        with transaction(conn):
-            st.MIGRATIONS[v](sdb)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
+    conn = _store_at_schema(tmp_path / "gateway.db", 5)
     with transaction(conn):
         for wid, attempts, next_at in (("msg_c", 0, 0), ("msg_a", 3, 77), ("msg_b", 0, 0)):
             conn.execute(
@@ -371,6 +360,125 @@ def test_a_schema_5_store_keeps_its_open_batches_in_order_and_finds_each_by_its_
         ("msg_new", 0, 0),
     ]
     assert after[-1].seq == seq > b.seq
+
+
+def _release_up_to(store: Store, cursor: int) -> int:
+    """What a webhook does once it has delivered every packet up to `cursor`."""
+    store.set_packet_routes(["cloud"])
+
+    def release(conn: sqlite3.Connection) -> int:
+        with transaction(conn):
+            conn.execute("INSERT OR REPLACE INTO routes VALUES ('cloud', 'packets', ?)", (cursor,))
+            return store.release_packets(conn)
+
+    return store.run_sync(release)
+
+
+def _wal_frames(store: Store, fn: Callable[[], object]) -> int:
+    """Pages the store wrote to its WAL while fn ran."""
+    store.run_sync(lambda c: c.execute("PRAGMA wal_autocheckpoint = 0"))
+    store.run_sync(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+    fn()
+    wal = store.path.with_name(store.path.name + "-wal")
+    return (wal.stat().st_size - 32) // (st.PAGE_SIZE + 24)
+
+
+def test_delivered_packets_are_freed_without_writing_their_pages_again(tmp_path: Path) -> None:
+    """Once every packet in a table is delivered, the table is emptied whole: the release
+    writes a few pages, not each page of packets once more (SD card wear)."""
+    with Store.open(tmp_path) as store:
+        for i in range(2000):
+            store.submit_packet(Incoming("devices/x/up", bytes(71), "", i + 1, False, 1))
+        store.flush()
+        frames = _wal_frames(store, lambda: _release_up_to(store, 2000))
+        assert store.run_sync(_stored) == 0
+        free = store.run_sync(lambda c: c.execute("PRAGMA freelist_count").fetchone()[0])
+    # 2,000 rows of 71-byte payloads fill about 180 pages; row by row, each was written.
+    assert free > 150
+    assert frames < 15, f"{frames} WAL pages to release 2,000 packets"
+
+
+def test_released_packets_left_on_disk_are_never_read_again(tmp_path: Path) -> None:
+    """Delivered packets wait on disk until the rest of their table is delivered too:
+    no route (not even a new one), count or restart may see them."""
+    payload = bytes(10)
+    with Store.open(tmp_path) as store:
+        for first in (0, 10):  # two commits: the second one goes to the other table
+            for i in range(first, first + 10):
+                store.submit_packet(Incoming("devices/x/up", payload, "", i + 1, False, 1))
+            store.flush()
+        assert _release_up_to(store, 5) == 5
+        # A webhook added now starts at 0, after the packets delivered already.
+        assert [r.id for r in store.run_sync(st.fetch_packets, 0, 100)] == list(range(6, 21))
+        assert [r.id for r in store.run_sync(st.fetch_packets, 0, 3)] == [6, 7, 8]
+        assert [r.id for r in store.run_sync(st.packets_by_ids, [2, 7, 15])] == [7, 15]
+        assert store.run_sync(_stored) == 15
+        assert store.buffer_bytes == 15 * len(payload)
+        assert store.run_sync(st.packet_span) == (6, 20)
+    assert status_mod.read(tmp_path / "gateway.db")["packets"]["pending"] == 15
+
+    with Store.open(tmp_path) as store:
+        assert store.buffer_bytes == 15 * len(payload)
+        assert store.run_sync(st.counters)["packets_received"] == 20
+        assert _release_up_to(store, 12) == 7
+        # The first table is emptied; the second one drains while new packets go back
+        # to the first.
+        store.submit_packet(Incoming("devices/x/up", payload, "", 21, False, 1))
+        store.flush()
+        assert [r.id for r in store.run_sync(st.fetch_packets, 10, 100)] == list(range(13, 22))
+        assert _release_up_to(store, 21) == 9
+        assert store.run_sync(_stored) == 0
+        assert store.buffer_bytes == 0
+        store.submit_packet(Incoming("devices/x/up", payload, "", 22, False, 1))
+        store.flush()
+        assert [r.id for r in store.run_sync(st.fetch_packets, 0, 100)] == [22]
+        assert store.run_sync(st.counters)["packets_received"] == 22
+
+
+def test_a_store_short_of_disk_space_deletes_released_packets_it_still_holds(
+    tmp_path: Path,
+) -> None:
+    """The disk reserve frees the pages of delivered packets waiting for the rest of
+    their table before it stops acknowledging."""
+    with Store.open(tmp_path) as store:
+        for first, n in ((0, 1500), (1500, 1)):  # two commits, one table each
+            for i in range(first, first + n):
+                store.submit_packet(Incoming("devices/x/up", bytes(71), "", i + 1, False, 1))
+            store.flush()
+        assert _release_up_to(store, 1499) == 1499  # all of the first table but one
+        store.min_free_bytes = shutil.disk_usage(tmp_path).free + (1 << 30)
+        store.submit_packet(Incoming("devices/x/up", bytes(71), "", 1502, False, 1))
+        store.flush()
+        assert store.paused == ""
+        assert [r.id for r in store.run_sync(st.fetch_packets, 0, 10)] == [1500, 1501, 1502]
+
+
+def test_a_schema_6_store_keeps_its_packets_and_their_ids(tmp_path: Path) -> None:
+    """Schema 7 splits `packets` in two tables: stored packets carry over under their ids,
+    and are delivered and released like new ones."""
+    conn = _store_at_schema(tmp_path / "gateway.db", 6)
+    with transaction(conn):
+        sender = st.sender_id(conn, "devices/x/up", "")
+        for i in range(4, 9):
+            conn.execute(
+                "INSERT INTO packets(id, recv_ns, sender, payload, size) VALUES (?, 1, ?, ?, 2)",
+                (i, sender, f"p{i}".encode()),
+            )
+        conn.execute("INSERT OR REPLACE INTO counters(name, value) VALUES (?, 8)", (st.COUNTED,))
+    conn.close()
+
+    with Store.open(tmp_path) as store:
+        assert [r.payload for r in store.run_sync(st.fetch_packets, 0, 10)] == [
+            f"p{i}".encode() for i in range(4, 9)
+        ]
+        assert store.buffer_bytes == 10
+        store.submit_packet(_packet(0))
+        store.flush()
+        assert _release_up_to(store, 6) == 3
+        assert [r.id for r in store.run_sync(st.fetch_packets, 0, 10)] == [7, 8, 9]
+        assert _release_up_to(store, 9) == 3
+        assert store.run_sync(_stored) == 0
+        assert store.run_sync(st.counters)["packets_received"] == 1
 
 
 def test_a_broker_redelivery_is_known_by_its_digest_also_one_kept_before_schema_5(
@@ -525,7 +633,7 @@ def test_a_migration_asks_systemd_for_more_time_to_start(
     manager.bind(str(tmp_path / "notify"))
     manager.settimeout(5)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
-    _v3_store(tmp_path / "gateway.db").close()
+    _store_at_schema(tmp_path / "gateway.db", 3).close()
     with Store.open(tmp_path):
         pass
     message = manager.recv(4096).decode()

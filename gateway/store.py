@@ -350,6 +350,16 @@ MIGRATION_TIMEOUT_S = 1800
 # every 64 ms instead of one per delay.
 DELAY_ENOUGH_PACKETS = 500
 
+# A broker may send fewer packets ahead of their PUBACKs than the gateway's receive
+# maximum allows (AWS IoT Core: 100; EMQX's max_inflight for MQTT 3.1.1 clients: 32).
+# Then every commit would wait out the whole delay for packets that cannot come. When
+# two waits in a row ran out holding the same number of packets (at least
+# CAP_MIN_PACKETS), none of them in the second half of the delay, that number is taken
+# for the broker's cap and ends the wait like commit_delay_max_packets; it is forgotten
+# after CAP_KEEP_S and learnt again if it holds.
+CAP_MIN_PACKETS = 8
+CAP_KEEP_S = 60.0
+
 # The writer keeps at most this many senders (topic and ICCID) in memory.
 SENDER_CACHE = 10_000
 
@@ -527,6 +537,10 @@ class Store:
         self.commit_delay_s = commit_delay_s
         # ... unless it has this many packets by then.
         self.commit_delay_max_packets = commit_delay_max_packets
+        # The broker's cap on unacknowledged packets, as learnt (0: none); see CAP_MIN_PACKETS.
+        self.broker_cap = 0
+        self._cap_seen = 0
+        self._cap_until = 0.0
         self.max_buffer_bytes = max_buffer_bytes
         self.on_full = on_full
         self.commit_max_packets = commit_max_packets
@@ -758,25 +772,49 @@ class Store:
     def _wait_for_more(self, packets: list[Incoming], calls: list[_Call]) -> bool:
         """gateway.commit_delay_ms: take packets and lazy calls (Store.defer) for up to the
         delay, so that they share one commit (one fsync) with those already taken. Any
-        other store call (a new batch, status) or close ends the wait at once. Returns
-        whether close was asked for."""
-        deadline = time.monotonic() + self.commit_delay_s
-        while (
-            len(packets) < min(self.commit_max_packets, self.commit_delay_max_packets)
-            and len(calls) < MAX_GROUP_CALLS
-        ):
+        other store call (a new batch, status) or close ends the wait at once, and so
+        do commit_delay_max_packets packets, or the broker's cap on unacknowledged
+        packets once learnt (see CAP_MIN_PACKETS). Returns whether close was asked for."""
+        began = last = time.monotonic()
+        deadline = began + self.commit_delay_s
+        if self.broker_cap and began > self._cap_until:
+            self.broker_cap = 0
+        enough = min(self.commit_max_packets, self.commit_delay_max_packets)
+        if self.broker_cap:
+            enough = min(enough, self.broker_cap)
+        while len(packets) < enough and len(calls) < MAX_GROUP_CALLS:
             left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                item = self._q.get(timeout=left)
-            except queue.Empty:
+            item = None
+            if left > 0:
+                with contextlib.suppress(queue.Empty):
+                    item = self._q.get(timeout=left)
+            if item is None:
+                self._learn_cap(len(packets), quiet=deadline - last)
                 break
             if _sort(item, packets, calls):
                 return True
-            if isinstance(item, _Call) and not item.lazy:
+            if isinstance(item, Incoming):
+                last = time.monotonic()
+            elif not item.lazy:
                 break
         return False
+
+    def _learn_cap(self, n: int, quiet: float) -> None:
+        """A wait ran out holding n packets, the last of them `quiet` seconds before its
+        end: a broker that sends no more until PUBACKs go, if the one before did too."""
+        if n < CAP_MIN_PACKETS or quiet < self.commit_delay_s / 2:
+            self._cap_seen = 0
+            return
+        if n == self._cap_seen:
+            if n != self.broker_cap:
+                log.info(
+                    "the broker sends at most %d packets ahead of their PUBACKs: a commit"
+                    " goes once it has them, not after gateway.commit_delay_ms",
+                    n,
+                )
+            self.broker_cap = n
+            self._cap_until = time.monotonic() + CAP_KEEP_S
+        self._cap_seen = n
 
     def _release_pending(self, n: int) -> None:
         if n:

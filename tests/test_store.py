@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import socket
 import sqlite3
@@ -150,6 +151,48 @@ def test_commit_delay_lets_later_packets_share_a_commit_and_a_store_call_ends_it
         store.submit_packet(_packet(0))
         wait_for(lambda: committed_at, what="a lone packet committed once the delay ran out")
         assert committed_at[0] - submitted >= 0.19
+
+
+def test_a_broker_that_sends_no_more_until_pubacks_go_does_not_hold_every_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AWS IoT Core sends a client at most 100 packets ahead of their PUBACKs, EMQX an
+    MQTT 3.1.1 client `max_inflight` (32 by default): fewer than the commit delay waits
+    for. A feeder does the same here with 12: the first two commits wait out the delay, the later ones go as soon as
+    they have the 12 packets that can come."""
+    caplog.set_level(logging.INFO, logger="gateway.store")
+    cap, rounds = 12, 6
+    committed = threading.Semaphore(0)
+    took: list[float] = []
+    with Store.open(tmp_path, commit_delay_s=2.0) as store:
+        store.on_committed = lambda ps: [committed.release() for _ in ps]
+        for r in range(rounds):
+            began = time.monotonic()
+            for i in range(cap):
+                store.submit_packet(_packet(r * cap + i))
+            for _ in range(cap):  # their PUBACKs: only then does the broker send more
+                assert committed.acquire(timeout=20)
+            took.append(time.monotonic() - began)
+        assert store.broker_cap == cap
+        assert store.run_sync(_stored) == cap * rounds
+    assert all(t >= 1.9 for t in took[:2]), took
+    assert all(t < 1.0 for t in took[2:]), took
+    assert "the broker sends at most 12 packets ahead of their PUBACKs" in caplog.text
+
+
+def test_a_steady_stream_or_a_trickle_is_not_taken_for_a_broker_cap(tmp_path: Path) -> None:
+    """Waits that run out with packets still coming, or with a few packets, teach the
+    writer nothing: it keeps waiting out the delay for more."""
+    with Store.open(tmp_path, commit_delay_s=0.1) as store:
+        for i in range(150):  # 1.5 s at 100 packets/s: each commit's last packet is late in it
+            store.submit_packet(_packet(i))
+            time.sleep(0.01)
+        for i in range(3):  # a trickle: 2 packets every 0.3 s
+            store.submit_packet(_packet(i))
+            store.submit_packet(_packet(i))
+            time.sleep(0.3)
+        store.flush()
+        assert store.broker_cap == 0
 
 
 def test_deferred_bookkeeping_joins_the_packets_commit_without_ending_its_delay(

@@ -369,6 +369,13 @@ MAX_GROUP_CALLS = 256
 # Bytes per database page for a new store (an existing one keeps its own).
 PAGE_SIZE = 1024
 
+# The writer copies the WAL into the database file once it holds this many pages (about
+# 10 MB; SQLite's default is 1,000). A checkpoint writes each page once, however often
+# the WAL changed it since the last one, and the packet tables' pages are freed and used
+# again every second or two at 1,000 packets/s: at 1,000/s monoZ, 341 disk bytes per
+# packet against 383 (session 14). The WAL file keeps the size it reached.
+WAL_CHECKPOINT_PAGES = 10_000
+
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """A connection with the store's pragmas (WAL, busy timeout)."""
@@ -391,6 +398,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
             # delivered packets would be zeroed and written twice more (WAL, then the
             # checkpoint). FAST still zeroes what is deleted inside pages it writes anyway.
             conn.execute("PRAGMA secure_delete = FAST")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
     except (sqlite3.Error, OSError) as exc:
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     return conn

@@ -740,6 +740,7 @@ class Store:
             except queue.Empty:
                 first = None
             packets = list(self._held)
+            was_held = len(packets)
             self._held.clear()
             calls: list[_Call] = []
             stop = False
@@ -753,7 +754,8 @@ class Store:
                 except queue.Empty:
                     item = None
             if packets and not _urgent(calls) and not stop and self.commit_delay_s:
-                stop = self._wait_for_more(packets, calls)
+                # Packets held back (buffer full, disk short) say nothing of the broker.
+                stop = self._wait_for_more(packets, calls, learn=not was_held)
             if packets:
                 self._commit_packets(packets, calls)
                 self._watch_buffer()
@@ -777,7 +779,9 @@ class Store:
                     self._commit_packets(held)
                 return
 
-    def _wait_for_more(self, packets: list[Incoming], calls: list[_Call]) -> bool:
+    def _wait_for_more(
+        self, packets: list[Incoming], calls: list[_Call], *, learn: bool = True
+    ) -> bool:
         """gateway.commit_delay_ms: take packets and lazy calls (Store.defer) for up to the
         delay, so that they share one commit (one fsync) with those already taken. Any
         other store call (a new batch, status) or close ends the wait at once, and so
@@ -797,7 +801,8 @@ class Store:
                 with contextlib.suppress(queue.Empty):
                     item = self._q.get(timeout=left)
             if item is None:
-                self._learn_cap(len(packets), quiet=deadline - last)
+                if learn:
+                    self._learn_cap(len(packets), quiet=deadline - last)
                 break
             if _sort(item, packets, calls):
                 return True

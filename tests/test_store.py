@@ -180,9 +180,12 @@ def test_a_broker_that_sends_no_more_until_pubacks_go_does_not_hold_every_commit
     assert "the broker sends at most 12 packets ahead of their PUBACKs" in caplog.text
 
 
-def test_a_steady_stream_or_a_trickle_is_not_taken_for_a_broker_cap(tmp_path: Path) -> None:
-    """Waits that run out with packets still coming, or with a few packets, teach the
-    writer nothing: it keeps waiting out the delay for more."""
+def test_a_steady_stream_a_trickle_or_a_full_buffer_is_not_taken_for_a_broker_cap(
+    tmp_path: Path,
+) -> None:
+    """Waits that run out with packets still coming, or with a few packets, or with the
+    packets a full buffer holds back, teach the writer nothing: it keeps waiting out the
+    delay for more."""
     with Store.open(tmp_path, commit_delay_s=0.1) as store:
         for i in range(150):  # 1.5 s at 100 packets/s: each commit's last packet is late in it
             store.submit_packet(_packet(i))
@@ -193,6 +196,16 @@ def test_a_steady_stream_or_a_trickle_is_not_taken_for_a_broker_cap(tmp_path: Pa
             time.sleep(0.3)
         store.flush()
         assert store.broker_cap == 0
+
+    with Store.open(tmp_path / "full", commit_delay_s=0.1, max_buffer_bytes=20) as store:
+        for i in range(30):  # 10 fit; 20 are held back, and tried again every round
+            store.submit_packet(_packet(i))
+        wait_for(lambda: store.run_sync(_stored) == 10, what="the buffer full")
+        # Five rounds of the writer or so, more than the two that would teach it a cap.
+        # (Nothing else may reach the store meanwhile: a store call ends a wait early.)
+        time.sleep(1.5)
+        assert store.broker_cap == 0
+        assert store.run_sync(_stored) == 10
 
 
 def test_deferred_bookkeeping_joins_the_packets_commit_without_ending_its_delay(

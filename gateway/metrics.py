@@ -102,6 +102,11 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
     store = gw["store"]
     yield from _gauge("gateway_store_bytes", "Store files on disk (db, WAL).", store["bytes"])
     yield from _gauge("gateway_store_writable", "0 while writes fail.", store["writable"])
+    yield from _gauge(
+        "gateway_store_broker_cap",
+        "Packets the broker sends ahead of their PUBACKs, as learnt (0: no cap seen).",
+        store["broker_cap"],
+    )
     c = CounterMetricFamily(
         "gateway_store_commits", "Store transactions that wrote (each an fsync), since start."
     )

@@ -83,12 +83,13 @@ _STATUS = {
                 "uptime_s": {"type": "number"},
                 "store": {
                     "type": "object",
-                    "required": ["bytes", "writable", "write_error", "commits"],
+                    "required": ["bytes", "writable", "write_error", "commits", "broker_cap"],
                     "properties": {
                         "bytes": {"type": "integer"},
                         "writable": {"type": "boolean"},
                         "write_error": {"type": "string"},
                         "commits": {"type": "integer"},
+                        "broker_cap": {"type": "integer"},
                     },
                 },
                 "mqtt": {

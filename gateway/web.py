@@ -348,6 +348,9 @@ class Web:
                 "writable": not self.store.write_error,
                 "write_error": self.store.write_error,
                 "commits": self.store.commits,
+                # Packets the broker sends ahead of their PUBACKs, as the writer learnt
+                # it (0: no cap seen); see store.CAP_MIN_PACKETS.
+                "broker_cap": self.store.broker_cap,
             },
             "mqtt": {
                 "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",

@@ -244,7 +244,7 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
 
 def _migrate_v4(db: sqlite_utils.Database) -> None:
     # packets without AUTOINCREMENT: its sqlite_sequence row was one more page in every
-    # packet commit. Ids are handed out by _commit_packets instead (see next_packet_id);
+    # packet commit. Ids are handed out by _commit_packets instead (see next_packet_row);
     # the old sequence becomes the `_packets_counted` mark, where it carries on.
     row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'packets'").fetchone()
     seq = int(row[0]) if row else 0
@@ -1031,10 +1031,9 @@ class Store:
                     sender = self._sender(p.topic, p.iccid)
                     store_rows.append((p.recv_ns, sender, p.payload, len(p.payload)))
                 accepted.append(p)
-            first = next_packet_id(conn)
+            first, table = next_packet_row(conn)
             conn.executemany(
-                f"INSERT INTO {write_table(conn)}(id, recv_ns, sender, payload, size)"
-                " VALUES (?,?,?,?,?)",
+                f"INSERT INTO {table}(id, recv_ns, sender, payload, size) VALUES (?,?,?,?,?)",
                 [(first + i, *row) for i, row in enumerate(store_rows)],
             )
             conn.executemany(
@@ -1323,31 +1322,29 @@ def packet_span(conn: sqlite3.Connection) -> tuple[int, int]:
     return (lo, hi) if lo <= hi else (0, 0)
 
 
-def write_table(conn: sqlite3.Connection) -> str:
-    """The packet table new packets go to.
-
-    The newer table while both hold packets. Once the older one has been emptied, the
-    other table is left to drain and new packets go to the empty one."""
-    spans = packet_tables(conn)
-    if len(spans) == 1:
-        return next(t for t in PACKET_TABLES if t != spans[0][0])
-    return spans[-1][0] if spans else PACKET_TABLES[0]
-
-
 def _ids(conn: sqlite3.Connection) -> tuple[int, int]:
     """(highest packet id stored or 0, the COUNTED mark)."""
     spans = packet_tables(conn)
     return (spans[-1][2] if spans else 0), _mark(conn, COUNTED)
 
 
-def next_packet_id(conn: sqlite3.Connection) -> int:
-    """The id for the next packet row (inside the caller's transaction).
+def next_packet_row(conn: sqlite3.Connection) -> tuple[int, str]:
+    """The id for the next packet row, and the table it goes to (inside the caller's
+    transaction).
 
-    Ids go up by one per stored packet and are never reused, even once the table is
+    Ids go up by one per stored packet and are never reused, even once the tables are
     empty: a webhook's cursor is the last id it has delivered. Whatever deletes packets
-    first moves the COUNTED mark up to the highest id (count_received)."""
-    top, counted = _ids(conn)
-    return max(top, counted) + 1
+    first moves the COUNTED mark up to the highest id (count_received).
+
+    The table is the newer one while both hold packets. Once the older one has been
+    emptied, the other is left to drain and new packets go to the empty one."""
+    spans = packet_tables(conn)
+    top = spans[-1][2] if spans else 0
+    if len(spans) == 1:
+        table = next(t for t in PACKET_TABLES if t != spans[0][0])
+    else:
+        table = spans[-1][0] if spans else PACKET_TABLES[0]
+    return max(top, _mark(conn, COUNTED)) + 1, table
 
 
 def count_received(conn: sqlite3.Connection) -> None:
@@ -1717,8 +1714,7 @@ def replay_dead_letters(
         # Replayed packets get ids like received ones, but do not count as received:
         # the mark moves past them.
         count_received(conn)
-        pid = next_packet_id(conn)
-        table = write_table(conn)
+        pid, table = next_packet_row(conn)
         for dl_id, hook, source, wid, body, count, single, topic, iccid, recv_ns in conn.execute(
             sql, args
         ).fetchall():

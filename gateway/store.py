@@ -1161,7 +1161,7 @@ class Store:
                         break
                 conn.execute(f"DELETE FROM {table} WHERE id > ? AND id <= ?", (after, last))
                 after = last
-        _bump(self.conn, "packets_dropped", dropped)
+        _bump(conn, "packets_dropped", dropped)
         return dropped, freed
 
     def release_packets(self, conn: sqlite3.Connection) -> int:

@@ -33,6 +33,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,24 @@ def _bare_subscriber(port: int, seconds: float) -> None:  # pragma: no cover - c
     time.sleep(seconds)
     c.disconnect()
     c.loop_stop()
+
+
+def _ctx(p: psutil.Process) -> int:
+    """Voluntary and involuntary context switches of all the process's threads (psutil's
+    num_ctx_switches counts the main thread's only); those of threads that ended are
+    lost."""
+    n = 0
+    for status in Path(f"/proc/{p.pid}/task").glob("*/status"):
+        try:
+            text = status.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        n += sum(int(v) for v in re.findall(r"ctxt_switches:\s+(\d+)", text))
+    return n
+
+
+def _switches(p: psutil.Process, seconds: float, before: int) -> float:
+    return (_ctx(p) - before) / seconds
 
 
 def watch(pid: int, until: Callable[[], bool], limit_s: float) -> dict[str, float]:
@@ -262,6 +281,7 @@ def idle(
         procs = {k: psutil.Process(gw.pid) for k, gw in gws.items()}
         procs |= {k: psutil.Process(v.pid) for k, v in others.items()}
         before = {k: (p.cpu_times(), p.io_counters()) for k, p in procs.items()}
+        before_ctx = {k: _ctx(p) for k, p in procs.items()}
         counts0 = {k: (s.records, s.requests) for k, s in sinks.items()}
         time.sleep(seconds)
         for k, p in procs.items():
@@ -276,6 +296,9 @@ def idle(
                     "commit_delay_ms": {IDLE_DELAYED: delay_ms, "gateway": "auto"}.get(k),
                     "seconds": seconds,
                     "cpu_pct": 100 * busy / seconds,
+                    "cpu_user_pct": 100 * (t1.user - t0.user) / seconds,
+                    "cpu_system_pct": 100 * (t1.system - t0.system) / seconds,
+                    "context_switches_per_s": _switches(procs[k], seconds, before_ctx[k]),
                     "rss_mb": p.memory_info().rss / 1e6,
                     "delivered_per_s": records / seconds,
                     "requests": sinks[src].requests - counts0[src][1],
@@ -360,7 +383,10 @@ def report(rows: list[dict[str, Any]]) -> None:
     idle_rows = [r for r in rows if r["what"] == "idle"]
     if idle_rows:
         print(f"\nidle: 100 devices, one packet each every 10 s, {idle_rows[0]['seconds']:g} s")
-        print(f"{'consumer':<34}{'CPU % of a core':>16}{'RSS MB':>8}{'disk B/pkt':>12}")
+        print(
+            f"{'consumer':<34}{'CPU % of a core':>16}{'user':>7}{'system':>7}{'switches/s':>11}"
+            f"{'RSS MB':>8}{'disk B/pkt':>12}"
+        )
         for r in idle_rows:
             name = r["consumer"]
             if name == IDLE_DELAYED:
@@ -368,7 +394,11 @@ def report(rows: list[dict[str, Any]]) -> None:
             elif name == "gateway":
                 name = "gateway (commit_delay_ms auto)"
             disk = f"{r['disk_bytes_per_packet']:.0f}" if "gateway" in name else "-"
-            print(f"{name:<34}{r['cpu_pct']:>16.2f}{r['rss_mb']:>8.1f}{disk:>12}")
+            print(
+                f"{name:<34}{r['cpu_pct']:>16.2f}{r['cpu_user_pct']:>7.2f}"
+                f"{r['cpu_system_pct']:>7.2f}{r['context_switches_per_s']:>11.0f}"
+                f"{r['rss_mb']:>8.1f}{disk:>12}"
+            )
         for g in idle_rows[:2]:
             print(
                 f"({g['consumer']} delivered {g['delivered_per_s']:.1f} packets/s"

@@ -632,8 +632,9 @@ class Store:
     def defer(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Like call, for bookkeeping that can wait: instead of ending the commit delay
         (gateway.commit_delay_ms) at once, it joins the packets' commit, so that both
-        share one fsync. For writes whose loss in a crash costs a resend, never a packet
-        (a delivered batch's completion)."""
+        share one fsync; with no packet waiting, it waits the delay for some. For writes
+        whose loss in a crash costs a resend, never a packet (a delivered batch's
+        completion, new batches while delivery keeps up)."""
         return self._enqueue(_Call(fn, args, lazy=True))
 
     def _enqueue(self, c: _Call) -> concurrent.futures.Future[Any]:
@@ -753,9 +754,13 @@ class Store:
                     item = self._q.get_nowait()
                 except queue.Empty:
                     item = None
-            if packets and not _urgent(calls) and not stop and self.commit_delay_s:
-                # Packets held back (buffer full, disk short) say nothing of the broker.
-                stop = self._wait_for_more(packets, calls, learn=not was_held)
+            if (packets or calls) and not _urgent(calls) and not stop and self.commit_delay_s:
+                # Lazy calls alone wait for packets too: committed on their own, each
+                # delivered batch's completion after a quiet moment made a commit more.
+                # Packets held back (buffer full, disk short) say nothing of the broker,
+                # nor do those that came into a wait begun for lazy calls.
+                learn = bool(packets) and not was_held
+                stop = self._wait_for_more(packets, calls, learn=learn)
             if packets:
                 self._commit_packets(packets, calls)
                 self._watch_buffer()

@@ -213,7 +213,8 @@ def test_deferred_bookkeeping_joins_the_packets_commit_without_ending_its_delay(
 ) -> None:
     """Store.defer (a delivered batch's completion, new batches): while packets wait for
     the commit delay, the call waits with them and commits in the same transaction (one
-    fsync for both); with no packet waiting it is not held at all."""
+    fsync for both). With no packet waiting it waits the delay for packets to share its
+    commit, and no longer."""
     db = tmp_path / "gateway.db"
     with Store.open(tmp_path, commit_delay_s=0.5) as store:
         at_commit: list[set[str]] = []
@@ -233,10 +234,24 @@ def test_deferred_bookkeeping_joins_the_packets_commit_without_ending_its_delay(
         assert at_commit == [{"completed"}]
         assert store.run_sync(_stored) == 1
 
-    with Store.open(tmp_path / "idle", commit_delay_s=30.0) as store:
+    db = tmp_path / "alone" / "gateway.db"
+    with Store.open(db.parent, commit_delay_s=1.0) as store:
+        at_commit.clear()
+        store.on_committed = lambda _ps: at_commit.append(_keys(db))
+        commits = store.commits
         began = time.monotonic()
-        assert store.defer(_add, "alone").result(10) == "alone"
-        assert time.monotonic() - began < 15  # far from the 30 s delay
+        done = store.defer(_add, "alone")
+        time.sleep(0.2)
+        store.submit_packet(_packet(1))
+        assert done.result(10) == "alone"
+        # One commit for both, after the delay the call began …
+        assert 0.9 <= time.monotonic() - began < 5
+        assert at_commit == [{"alone"}]
+        assert store.commits == commits + 1
+        # … and with no packet coming, no longer than the delay either.
+        began = time.monotonic()
+        assert store.defer(_add, "quiet").result(10) == "quiet"
+        assert 0.9 <= time.monotonic() - began < 5
 
 
 def test_a_deferred_call_that_fails_costs_the_packets_of_its_commit_nothing(

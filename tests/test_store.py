@@ -433,6 +433,47 @@ def test_a_schema_5_store_keeps_its_open_batches_in_order_and_finds_each_by_its_
     assert after[-1].seq == seq > b.seq
 
 
+def test_a_batch_of_consecutive_records_keeps_no_id_list_and_loads_whole(
+    tmp_path: Path,
+) -> None:
+    """Schema 8: a batch of consecutive ids (any webhook without a filter) is kept as its
+    first id and count, 80 bytes less per row for ten 7-digit ids; one with gaps (a
+    filter) keeps its list, and so do the batches of a schema 7 store."""
+    conn = _store_at_schema(tmp_path / "gateway.db", 7)
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO batches(id, route, source, item_ids, first_id, count, single,"
+            " body, attempts, created_ns, next_at_ns) VALUES"
+            " ('msg_old', 'cloud', 'packets', '[7,8,9]', 7, 3, 0, NULL, 0, 1, 0)"
+        )
+    conn.close()
+    run = [1_000_001 + i for i in range(10)]
+    gaps = (1_000_011, 1_000_013, 1_000_020)
+    with Store.open(tmp_path) as store:
+        made = [
+            st.Batch(wid, "cloud", ids, False, None, 0, 2, 0, len(ids))
+            for wid, ids in (("msg_run", tuple(run)), ("msg_gaps", gaps), ("msg_one", (5,)))
+        ]
+        store.run_sync(st.create_batches, "cloud", "packets", made, 1_000_020, 14)
+        lists = store.run_sync(
+            lambda c: c.execute("SELECT id, item_ids FROM batches ORDER BY seq").fetchall()
+        )
+    assert lists == [
+        ("msg_old", "[7,8,9]"),
+        ("msg_run", None),
+        ("msg_gaps", "[1000011,1000013,1000020]"),
+        ("msg_one", None),
+    ]
+    with Store.open(tmp_path) as store:
+        loaded = store.run_sync(st.load_batches, "cloud")
+    assert [(b.id, b.item_ids, b.count) for b in loaded] == [
+        ("msg_old", (7, 8, 9), 3),
+        ("msg_run", tuple(run), 10),
+        ("msg_gaps", gaps, 3),
+        ("msg_one", (5,), 1),
+    ]
+
+
 def _release_up_to(store: Store, cursor: int) -> int:
     """What a webhook does once it has delivered every packet up to `cursor`."""
     store.set_packet_routes(["cloud"])

@@ -19,7 +19,8 @@ One mosquitto started here on a free loopback port (in memory, as bench/drain.py
    bytes on the wire per packet at the receiver (body; body and request headers).
 3. Idle: `python -m firmware_sim fleet --devices 100 --rate 0.1` (10 packets/s in all)
    for --idle-s after a 10 s warm-up, delivered by the gateway (monoZ profile, web
-   dashboard on); CPU % of one core and RSS of the gateway (defaults: its commit delay
+   dashboard on); CPU % of one core (user and system time apart, and context switches
+   a second across all its threads) and RSS of the gateway (defaults: its commit delay
    is "auto", 100 ms for that profile), and in the same window of a second gateway
    with `gateway.commit_delay_ms` (--idle-commit-delay-ms, 0: no delay, the default
    before session 10) and, as baselines, `mosquitto_sub -q 1` and a bare paho

@@ -252,8 +252,10 @@ class Route:
         # When the open window last sent full batches early (monotonic ns).
         self._last_full_ns = 0
 
-    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.wrap_future(self.store.call(fn, *args))
+    async def _db(self, fn: Callable[..., Any], *args: Any, lazy: bool = False) -> Any:
+        """fn(conn, *args) on the writer; `lazy`: in the next packet commit (Store.defer)."""
+        submit = self.store.defer if lazy else self.store.call
+        return await asyncio.wrap_future(submit(fn, *args))
 
     async def _db_write(self, fn: Callable[..., Any], *args: Any, lazy: bool = False) -> Any:
         """A batch's bookkeeping, retried while the store cannot write (disk full):
@@ -460,11 +462,15 @@ class Route:
             )
             for i in range(0, len(matched), n)
         ]
-        submit = self.store.defer if lazy else self.store.call
-        made = submit(
-            st.create_batches, self.cfg.name, self.source.name, batches, new_cursor, len(matched)
+        seqs = await self._db(
+            st.create_batches,
+            self.cfg.name,
+            self.source.name,
+            batches,
+            new_cursor,
+            len(matched),
+            lazy=lazy,
         )
-        seqs = await asyncio.wrap_future(made)
         batches = [dataclasses.replace(b, seq=s) for b, s in zip(batches, seqs, strict=True)]
         for i, b in enumerate(batches):
             self._spawn(b, matched[i * n : (i + 1) * n], now_mono)

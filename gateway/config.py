@@ -397,6 +397,23 @@ def commit_delay_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConfig]) 
     return min([AUTO_COMMIT_DELAY_MAX_MS, *(w / 10 for w in windows)])
 
 
+# The most "auto" holds a trickle of packets (see store.TRICKLE_PACKETS).
+AUTO_COMMIT_DELAY_SLOW_MAX_MS = 500.0
+
+
+def commit_delay_slow_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConfig]) -> float:
+    """How long a commit holding a trickle of packets waits in all (store.TRICKLE_PACKETS):
+    for "auto", half the shortest batching window of the packet webhooks, at most 500 ms
+    (0 with `window_ms = 0`). A packet that waits so misses at most its window's close
+    and goes with the next, whose close counts from the packet's arrival, so it still
+    reaches the webhook about a window after it came. A delay set in the config is
+    never stretched."""
+    if gateway.commit_delay_ms is not None:
+        return gateway.commit_delay_ms
+    windows = [w.batch.window_ms for w in webhooks if w.source == "packets"]
+    return min([AUTO_COMMIT_DELAY_SLOW_MAX_MS, *(w / 2 for w in windows)])
+
+
 def _statuses(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise _Bad("must be a list of HTTP status codes")

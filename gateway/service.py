@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway import __version__, cdr, delivery, ingest, reports
 from gateway import store as st
-from gateway.config import Config, WebhookConfig, commit_delay_ms
+from gateway.config import Config, WebhookConfig, commit_delay_ms, commit_delay_slow_ms
 from gateway.store import Store
 from gateway.supervisor import Supervisor
 
@@ -34,6 +34,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 commit_delay_s=commit_delay_ms(cfg.gateway, cfg.webhooks) / 1000,
                 # The broker sends at most receive_maximum packets ahead of their PUBACKs.
                 commit_delay_max_packets=max(1, cfg.mqtt.receive_maximum // 2),
+                commit_delay_slow_s=commit_delay_slow_ms(cfg.gateway, cfg.webhooks) / 1000,
             )
         )
 
@@ -60,7 +61,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
             cfg.db_path,
             len(cfg.webhooks),
             store.commit_delay_s * 1000,
-            " (auto)" if cfg.gateway.commit_delay_ms is None else "",
+            _trickle_note(store) if cfg.gateway.commit_delay_ms is None else "",
             store.commit_delay_max_packets,
         )
         _record(store, "gateway_started")
@@ -71,6 +72,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 site.set_webhooks(hooks)  # the dashboard shows what is delivered
             # "auto" follows the packet webhooks' windows, reloaded ones too.
             store.commit_delay_s = commit_delay_ms(cfg.gateway, hooks) / 1000
+            store.commit_delay_slow_s = commit_delay_slow_ms(cfg.gateway, hooks) / 1000
             return delivery.run(
                 hooks,
                 store,
@@ -95,6 +97,13 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 tg.create_task(reports.run_schedule(cfg, store, wake), name="reports")
             tg.create_task(sd.run(store, taker), name="systemd")  # systemd: notify, watchdog
     log.info("gateway stopped")
+
+
+def _trickle_note(store: Store) -> str:
+    """How the start-up line names an "auto" commit delay, and its stretch for a trickle."""
+    if store.commit_delay_slow_s <= store.commit_delay_s:
+        return " (auto)"
+    return f" (auto; {store.commit_delay_slow_s * 1000:g} ms for fewer than {st.TRICKLE_PACKETS})"
 
 
 def _record(store: Store, kind: str) -> None:

@@ -368,6 +368,17 @@ DELAY_ENOUGH_PACKETS = 500
 CAP_MIN_PACKETS = 8
 CAP_KEEP_S = 60.0
 
+# A trickle: a wait of gateway.commit_delay_ms that ran out holding fewer packets than
+# this (and no store call) goes on, up to the "slow" delay in all, until this many have
+# come or a store call ends it. At 10 packets/s a 100 ms wait holds one or two packets,
+# so nearly every packet paid for a commit of its own: an fsync, the bookkeeping pages,
+# a wake-up of the writer. A broker capping unacknowledged packets below this number
+# would make every wait run on for packets that cannot come; two such waits in a row
+# that ran out with the same packets, all of them in the first half, teach the writer
+# that number (the trickle cap), and a wait holding it is not stretched, until
+# CAP_KEEP_S later.
+TRICKLE_PACKETS = 8
+
 # The writer keeps at most this many senders (topic and ICCID) in memory.
 SENDER_CACHE = 10_000
 
@@ -545,6 +556,7 @@ class Store:
         min_free_bytes: int = 0,
         commit_delay_s: float = 0.0,
         commit_delay_max_packets: int = DELAY_ENOUGH_PACKETS,
+        commit_delay_slow_s: float = 0.0,
     ) -> None:
         self.path = path
         # For statvfs at each commit: pathlib's `.parent` and str() cost more than the call.
@@ -553,6 +565,13 @@ class Store:
         self.commit_delay_s = commit_delay_s
         # ... unless it has this many packets by then.
         self.commit_delay_max_packets = commit_delay_max_packets
+        # A wait that has fewer than TRICKLE_PACKETS by then goes on up to this long
+        # (no longer than commit_delay_s: not at all).
+        self.commit_delay_slow_s = commit_delay_slow_s
+        # The cap learnt from stretched waits (0: none); see TRICKLE_PACKETS.
+        self.trickle_cap = 0
+        self._trickle_seen = 0
+        self._trickle_until = 0.0
         # The broker's cap on unacknowledged packets, as learnt (0: none); see CAP_MIN_PACKETS.
         self.broker_cap = 0
         self._cap_seen = 0
@@ -799,14 +818,20 @@ class Store:
         delay, so that they share one commit (one fsync) with those already taken. Any
         other store call (a new batch, status) or close ends the wait at once, and so
         do commit_delay_max_packets packets, or the broker's cap on unacknowledged
-        packets once learnt (see CAP_MIN_PACKETS). Returns whether close was asked for."""
+        packets once learnt (see CAP_MIN_PACKETS). A trickle of packets waits on up to
+        commit_delay_slow_s (see TRICKLE_PACKETS). `learn`: the packets came from the
+        broker just now (not held back, nor come into a wait for lazy calls), so the
+        wait says something of its pace. Returns whether close was asked for."""
         began = last = time.monotonic()
         deadline = began + self.commit_delay_s
         if self.broker_cap and began > self._cap_until:
             self.broker_cap = 0
+        if self.trickle_cap and began > self._trickle_until:
+            self.trickle_cap = 0
         enough = min(self.commit_max_packets, self.commit_delay_max_packets)
         if self.broker_cap:
             enough = min(enough, self.broker_cap)
+        stretched = False
         while len(packets) < enough and len(calls) < MAX_GROUP_CALLS:
             left = deadline - time.monotonic()
             item = None
@@ -814,16 +839,49 @@ class Store:
                 with contextlib.suppress(queue.Empty):
                     item = self._q.get(timeout=left)
             if item is None:
-                if learn:
+                if not stretched and learn and self._stretches(len(packets), calls):
+                    stretched = True
+                    deadline = began + self.commit_delay_slow_s
+                    enough = min(enough, TRICKLE_PACKETS)
+                    continue
+                if stretched:
+                    self._learn_trickle(len(packets), quiet=deadline - last)
+                elif learn:
                     self._learn_cap(len(packets), quiet=deadline - last)
                 break
             if _sort(item, packets, calls):
                 return True
             if isinstance(item, Incoming):
                 last = time.monotonic()
-            elif not item.lazy:
+            elif not item.lazy or stretched:
                 break
         return False
+
+    def _stretches(self, n: int, calls: list[_Call]) -> bool:
+        """Whether a wait that ran out holding n packets and `calls` goes on (a trickle)."""
+        if calls or n >= TRICKLE_PACKETS or self.commit_delay_slow_s <= self.commit_delay_s:
+            return False
+        return not self.trickle_cap or n < self.trickle_cap
+
+    def _learn_trickle(self, n: int, quiet: float) -> None:
+        """A stretched wait ran out holding n packets, the last `quiet` seconds before
+        its end: a broker that sends no more than n until PUBACKs go, if the one before
+        did too. Unlike the broker cap it only keeps waits from being stretched."""
+        if quiet < self.commit_delay_slow_s / 2:
+            self._trickle_seen = 0
+            return
+        if n == self._trickle_seen:
+            if n != self.trickle_cap:
+                log.info(
+                    "commits waited on twice for more than %d packets that did not come"
+                    " (a broker's cap on unacknowledged packets?): a commit holding %d no"
+                    " longer waits on for a trickle",
+                    n,
+                    n,
+                )
+            self.trickle_cap = n
+            self._trickle_until = time.monotonic() + CAP_KEEP_S
+        self._trickle_seen = n
 
     def _learn_cap(self, n: int, quiet: float) -> None:
         """A wait ran out holding n packets, the last of them `quiet` seconds before its

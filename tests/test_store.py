@@ -153,6 +153,23 @@ def test_commit_delay_lets_later_packets_share_a_commit_and_a_store_call_ends_it
         assert committed_at[0] - submitted >= 0.19
 
 
+def _feed_capped(store: Store, cap: int, rounds: int) -> list[float]:
+    """Feeds the store like a broker that sends at most `cap` packets ahead of their
+    PUBACKs: each round sends `cap` and waits until all of them are committed. Returns
+    how long each round took."""
+    committed = threading.Semaphore(0)
+    store.on_committed = lambda ps: [committed.release() for _ in ps]
+    took = []
+    for r in range(rounds):
+        began = time.monotonic()
+        for i in range(cap):
+            store.submit_packet(_packet(r * cap + i))
+        for _ in range(cap):  # their PUBACKs: only then does the broker send more
+            assert committed.acquire(timeout=20)
+        took.append(time.monotonic() - began)
+    return took
+
+
 def test_a_broker_that_sends_no_more_until_pubacks_go_does_not_hold_every_commit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -162,17 +179,8 @@ def test_a_broker_that_sends_no_more_until_pubacks_go_does_not_hold_every_commit
     they have the 12 packets that can come."""
     caplog.set_level(logging.INFO, logger="gateway.store")
     cap, rounds = 12, 6
-    committed = threading.Semaphore(0)
-    took: list[float] = []
     with Store.open(tmp_path, commit_delay_s=2.0) as store:
-        store.on_committed = lambda ps: [committed.release() for _ in ps]
-        for r in range(rounds):
-            began = time.monotonic()
-            for i in range(cap):
-                store.submit_packet(_packet(r * cap + i))
-            for _ in range(cap):  # their PUBACKs: only then does the broker send more
-                assert committed.acquire(timeout=20)
-            took.append(time.monotonic() - began)
+        took = _feed_capped(store, cap, rounds)
         assert store.broker_cap == cap
         assert store.run_sync(_stored) == cap * rounds
     assert all(t >= 1.9 for t in took[:2]), took
@@ -206,6 +214,76 @@ def test_a_steady_stream_a_trickle_or_a_full_buffer_is_not_taken_for_a_broker_ca
         time.sleep(1.5)
         assert store.broker_cap == 0
         assert store.run_sync(_stored) == 10
+
+
+def test_a_trickle_of_packets_waits_on_for_more_to_share_its_commit(tmp_path: Path) -> None:
+    """gateway.commit_delay_ms = "auto" at 10 packets/s: a 100 ms wait held one or two
+    packets, so nearly each paid for a commit (an fsync, the bookkeeping pages). A wait
+    that runs out holding fewer than TRICKLE_PACKETS goes on, up to the slow delay in
+    all, until that many have come; a store call, deferred or not, ends it at once."""
+    with Store.open(tmp_path, commit_delay_s=0.1, commit_delay_slow_s=1.0) as store:
+        groups: list[tuple[float, list[bytes]]] = []
+        store.on_committed = lambda ps: groups.append((time.monotonic(), [p.payload for p in ps]))
+        began = time.monotonic()
+        for i in range(3):  # one every 0.3 s: each well past the 100 ms delay
+            store.submit_packet(_packet(i))
+            time.sleep(0.3)
+        wait_for(lambda: groups, what="the trickle's commit")
+        assert [g for _, g in groups] == [[b"p0", b"p1", b"p2"]]
+        assert groups[0][0] - began >= 0.95
+        assert store.commits == 1
+
+        # TRICKLE_PACKETS packets end the stretched wait: no need to wait on.
+        groups.clear()
+        began = time.monotonic()
+        store.submit_packet(_packet(0))
+        time.sleep(0.3)
+        for i in range(1, st.TRICKLE_PACKETS):
+            store.submit_packet(_packet(i))
+        wait_for(lambda: groups, what="a commit of a trickle's worth")
+        assert len(groups[0][1]) == st.TRICKLE_PACKETS
+        assert groups[0][0] - began < 0.8
+
+        # A store call ends it, and so does a deferred one (a batch taken lazily must
+        # not wait for a trickle); a deferred call alone waits the 100 ms only.
+        for key, submit in (("called", store.call), ("deferred", store.defer)):
+            groups.clear()
+            began = time.monotonic()
+            store.submit_packet(_packet(0))
+            time.sleep(0.3)
+            assert submit(_add, key).result(10) == key
+            assert time.monotonic() - began < 0.8
+            assert [g for _, g in groups] == [[b"p0"]]
+        began = time.monotonic()
+        assert store.defer(_add, "alone").result(10) == "alone"
+        assert time.monotonic() - began < 0.8
+
+    # A delay set in the config (commit_delay_slow_s not above it) is not stretched.
+    with Store.open(tmp_path / "set", commit_delay_s=0.1) as store:
+        committed_at: list[float] = []
+        store.on_committed = lambda ps: committed_at.append(time.monotonic())
+        began = time.monotonic()
+        store.submit_packet(_packet(0))
+        wait_for(lambda: committed_at, what="a lone packet's commit")
+        assert committed_at[0] - began < 0.8
+
+
+def test_a_broker_capping_below_a_trickle_does_not_stretch_every_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mosquitto's max_inflight_messages may be set to a few, or to 1 to keep order: the
+    broker then sends no more until PUBACKs go, and every stretched wait would stall the
+    stream. Two stretched waits that ran out holding the same packets, all in their
+    first half, teach the writer that number: a commit holding it waits the plain delay."""
+    caplog.set_level(logging.INFO, logger="gateway.store")
+    cap, rounds = 3, 6
+    with Store.open(tmp_path, commit_delay_s=0.1, commit_delay_slow_s=1.0) as store:
+        took = _feed_capped(store, cap, rounds)
+        assert store.trickle_cap == cap
+        assert store.broker_cap == 0  # below CAP_MIN_PACKETS: the plain delay still holds
+    assert all(t >= 0.95 for t in took[:2]), took
+    assert all(t < 0.6 for t in took[2:]), took
+    assert "a commit holding 3 no longer waits on for a trickle" in caplog.text
 
 
 def test_deferred_bookkeeping_joins_the_packets_commit_without_ending_its_delay(

@@ -107,6 +107,12 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
         "Packets the broker sends ahead of their PUBACKs, as learnt (0: no cap seen).",
         store["broker_cap"],
     )
+    yield from _gauge(
+        "gateway_store_trickle_cap",
+        "Packets a broker sends ahead of their PUBACKs, below a trickle's stretched commit"
+        " delay, as learnt (0: none seen).",
+        store["trickle_cap"],
+    )
     c = CounterMetricFamily(
         "gateway_store_commits", "Store transactions that wrote (each an fsync), since start."
     )

@@ -83,13 +83,21 @@ _STATUS = {
                 "uptime_s": {"type": "number"},
                 "store": {
                     "type": "object",
-                    "required": ["bytes", "writable", "write_error", "commits", "broker_cap"],
+                    "required": [
+                        "bytes",
+                        "writable",
+                        "write_error",
+                        "commits",
+                        "broker_cap",
+                        "trickle_cap",
+                    ],
                     "properties": {
                         "bytes": {"type": "integer"},
                         "writable": {"type": "boolean"},
                         "write_error": {"type": "string"},
                         "commits": {"type": "integer"},
                         "broker_cap": {"type": "integer"},
+                        "trickle_cap": {"type": "integer"},
                     },
                 },
                 "mqtt": {

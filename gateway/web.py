@@ -351,6 +351,9 @@ class Web:
                 # Packets the broker sends ahead of their PUBACKs, as the writer learnt
                 # it (0: no cap seen); see store.CAP_MIN_PACKETS.
                 "broker_cap": self.store.broker_cap,
+                # Packets below which a commit no longer waits on for a trickle, as the
+                # writer learnt it (0: none); see store.TRICKLE_PACKETS.
+                "trickle_cap": self.store.trickle_cap,
             },
             "mqtt": {
                 "broker": f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",

@@ -311,6 +311,8 @@ async def test_metrics_parse_and_match_api_status_and_the_status_command(
         # 25 packets published at once, each batch made as soon as delivery saw it: no
         # wait ran out twice with the same count, so no broker cap was learnt.
         assert m("gateway_store_broker_cap") == s["gateway"]["store"]["broker_cap"] == 0
+        # Nor a trickle cap: 25 packets at once are more than a trickle.
+        assert m("gateway_store_trickle_cap") == s["gateway"]["store"]["trickle_cap"] == 0
         assert m("gateway_mqtt_connected") == 1
         assert m("gateway_cdrs_emitted_total") == s["cdrs"]["count"] == 0
         for w in s["webhooks"]:

@@ -558,7 +558,8 @@ def _release_up_to(store: Store, cursor: int) -> int:
 
     def release(conn: sqlite3.Connection) -> int:
         with transaction(conn):
-            conn.execute("INSERT OR REPLACE INTO routes VALUES ('cloud', 'packets', ?)", (cursor,))
+            st.ensure_route(conn, "cloud", "packets")
+            st.set_cursor(conn, "cloud", cursor)
             return store.release_packets(conn)
 
     return store.run_sync(release)
@@ -671,6 +672,46 @@ def test_a_schema_6_store_keeps_its_packets_and_their_ids(tmp_path: Path) -> Non
         assert store.run_sync(st.counters)["packets_received"] == 1
 
 
+def test_a_schema_8_store_keeps_each_webhooks_cursor_and_counts(tmp_path: Path) -> None:
+    """Schema 9 keeps a webhook's source and cursor in its webhook_stats row (`routes`
+    is a view of them): every cursor and count carries over, a route with no stats row
+    gets a zeroed one, and a report webhook's stats row (no route) stays out of the view."""
+    conn = _store_at_schema(tmp_path / "gateway.db", 8)
+    with transaction(conn):
+        conn.executemany(
+            "INSERT INTO routes(name, source, cursor) VALUES (?, ?, ?)",
+            [("cloud", "packets", 7), ("audit", "events", 3), ("old", "cdrs", 2)],
+        )
+        for name in ("cloud", "audit", "reports"):
+            st.ensure_stats(conn, name)
+        conn.execute("UPDATE webhook_stats SET hits = 5, delivered = 4 WHERE name = 'cloud'")
+    conn.close()
+
+    def routes(c: sqlite3.Connection) -> list[tuple[str, str, int]]:
+        return c.execute("SELECT name, source, cursor FROM routes ORDER BY name").fetchall()
+
+    with Store.open(tmp_path) as store:
+        assert store.run_sync(routes) == [
+            ("audit", "events", 3),
+            ("cloud", "packets", 7),
+            ("old", "cdrs", 2),
+        ]
+        stats = store.run_sync(
+            lambda c: c.execute(
+                "SELECT name, hits, delivered FROM webhook_stats ORDER BY name"
+            ).fetchall()
+        )
+        assert stats == [("audit", 0, 0), ("cloud", 5, 4), ("old", 0, 0), ("reports", 0, 0)]
+        # A route keeps its cursor and its source; moving it moves the view's row.
+        assert store.run_sync(st.ensure_route, "cloud", "cdrs") == 7
+        store.run_sync(lambda c: st.set_cursor(c, "cloud", 9))
+        assert store.run_sync(routes)[1] == ("cloud", "packets", 9)
+        # A new webhook and a report webhook that becomes a route start at 0.
+        assert store.run_sync(st.ensure_route, "new", "packets") == 0
+        assert store.run_sync(st.ensure_route, "reports", "cdrs") == 0
+        assert len(store.run_sync(routes)) == 5
+
+
 def test_a_broker_redelivery_is_known_by_its_digest_also_one_kept_before_schema_5(
     tmp_path: Path,
 ) -> None:
@@ -722,9 +763,8 @@ def test_senders_no_packet_refers_to_are_deleted_once_enough_were_added(
 
         def deliver_up_to(conn: sqlite3.Connection, cursor: int) -> int:
             with transaction(conn):
-                conn.execute(
-                    "INSERT OR REPLACE INTO routes VALUES ('cloud', 'packets', ?)", (cursor,)
-                )
+                st.ensure_route(conn, "cloud", "packets")
+                st.set_cursor(conn, "cloud", cursor)
                 return store.release_packets(conn)
 
         for i in range(25):
@@ -757,7 +797,8 @@ def test_packet_ids_are_never_reused_and_every_packet_is_counted_once(tmp_path: 
 
         def deliver_all(conn: sqlite3.Connection) -> int:
             with transaction(conn):
-                conn.execute("INSERT OR REPLACE INTO routes VALUES ('cloud', 'packets', 5)")
+                st.ensure_route(conn, "cloud", "packets")
+                st.set_cursor(conn, "cloud", 5)
                 return store.release_packets(conn)
 
         assert store.run_sync(deliver_all) == 5

@@ -391,10 +391,7 @@ def commit_delay_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConfig]) 
     batching window of the packet webhooks, at most 100 ms. So 0 when one of them sends
     at once (`window_ms = 0`), and 100 ms for monoZ's 1 s window, where a packet waits
     for its window anyway; 100 ms also with no packet webhook."""
-    if gateway.commit_delay_ms is not None:
-        return gateway.commit_delay_ms
-    windows = [w.batch.window_ms for w in webhooks if w.source == "packets"]
-    return min([AUTO_COMMIT_DELAY_MAX_MS, *(w / 10 for w in windows)])
+    return _auto_delay_ms(gateway, webhooks, AUTO_COMMIT_DELAY_MAX_MS, 10)
 
 
 # The most "auto" holds a trickle of packets (see store.TRICKLE_PACKETS).
@@ -408,10 +405,18 @@ def commit_delay_slow_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConf
     and goes with the next, whose close counts from the packet's arrival, so it still
     reaches the webhook about a window after it came. A delay set in the config is
     never stretched."""
+    return _auto_delay_ms(gateway, webhooks, AUTO_COMMIT_DELAY_SLOW_MAX_MS, 2)
+
+
+def _auto_delay_ms(
+    gateway: GatewaySection, webhooks: Sequence[WebhookConfig], most: float, parts: int
+) -> float:
+    """gateway.commit_delay_ms as set; for "auto", the shortest batching window of
+    the packet webhooks divided by `parts`, at most `most` ms."""
     if gateway.commit_delay_ms is not None:
         return gateway.commit_delay_ms
     windows = [w.batch.window_ms for w in webhooks if w.source == "packets"]
-    return min([AUTO_COMMIT_DELAY_SLOW_MAX_MS, *(w / 2 for w in windows)])
+    return min([most, *(w / parts for w in windows)])
 
 
 def _statuses(value: Any) -> tuple[int, ...]:

@@ -523,6 +523,35 @@ class _GroupAborted(Exception):
 _STOP = object()
 
 
+@dataclass(slots=True)
+class _Cap:
+    """A count of packets the broker seems to send no more than ahead of their PUBACKs,
+    learnt from two waits in a row that ran out holding it (see CAP_MIN_PACKETS and
+    TRICKLE_PACKETS); kept CAP_KEEP_S, then learnt again if it still holds."""
+
+    value: int = 0  # 0: none learnt
+    seen: int = 0  # what the last wait that ran out quietly held
+    until: float = 0.0
+
+    def expire(self, now: float) -> None:
+        if self.value and now > self.until:
+            self.value = 0
+
+    def observe(self, n: int, quiet: bool) -> bool:
+        """A wait ran out holding n packets, none of them lately (`quiet`); returns
+        whether that makes n the cap, and it was not already."""
+        if not quiet:
+            self.seen = 0
+            return False
+        new = False
+        if n == self.seen:
+            new = n != self.value
+            self.value = n
+            self.until = time.monotonic() + CAP_KEEP_S
+        self.seen = n
+        return new
+
+
 class _Call:
     __slots__ = ("args", "fn", "future", "lazy")
 
@@ -595,14 +624,10 @@ class Store:
         # A wait that has fewer than TRICKLE_PACKETS by then goes on up to this long
         # (no longer than commit_delay_s: not at all).
         self.commit_delay_slow_s = commit_delay_slow_s
-        # The cap learnt from stretched waits (0: none); see TRICKLE_PACKETS.
-        self.trickle_cap = 0
-        self._trickle_seen = 0
-        self._trickle_until = 0.0
-        # The broker's cap on unacknowledged packets, as learnt (0: none); see CAP_MIN_PACKETS.
-        self.broker_cap = 0
-        self._cap_seen = 0
-        self._cap_until = 0.0
+        # The cap learnt from stretched waits; see TRICKLE_PACKETS.
+        self._trickle_cap = _Cap()
+        # The broker's cap on unacknowledged packets, as learnt; see CAP_MIN_PACKETS.
+        self._broker_cap = _Cap()
         self.max_buffer_bytes = max_buffer_bytes
         self.on_full = on_full
         self.commit_max_packets = commit_max_packets
@@ -705,6 +730,17 @@ class Store:
     def flush(self) -> None:
         """Return once every packet submitted before is committed and acknowledged."""
         self.run_sync(lambda _c: None)
+
+    @property
+    def broker_cap(self) -> int:
+        """The broker's cap on unacknowledged packets, as learnt (0: none); see
+        CAP_MIN_PACKETS."""
+        return self._broker_cap.value
+
+    @property
+    def trickle_cap(self) -> int:
+        """The cap learnt from stretched waits (0: none); see TRICKLE_PACKETS."""
+        return self._trickle_cap.value
 
     def last_epoch(self) -> int:
         """The highest connection epoch of any committed packet (see Ingest.epoch)."""
@@ -851,10 +887,8 @@ class Store:
         wait says something of its pace. Returns whether close was asked for."""
         began = last = time.monotonic()
         deadline = began + self.commit_delay_s
-        if self.broker_cap and began > self._cap_until:
-            self.broker_cap = 0
-        if self.trickle_cap and began > self._trickle_until:
-            self.trickle_cap = 0
+        self._broker_cap.expire(began)
+        self._trickle_cap.expire(began)
         enough = min(self.commit_max_packets, self.commit_delay_max_packets)
         if self.broker_cap:
             enough = min(enough, self.broker_cap)
@@ -894,38 +928,25 @@ class Store:
         """A stretched wait ran out holding n packets, the last `quiet` seconds before
         its end: a broker that sends no more than n until PUBACKs go, if the one before
         did too. Unlike the broker cap it only keeps waits from being stretched."""
-        if quiet < self.commit_delay_slow_s / 2:
-            self._trickle_seen = 0
-            return
-        if n == self._trickle_seen:
-            if n != self.trickle_cap:
-                log.info(
-                    "commits waited on twice for more than %d packets that did not come"
-                    " (a broker's cap on unacknowledged packets?): a commit holding %d no"
-                    " longer waits on for a trickle",
-                    n,
-                    n,
-                )
-            self.trickle_cap = n
-            self._trickle_until = time.monotonic() + CAP_KEEP_S
-        self._trickle_seen = n
+        if self._trickle_cap.observe(n, quiet >= self.commit_delay_slow_s / 2):
+            log.info(
+                "commits waited on twice for more than %d packets that did not come"
+                " (a broker's cap on unacknowledged packets?): a commit holding %d no"
+                " longer waits on for a trickle",
+                n,
+                n,
+            )
 
     def _learn_cap(self, n: int, quiet: float) -> None:
         """A wait ran out holding n packets, the last of them `quiet` seconds before its
         end: a broker that sends no more until PUBACKs go, if the one before did too."""
-        if n < CAP_MIN_PACKETS or quiet < self.commit_delay_s / 2:
-            self._cap_seen = 0
-            return
-        if n == self._cap_seen:
-            if n != self.broker_cap:
-                log.info(
-                    "the broker sends at most %d packets ahead of their PUBACKs: a commit"
-                    " goes once it has them, not after gateway.commit_delay_ms",
-                    n,
-                )
-            self.broker_cap = n
-            self._cap_until = time.monotonic() + CAP_KEEP_S
-        self._cap_seen = n
+        steady = n >= CAP_MIN_PACKETS and quiet >= self.commit_delay_s / 2
+        if self._broker_cap.observe(n, steady):
+            log.info(
+                "the broker sends at most %d packets ahead of their PUBACKs: a commit"
+                " goes once it has them, not after gateway.commit_delay_ms",
+                n,
+            )
 
     def _release_pending(self, n: int) -> None:
         if n:

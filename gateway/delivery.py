@@ -211,6 +211,19 @@ class Route:
     persistence, sending, retries."""
 
     FETCH_LIMIT = 5000
+    # Full batches of an open window go together at most every this-th part of the
+    # window (see run). A tenth until session 17: at 1,000 records/s a fifth halves the
+    # takes, and so the commits, each with its bookkeeping pages (a quarter fewer disk
+    # bytes per packet), for about 200 ms more latency at monoZ's 1 s window.
+    TAKE_PARTS = 5
+    # Open batches beyond `concurrency`: at least 8, so that a freed request slot finds
+    # one ready, and as many as hold this many records, so that a take of full batches
+    # (a fifth of a window: 200 records, 20 batches, at 1,000 records/s with monoZ)
+    # fits beside those still in flight. With 8 (until session 17) such takes filled
+    # the room half of the time at monoZ's 10 records a batch, and so went at once.
+    # Counted in records because each open batch holds its body while it waits for a
+    # retry: a receiver outage must not fill memory with 500-record batches.
+    SPARE_RECORDS = 320
 
     def __init__(
         self,
@@ -231,9 +244,9 @@ class Route:
         self.source = source
         self.wake = wake
         self.filter = Filter(cfg.when)
-        # Batches created and not yet done: enough that a freed request slot finds one
-        # ready. Each holds its body while it waits for a retry, so not many more.
-        self.max_open = max(cfg.concurrency + 8, 16)
+        # Batches created and not yet done (see SPARE_RECORDS).
+        spare = max(8, self.SPARE_RECORDS // cfg.batch.max_items)
+        self.max_open = max(cfg.concurrency + spare, 16)
         self.open: dict[str, asyncio.Task[None]] = {}
         # Open batches the receiver has accepted, waiting only for their bookkeeping. They
         # hold no request and no body any more, so they leave their room to new batches.
@@ -350,8 +363,10 @@ class Route:
                     # is sent), and it ends the writer's commit delay. Taken as soon as
                     # the commit before made them, full batches and commits chased each
                     # other: 50 commits a second at 1,000 records/s. So they go at most
-                    # every tenth of a window, unless they fill the room (behind).
-                    pause_ns = self._last_full_ns + window_ns // 10 - time.monotonic_ns()
+                    # every fifth of a window (TAKE_PARTS), unless they fill the room
+                    # (behind).
+                    pause_ns = self._last_full_ns + window_ns // self.TAKE_PARTS
+                    pause_ns -= time.monotonic_ns()
                     if pause_ns > 0 and len(full) < limit:
                         await asyncio.sleep(min(pause_ns, wait_ns) / 1e9)
                         continue
@@ -395,10 +410,12 @@ class Route:
         in each. Not when delivery is behind (they fill every free place), nor when, at
         `rate` records a window, more than a take's worth comes during the delay:
         delivery takes nothing else meanwhile, and at 5,000 records/s such waits added
-        100 ms to the p99."""
+        100 ms to the p99. Nor when fewer packets than a trickle (store.TRICKLE_PACKETS)
+        come during the delay: the take would wait out the whole delay for them, up to
+        200 ms more for a window that happened to fill a batch at monoZ's 10 records/s."""
         window_ns = self.cfg.batch.window_ms * 1_000_000
         per_delay = rate * self.store.commit_delay_s * 1e9 / window_ns
-        return full < limit and per_delay < limit
+        return full < limit and st.TRICKLE_PACKETS <= per_delay < limit
 
     def _next_look_ns(self, window_ns: int, end_mono: int, seen: int) -> int:
         """How soon to look again at an open window that has `seen` records so far and

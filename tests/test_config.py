@@ -196,17 +196,17 @@ def test_defaults_follow_the_design() -> None:
 @pytest.mark.parametrize(
     ("gateway", "hooks", "expected", "slow"),
     [
-        ({}, [{}], 100.0, 500.0),  # monoZ's 1 s window: a tenth of it, a trickle half
-        ({"commit_delay_ms": "auto"}, [{"batch": {"window_ms": 50}}], 5.0, 25.0),
+        ({}, [{}], 200.0, 500.0),  # monoZ's 1 s window: a fifth of it, a trickle half
+        ({"commit_delay_ms": "auto"}, [{"batch": {"window_ms": 50}}], 10.0, 25.0),
         ({}, [{}, {"batch": {"window_ms": 0}}], 0.0, 0.0),  # one webhook sends at once
-        ({}, [{"batch": {"window_ms": 60_000}}], 100.0, 500.0),  # at most 100 and 500 ms
-        ({}, [{"source": "cdrs", "format": "monogoto", "batch": {"window_ms": 0}}], 100.0, 500.0),
-        ({}, [], 100.0, 500.0),
+        ({}, [{"batch": {"window_ms": 60_000}}], 200.0, 500.0),  # at most 200 and 500 ms
+        ({}, [{"source": "cdrs", "format": "monogoto", "batch": {"window_ms": 0}}], 200.0, 500.0),
+        ({}, [], 200.0, 500.0),
         ({"commit_delay_ms": 0}, [{}], 0.0, 0.0),  # as set, and never stretched
         ({"commit_delay_ms": 250}, [{"batch": {"window_ms": 0}}], 250.0, 250.0),
     ],
 )
-def test_commit_delay_auto_is_a_tenth_of_the_shortest_packet_window(
+def test_commit_delay_auto_is_a_fifth_of_the_shortest_packet_window(
     gateway: dict[str, Any], hooks: list[dict[str, Any]], expected: float, slow: float
 ) -> None:
     raw = {

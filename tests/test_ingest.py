@@ -79,7 +79,7 @@ def test_every_published_packet_is_stored_with_topic_iccid_and_exact_bytes(
     # No packet webhook: the "auto" commit delay is its upper bound, and the log says so,
     # with its stretch for a trickle and the packets that end it early: half of what the
     # broker may send unacknowledged.
-    assert "commit delay 100 ms (auto; 500 ms for fewer than 8) or 150 packets" in gw.log()
+    assert "commit delay 200 ms (auto; 500 ms for fewer than 8) or 150 packets" in gw.log()
     assert gw.terminate() == 0
 
 

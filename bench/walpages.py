@@ -1,14 +1,17 @@
 """Where the store's disk bytes go: the gateway's WAL, commit by commit, page by page.
 
-    .venv/bin/python bench/walpages.py [--runs 1000x10,10x30] [--keep DIR]
+    .venv/bin/python bench/walpages.py [--runs 1000x10,10x30] [--warm N] [--keep DIR]
 
 For each run RATExSECONDS: one mosquitto started here on a free loopback port, the
 gateway (monoZ profile, 1 s / 10) delivering to an aiohttp receiver in this process,
 and 2 publisher processes sending 71-byte payloads at RATE packets/s for SECONDS. Once
 the receiver has every packet and 2 s more have passed (the last completions), the
 gateway is killed with SIGKILL, so that its WAL is left as written: it checkpoints only
-every 10,000 pages (store.WAL_CHECKPOINT_PAGES), which a run of this size stays under
-(the script says so if one happened).
+every 20,000 pages (store.WAL_CHECKPOINT_PAGES), which a run of this size stays under
+(the script says so if one happened). With --warm N, each run first sends N packets at
+5,000/s and counts only what comes after they are all delivered: a store in use for a
+while, whose `inflight` rows have each packet id already (N >= 65,536 for mosquitto's
+ids to come round), where a new store only adds rows.
 
 Each frame of the WAL is then sorted by what its page holds: page 1 (the file header:
 page counts, the freelist's head); a table's leaf by the columns of its first row,
@@ -131,11 +134,21 @@ def classify(pgno: int, page: bytes, owners: dict[int, str], signatures: dict[st
     return "freelist/overflow"
 
 
+def wal_end(data: bytes) -> int:
+    """Where the WAL's frames of its current round end: the file keeps the size it
+    reached, and a restarted WAL writes over its start."""
+    page_size, salts = struct.unpack_from(">I", data, 8)[0], data[16:24]
+    at = WAL_HEADER
+    while at + FRAME_HEADER + page_size <= len(data) and data[at + 8 : at + 16] == salts:
+        at += FRAME_HEADER + page_size
+    return at
+
+
 def read_wal(
     path: Path, since: tuple[bytes, int]
 ) -> tuple[int, bool, list[list[tuple[int, bytes]]]]:
     """(page size, whether the WAL was restarted since, the transactions committed after
-    `since` (the WAL's header and size then), each as [(pgno, page)]). A restarted WAL
+    `since` (the WAL's header and wal_end then), each as [(pgno, page)]). A restarted WAL
     (a checkpoint) holds only the transactions committed after it."""
     data = path.read_bytes()
     magic, _version, page_size, _ckpt_seq, salt1, salt2 = struct.unpack_from(">IIIIII", data, 0)
@@ -159,7 +172,20 @@ def read_wal(
     return page_size, restarted, commits
 
 
-def run(rate: float, seconds: float, work: Path) -> dict[str, Any]:
+def warm_up(port: int, n: int, sink: LatencySink) -> None:
+    """Send n packets through the gateway, wait until the receiver has them all and their
+    completions are in, then forget them at the receiver."""
+    pubs = start_publishers(port, 5000, n / 5000, 2)
+    deadline = time.monotonic() + n / 5000 + 120
+    while not (pubs.done() and len(sink.seen) >= sum(r["acked"] for r in pubs.results())):
+        if time.monotonic() > deadline:
+            raise SystemExit("warm-up: the receiver did not get every packet in time")
+        time.sleep(0.2)
+    time.sleep(2.0)
+    sink.seen.clear()
+
+
+def run(rate: float, seconds: float, work: Path, warm: int = 0) -> dict[str, Any]:
     broker, port = start_broker(work)
     sink = LatencySink()
     name = f"wal-{rate:g}"
@@ -169,9 +195,12 @@ def run(rate: float, seconds: float, work: Path) -> dict[str, Any]:
     cfg = gateway_toml(work / f"{name}.toml", port, state, name, sink_hook(sink.port, MONOZ))
     proc = start_gateway(cfg, port, name, work / f"{name}.log")
     try:
+        if warm:
+            warm_up(port, warm, sink)
         written_before = psutil.Process(proc.pid).io_counters().write_bytes
-        # Start-up's own commits (schema, routes) are not counted.
-        wal_start = (wal.read_bytes()[:WAL_HEADER], wal.stat().st_size)
+        # Start-up's own commits (schema, routes) and the warm-up's are not counted.
+        data = wal.read_bytes()
+        wal_start = (data[:WAL_HEADER], wal_end(data))
         pubs = start_publishers(port, rate, seconds, 2)
         deadline = time.monotonic() + seconds + 120
         while not (pubs.done() and len(sink.seen) >= sum(r["acked"] for r in pubs.results())):
@@ -216,6 +245,7 @@ def run(rate: float, seconds: float, work: Path) -> dict[str, Any]:
     return {
         "rate": rate,
         "seconds": seconds,
+        "warm": warm,
         "packets": sent,
         "payload_bytes": payload,
         "commits": len(commits),
@@ -242,6 +272,7 @@ def report(rows: list[dict[str, Any]]) -> None:
             f" of {r['payload_bytes']} bytes, {r['commits']:,} commits"
             f" ({r['commits_per_s']:.1f}/s, {r['commits_with_packets']:,} with packets),"
             f" {r['pages_per_commit']:.1f} pages each"
+            + (f", after {r['warm']:,} packets" if r["warm"] else "")
         )
         if r["checkpointed"]:
             print("  (the WAL was checkpointed: only the frames since are counted)")
@@ -267,6 +298,7 @@ def main() -> int:
     )
     ap.add_argument("--runs", default="1000x10,10x30", metavar="RATExSECONDS,…")
     ap.add_argument("--keep", type=Path, help="leave the runs' files in this directory")
+    ap.add_argument("--warm", type=int, default=0, help="packets sent before each run")
     args = ap.parse_args()
     if shutil.which("mosquitto") is None:
         raise SystemExit("needs Debian's mosquitto")
@@ -275,7 +307,7 @@ def main() -> int:
     try:
         for spec in args.runs.split(","):
             rate, _, seconds = spec.partition("x")
-            rows.append(run(float(rate), float(seconds or 10), work))
+            rows.append(run(float(rate), float(seconds or 10), work, args.warm))
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

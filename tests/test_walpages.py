@@ -62,3 +62,33 @@ def test_each_commit_after_the_mark_is_read_and_its_pages_named_by_table(tmp_pat
         # (the counter's index entry only when the row is added, in the first commit)
         named = {"packets", "packets interior", "counters", "page 1"}
         assert set(kinds) <= named | {"index sqlite_autoindex_counters_1"}, kinds
+
+
+def test_the_mark_is_where_a_restarted_wal_ends_not_the_size_of_its_file(tmp_path: Path) -> None:
+    """After a checkpoint SQLite writes the WAL from its start again, and the file keeps
+    the size it reached: the mark taken then (wal_end) is the end of the new round's
+    frames, so the commits after it are found (with the file's size, none were)."""
+    db = tmp_path / "gateway.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA page_size = 1024")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
+    for _ in range(20):
+        conn.execute("INSERT INTO t(body) VALUES (?)", (b"x" * 900,))
+    conn.execute("PRAGMA wal_checkpoint(RESTART)")
+    conn.execute("INSERT INTO t(body) VALUES (?)", (b"y" * 900,))  # the WAL starts over
+    wal = tmp_path / "gateway.db-wal"
+    data = wal.read_bytes()
+    end = walpages.wal_end(data)
+    assert walpages.WAL_HEADER < end < len(data)
+    since = (data[: walpages.WAL_HEADER], end)
+    for _ in range(3):
+        conn.execute("INSERT INTO t(body) VALUES (?)", (b"z" * 900,))
+    copy = tmp_path / "copy-wal"
+    shutil.copy(wal, copy)
+    conn.close()
+    _page_size, restarted, commits = walpages.read_wal(copy, since)
+    assert (restarted, len(commits)) == (False, 3)
+    _page_size, _restarted, by_size = walpages.read_wal(copy, (since[0], len(data)))
+    assert by_size == []

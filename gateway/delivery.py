@@ -213,7 +213,7 @@ class Route:
     FETCH_LIMIT = 5000
     # Full batches of an open window go together at most every this-th part of the
     # window (see run). A tenth until session 17: at 1,000 records/s a fifth halves the
-    # takes, and so the commits, each with its bookkeeping pages (a quarter fewer disk
+    # takes, and so the commits, each with its bookkeeping pages (a fifth fewer disk
     # bytes per packet), for about 200 ms more latency at monoZ's 1 s window.
     TAKE_PARTS = 5
     # Open batches beyond `concurrency`: at least 8, so that a freed request slot finds

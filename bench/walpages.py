@@ -172,17 +172,18 @@ def read_wal(
     return page_size, restarted, commits
 
 
-def warm_up(port: int, n: int, sink: LatencySink) -> None:
-    """Send n packets through the gateway, wait until the receiver has them all and their
-    completions are in, then forget them at the receiver."""
-    pubs = start_publishers(port, 5000, n / 5000, 2)
-    deadline = time.monotonic() + n / 5000 + 120
+def publish_through(port: int, rate: float, seconds: float, sink: LatencySink, what: str) -> int:
+    """Publish at `rate` for `seconds` from 2 publisher processes; once the receiver has
+    every packet they had acknowledged, and 2 s more have passed (the last batches'
+    completions), the number of packets."""
+    pubs = start_publishers(port, rate, seconds, 2)
+    deadline = time.monotonic() + seconds + 120
     while not (pubs.done() and len(sink.seen) >= sum(r["acked"] for r in pubs.results())):
         if time.monotonic() > deadline:
-            raise SystemExit("warm-up: the receiver did not get every packet in time")
+            raise SystemExit(f"{what}: the receiver did not get every packet in time")
         time.sleep(0.2)
     time.sleep(2.0)
-    sink.seen.clear()
+    return sum(r["acked"] for r in pubs.results())
 
 
 def run(rate: float, seconds: float, work: Path, warm: int = 0) -> dict[str, Any]:
@@ -196,19 +197,13 @@ def run(rate: float, seconds: float, work: Path, warm: int = 0) -> dict[str, Any
     proc = start_gateway(cfg, port, name, work / f"{name}.log")
     try:
         if warm:
-            warm_up(port, warm, sink)
+            publish_through(port, 5000, warm / 5000, sink, "warm-up")
+            sink.seen.clear()
         written_before = psutil.Process(proc.pid).io_counters().write_bytes
         # Start-up's own commits (schema, routes) and the warm-up's are not counted.
         data = wal.read_bytes()
         wal_start = (data[:WAL_HEADER], wal_end(data))
-        pubs = start_publishers(port, rate, seconds, 2)
-        deadline = time.monotonic() + seconds + 120
-        while not (pubs.done() and len(sink.seen) >= sum(r["acked"] for r in pubs.results())):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{name}: the receiver did not get every packet in time")
-            time.sleep(0.2)
-        sent = sum(r["acked"] for r in pubs.results())
-        time.sleep(2.0)  # the last batches' completions
+        sent = publish_through(port, rate, seconds, sink, name)
         written = psutil.Process(proc.pid).io_counters().write_bytes - written_before
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)

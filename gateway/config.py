@@ -385,15 +385,20 @@ def _or_auto(check: Callable[[Any], float]) -> Callable[[Any], float | None]:
 # The most "auto" holds a commit for later packets to share it (gateway.commit_delay_ms).
 AUTO_COMMIT_DELAY_MAX_MS = 200.0
 
+# Delivery takes an open window's full batches at most every this-th part of the window
+# (delivery.Route.TAKE_PARTS), and "auto" holds a commit for as long: a packet waits for
+# the next take anyway. A tenth until session 17.
+TAKE_PARTS = 5
+
 
 def commit_delay_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConfig]) -> float:
     """gateway.commit_delay_ms as set; for "auto" (the default) a fifth of the shortest
     batching window of the packet webhooks, at most 200 ms. So 0 when one of them sends
     at once (`window_ms = 0`), and 200 ms for monoZ's 1 s window, where a packet waits
     for its window, or for delivery's next take of full batches (every fifth of a
-    window, delivery.Route.TAKE_PARTS), anyway; 200 ms also with no packet webhook.
-    A tenth and 100 ms until session 17."""
-    return _auto_delay_ms(gateway, webhooks, AUTO_COMMIT_DELAY_MAX_MS, 5)
+    window, TAKE_PARTS), anyway; 200 ms also with no packet webhook. A tenth and 100 ms
+    until session 17."""
+    return _auto_delay_ms(gateway, webhooks, AUTO_COMMIT_DELAY_MAX_MS, TAKE_PARTS)
 
 
 # The most "auto" holds a trickle of packets (see store.TRICKLE_PACKETS).

@@ -16,8 +16,10 @@ import logging
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from gateway.errors import StoreError
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 COUNTERS = (
     "packets_received",
@@ -61,6 +63,21 @@ RELEASED = "_packets_released"
 # both tables' unreleased rows, for people and tests; the gateway reads the tables.
 PACKET_TABLES = ("packets_a", "packets_b")
 
+# A broker redelivers (DUP=1) the packets whose PUBACK it had not received when a
+# connection ended. A PUBACK goes after the packet's commit, in commit order, and the
+# broker holds at most its client's Receive Maximum of packets unacknowledged (MQTT 5;
+# mosquitto, EMQX and AWS IoT Core keep to it): what it may redeliver had its row among
+# the session's last receive_maximum stored packets, or was itself a redelivery, or too
+# large to store, recognised since. So a packet row keeps its packet id and epoch
+# (schema 10), a table holding one of a session's last `redelivery_window` rows is not
+# emptied (it is "pinned"), and `inflight` is written for the rest only: a recognised
+# redelivery again, a too large packet, and the rows of a table pinned for longer than
+# PIN_WAIT_S. MQTT 3.1.1 has no Receive Maximum: its window is every packet id.
+REDELIVERY_WINDOW_V311 = 65_535
+PIN_WAIT_S = 30.0
+# A row of `meta`: the highest connection epoch of a committed packet (Store.last_epoch).
+LAST_EPOCH = "last_epoch"
+
 
 @dataclass(slots=True)
 class Incoming:
@@ -87,13 +104,17 @@ class Incoming:
         return self.source << 16 | self.mid
 
     def digest(self) -> bytes:
-        """What `inflight` keeps of it: the first 8 bytes of a 16-byte BLAKE2b of topic and
-        payload. Until 8 bytes less per packet mattered it kept all 16; such a row is
-        compared by its first 8, so a redelivery across the upgrade is still known."""
-        h = hashlib.blake2b(self.topic.encode(), digest_size=16)
-        h.update(b"\0")
-        h.update(self.payload)
-        return h.digest()[:8]
+        return digest_of(self.topic, self.payload)
+
+
+def digest_of(topic: str, payload: bytes) -> bytes:
+    """What `inflight` keeps of a packet: the first 8 bytes of a 16-byte BLAKE2b of topic
+    and payload. Until 8 bytes less per packet mattered it kept all 16; such a row is
+    compared by its first 8, so a redelivery across the upgrade is still known."""
+    h = hashlib.blake2b(topic.encode(), digest_size=16)
+    h.update(b"\0")
+    h.update(payload)
+    return h.digest()[:8]
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +382,26 @@ def _migrate_v9(db: sqlite_utils.Database) -> None:
     db.execute(_ROUTES_VIEW)
 
 
+def _migrate_v10(db: sqlite_utils.Database) -> None:
+    # A packet row keeps its MQTT packet id (Incoming.inflight_key) and connection epoch,
+    # and `inflight` is written only for what has no row to look at (see
+    # Store._redelivery_of): writing it for every packet was about 42 disk bytes a
+    # packet, its pages changed once per packet id's turn and written again by every
+    # checkpoint. Its rows so far count as written at the highest packet id, the
+    # constant default of a new column costing no page writes: every one of them
+    # stays in the window of the sessions' latest packets (REDELIVERY_WINDOW) as before.
+    for t in PACKET_TABLES:
+        db.execute(f"ALTER TABLE {t} ADD COLUMN mid INTEGER")
+        db.execute(f"ALTER TABLE {t} ADD COLUMN epoch INTEGER")
+    top = max(
+        int(db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {t}").fetchone()[0])
+        for t in PACKET_TABLES
+    )
+    db.execute(f"ALTER TABLE inflight ADD COLUMN at_id INTEGER NOT NULL DEFAULT {top}")
+    epoch = int(db.execute("SELECT COALESCE(MAX(epoch), 0) FROM inflight").fetchone()[0])
+    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (LAST_EPOCH, str(epoch)))
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
@@ -371,6 +412,7 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     7: _migrate_v7,
     8: _migrate_v8,
     9: _migrate_v9,
+    10: _migrate_v10,
 }
 
 
@@ -594,6 +636,8 @@ class _Written:
 
     accepted: list[Incoming]  # stored, recognised redeliveries, too large
     stored: bool  # whether any packet row was added
+    rows: list[tuple[int, int]]  # (session, id) of each row added
+    epoch: int  # the highest connection epoch among the packets
     added: int  # payload bytes added to the buffer
     evicted: tuple[int, int]  # (packets, bytes) drop_oldest deleted
 
@@ -617,8 +661,13 @@ class Store:
         commit_delay_s: float = 0.0,
         commit_delay_max_packets: int = DELAY_ENOUGH_PACKETS,
         commit_delay_slow_s: float = 0.0,
+        redelivery_window: int = 1000,
+        sessions: int = 1,
     ) -> None:
         self.path = path
+        # How many of a session's latest packet rows a redelivery may reach back to: the
+        # Receive Maximum it connects with (see REDELIVERY_WINDOW_V311).
+        self.redelivery_window = redelivery_window
         # For statvfs at each commit: pathlib's `.parent` and str() cost more than the call.
         self._dir = os.fspath(path.parent)
         # Hold a commit this long after its first packet, for later ones to share it.
@@ -638,6 +687,11 @@ class Store:
         self.min_free_bytes = min_free_bytes
         self.conn = connect(path)
         migrate(self.conn)
+        # The ids of each session's last redelivery_window packet rows, oldest first: a
+        # table holding one of them is pinned (see PIN_WAIT_S), since when by table.
+        self._recent = self._load_recent(sessions)
+        self._pinned_since: dict[str, float] = {}
+        self._epoch_saved = self._saved_epoch()
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._held: list[Incoming] = []
         self._packet_routes: tuple[str, ...] = ()
@@ -748,9 +802,7 @@ class Store:
 
     def last_epoch(self) -> int:
         """The highest connection epoch of any committed packet (see Ingest.epoch)."""
-        return self.run_sync(
-            lambda c: int(c.execute("SELECT COALESCE(MAX(epoch), 0) FROM inflight").fetchone()[0])
-        )
+        return self.run_sync(lambda _c: self._epoch_saved)
 
     def close(self) -> None:
         """Commit what is queued, stop the writer and close the database; idempotent."""
@@ -807,7 +859,7 @@ class Store:
         any were. Only for a disk short of space, where the pages they free are worth
         the writes."""
         conn = self.conn
-        mark = released_mark(conn)
+        mark = min(released_mark(conn), self._pin_bound() - 1)
         tables = [t for t, lo, _hi in packet_tables(conn) if lo <= mark]
         if not tables:
             return False
@@ -1126,42 +1178,53 @@ class Store:
     def _write_packets(self, packets: list[Incoming]) -> _Written:
         """Write packets inside the open transaction (in a savepoint of their own)."""
         conn = self.conn
-        store_rows: list[tuple[int, int, bytes, int]] = []
-        inflight: list[tuple[int, bytes, int]] = []
+        store_rows: list[tuple[int, int, bytes, int, int, int]] = []
+        sessions: list[int] = []
+        # `inflight` rows: what has no packet row to be recognised by (see
+        # REDELIVERY_WINDOW_V311), written as of the highest packet id so far.
+        inflight: list[tuple[int, bytes, int, int]] = []
         too_large: list[Incoming] = []
         redelivered = 0
         accepted: list[Incoming] = []
         evicted = (0, 0)
         self._new_senders.clear()  # left by a commit that was rolled back
         with transaction(conn):
+            first, table = next_packet_row(conn)
             for p in packets:
-                digest = p.digest()
                 if p.dup:
-                    row = conn.execute(
-                        "SELECT digest, epoch FROM inflight WHERE mid = ?", (p.inflight_key,)
-                    ).fetchone()
-                    if row is not None and row[0][:8] == digest and row[1] < p.epoch:
+                    digest = p.digest()
+                    latest = self._latest_use(p)
+                    if latest is not None and latest[0] == digest and latest[1] < p.epoch:
                         p.outcome = "redelivery"
                         redelivered += 1
                         accepted.append(p)
+                        # Its PUBACK may be lost again, after its row has gone.
+                        inflight.append((p.inflight_key, digest, latest[1], first - 1))
                         continue
-                inflight.append((p.inflight_key, digest, p.epoch))
                 if p.too_large:
                     p.outcome = "too_large"
                     too_large.append(p)
+                    inflight.append((p.inflight_key, p.digest(), p.epoch, first - 1))
                 else:
                     p.outcome = "stored"
                     sender = self._sender(p.topic, p.iccid)
-                    store_rows.append((p.recv_ns, sender, p.payload, len(p.payload)))
+                    store_rows.append(
+                        (p.recv_ns, sender, p.payload, len(p.payload), p.inflight_key, p.epoch)
+                    )
+                    sessions.append(p.source)
                 accepted.append(p)
-            first, table = next_packet_row(conn)
             conn.executemany(
-                f"INSERT INTO {table}(id, recv_ns, sender, payload, size) VALUES (?,?,?,?,?)",
+                f"INSERT INTO {table}(id, recv_ns, sender, payload, size, mid, epoch)"
+                " VALUES (?,?,?,?,?,?,?)",
                 [(first + i, *row) for i, row in enumerate(store_rows)],
             )
             conn.executemany(
-                "INSERT OR REPLACE INTO inflight(mid, digest, epoch) VALUES (?,?,?)", inflight
+                "INSERT OR REPLACE INTO inflight(mid, digest, epoch, at_id) VALUES (?,?,?,?)",
+                inflight,
             )
+            epoch = max(p.epoch for p in packets)
+            if epoch > self._epoch_saved:
+                set_meta(conn, LAST_EPOCH, str(epoch))
             for p in too_large:
                 conn.execute(
                     "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, reason,"
@@ -1196,7 +1259,8 @@ class Store:
                     ),
                 )
                 _bump(conn, "events_recorded", 1)
-        return _Written(accepted, bool(store_rows), added, evicted)
+        rows = [(n, first + i) for i, n in enumerate(sessions)]
+        return _Written(accepted, bool(store_rows), rows, epoch, added, evicted)
 
     def _write_failed(self, packets: list[Incoming], exc: sqlite3.Error) -> None:
         """Disk full, read-only file system, I/O error: acknowledge nothing, keep the
@@ -1226,17 +1290,120 @@ class Store:
         lo, hi = packet_span(conn)
         if self._senders_added < hi - lo:
             return
-        # Released rows still on disk are never read again (see PACKET_TABLES).
+        # Released rows still on disk are never read again (see PACKET_TABLES), but for
+        # the recent ones (see REDELIVERY_WINDOW_V311).
         held = " UNION ".join(f"SELECT sender FROM {t} WHERE id > ?" for t in PACKET_TABLES)
-        conn.execute(
-            f"DELETE FROM senders WHERE id NOT IN ({held})",
-            (released_mark(conn),) * len(PACKET_TABLES),
-        )
+        keep = min(released_mark(conn), self._pin_bound() - 1)
+        conn.execute(f"DELETE FROM senders WHERE id NOT IN ({held})", (keep,) * len(PACKET_TABLES))
         self._senders_added = 0
         self._senders.clear()
 
+    # -- recognising redeliveries (see REDELIVERY_WINDOW_V311) ------------------------
+
+    def _load_recent(self, sessions: int) -> dict[int, deque[int]]:
+        """Each session's last redelivery_window row ids, read from the newest row down
+        until every session 0 … sessions - 1 has that many (or the rows run out)."""
+        window = self.redelivery_window
+        found: dict[int, list[int]] = {}
+        wanted = range(sessions)
+        for table, _lo, _hi in reversed(packet_tables(self.conn)):
+            rows = self.conn.execute(
+                f"SELECT id, mid >> 16 FROM {table} WHERE mid IS NOT NULL ORDER BY id DESC"
+            )
+            for rid, session in rows:
+                ids = found.setdefault(session, [])
+                if len(ids) < window:
+                    ids.append(rid)
+                    if len(ids) == window and all(len(found.get(n, ())) == window for n in wanted):
+                        break
+            else:
+                continue
+            break
+        return {n: deque(reversed(ids), maxlen=window) for n, ids in found.items()}
+
+    def _pin_bound(self) -> int:
+        """The lowest id among the sessions' recent rows (sys.maxsize: none)."""
+        return min((ids[0] for ids in self._recent.values() if ids), default=sys.maxsize)
+
+    def _latest_use(self, p: Incoming) -> tuple[bytes, int] | None:
+        """(digest, epoch) of the latest packet committed under p's packet id in its
+        session, as far back as a redelivery may reach; None when there is none.
+
+        The packet rows are looked at down to the session's oldest recent row, and the
+        `inflight` row of the packet id if it was written no longer ago than that (its
+        at_id: the highest packet id then, or the row's own when copied from one)."""
+        conn = self.conn
+        recent = self._recent.get(p.source)
+        key = p.inflight_key
+        found: tuple[bytes, int] | None = None
+        row_id = -1
+        if recent:
+            for t in PACKET_TABLES:
+                row = conn.execute(
+                    f"SELECT p.id, s.topic, p.payload, p.epoch FROM {t} AS p"
+                    " JOIN senders AS s ON s.id = p.sender"
+                    " WHERE p.id >= ? AND p.mid = ? ORDER BY p.id DESC LIMIT 1",
+                    (recent[0], key),
+                ).fetchone()
+                if row is not None and row[0] > row_id:
+                    row_id = row[0]
+                    found = (digest_of(row[1], row[2]), row[3])
+        oldest = recent[0] if recent is not None and len(recent) == recent.maxlen else 0
+        kept = conn.execute("SELECT digest, epoch, at_id FROM inflight WHERE mid = ?", (key,))
+        row = kept.fetchone()
+        if row is not None and row[2] >= max(oldest, row_id):
+            found = (row[0][:8], row[1])
+        return found
+
+    def _keep_keys(self, conn: sqlite3.Connection, table: str, lo: int, hi: int) -> None:
+        """Copy what `inflight` needs of the rows lo … hi of a table about to lose them."""
+        rows = conn.execute(
+            f"SELECT p.mid, s.topic, p.payload, p.epoch, p.id FROM {table} AS p"
+            " JOIN senders AS s ON s.id = p.sender"
+            " WHERE p.id >= ? AND p.id <= ? AND p.mid IS NOT NULL ORDER BY p.id",
+            (lo, hi),
+        )
+        conn.executemany(
+            "INSERT INTO inflight(mid, digest, epoch, at_id) VALUES (?,?,?,?)"
+            " ON CONFLICT(mid) DO UPDATE SET digest = excluded.digest,"
+            " epoch = excluded.epoch, at_id = excluded.at_id"
+            " WHERE excluded.at_id >= inflight.at_id",
+            [
+                (key, digest_of(topic, payload), epoch, rid)
+                for key, topic, payload, epoch, rid in rows
+            ],
+        )
+
+    def _unpinned(self, conn: sqlite3.Connection, table: str, hi: int) -> bool:
+        """Whether a released table whose rows end at `hi` may be emptied now: when none
+        of them is a recent row, or, once it has waited PIN_WAIT_S, with their keys
+        copied to `inflight` first."""
+        bound = self._pin_bound()
+        if hi < bound:
+            self._pinned_since.pop(table, None)
+            return True
+        now = time.monotonic()
+        since = self._pinned_since.setdefault(table, now)
+        if now - since < PIN_WAIT_S:
+            return False
+        self._keep_keys(conn, table, bound, hi)
+        del self._pinned_since[table]
+        return True
+
+    def _saved_epoch(self) -> int:
+        """The highest connection epoch stored (see LAST_EPOCH)."""
+        saved = int(get_meta(self.conn, LAST_EPOCH, "0"))
+        return max(saved, self._scalar("SELECT COALESCE(MAX(epoch), 0) FROM inflight"))
+
     def _committed(self, written: _Written) -> None:
         """After the packets' COMMIT: count their bytes, then have them acknowledged."""
+        window = self.redelivery_window
+        for session, rid in written.rows:
+            recent = self._recent.get(session)
+            if recent is None:
+                recent = self._recent[session] = deque(maxlen=window)
+            recent.append(rid)
+        self._epoch_saved = max(self._epoch_saved, written.epoch)
         if self._new_senders:
             if len(self._senders) + len(self._new_senders) > SENDER_CACHE:
                 self._senders.clear()
@@ -1282,6 +1449,9 @@ class Store:
                     if freed >= excess:
                         last = rid
                         break
+                bound = self._pin_bound()
+                if last >= bound:
+                    self._keep_keys(conn, table, max(after + 1, bound), last)
                 conn.execute(f"DELETE FROM {table} WHERE id > ? AND id <= ?", (after, last))
                 after = last
         _bump(conn, "packets_dropped", dropped)
@@ -1326,9 +1496,9 @@ class Store:
             mark = bound
         # A table is emptied only once all of it is released: row by row, SQLite would
         # write each of its pages once more before freeing it. (drop_oldest can leave a
-        # table with released rows only, hence `mark`.)
+        # table with released rows only, hence `mark`.) A pinned one waits.
         for table, _lo, hi in spans:
-            if hi > mark:
+            if hi > mark or not self._unpinned(conn, table, hi):
                 break
             conn.execute(f"DELETE FROM {table}")
         if n:

@@ -574,10 +574,15 @@ def _wal_frames(store: Store, fn: Callable[[], object]) -> int:
     return (wal.stat().st_size - 32) // (st.PAGE_SIZE + 24)
 
 
-def test_delivered_packets_are_freed_without_writing_their_pages_again(tmp_path: Path) -> None:
+def test_delivered_packets_are_freed_without_writing_their_pages_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Once every packet in a table is delivered, the table is emptied whole: the release
-    writes a few pages, not each page of packets once more (SD card wear)."""
-    with Store.open(tmp_path) as store:
+    writes a few pages, not each page of packets once more (SD card wear). (The last
+    ten rows' keys go to `inflight` on the way: they are the redelivery window, and
+    their table has waited long enough, PIN_WAIT_S = 0.)"""
+    monkeypatch.setattr(st, "PIN_WAIT_S", 0.0)
+    with Store.open(tmp_path, redelivery_window=10) as store:
         for i in range(2000):
             store.submit_packet(Incoming("devices/x/up", bytes(71), "", i + 1, False, 1))
         store.flush()
@@ -630,8 +635,9 @@ def test_a_store_short_of_disk_space_deletes_released_packets_it_still_holds(
     tmp_path: Path,
 ) -> None:
     """The disk reserve frees the pages of delivered packets waiting for the rest of
-    their table before it stops acknowledging."""
-    with Store.open(tmp_path) as store:
+    their table before it stops acknowledging (but for the last ones, which a broker may
+    still redeliver: the redelivery window, of 10 here)."""
+    with Store.open(tmp_path, redelivery_window=10) as store:
         for first, n in ((0, 1500), (1500, 1)):  # two commits, one table each
             for i in range(first, first + n):
                 store.submit_packet(Incoming("devices/x/up", bytes(71), "", i + 1, False, 1))
@@ -748,6 +754,94 @@ def test_a_broker_redelivery_is_known_by_its_digest_also_one_kept_before_schema_
         assert store.run_sync(st.counters)["packets_redelivered"] == 2
 
 
+def _on_disk(conn: sqlite3.Connection) -> int:
+    """Packet rows in the tables, released ones too."""
+    return sum(
+        int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in st.PACKET_TABLES
+    )
+
+
+def _outcomes(store: Store, packets: list[Incoming]) -> list[str]:
+    """Commit packets (one commit) and say what became of each."""
+    seen: list[str] = []
+    store.on_committed = lambda ps: seen.extend(p.outcome for p in ps)
+    for p in packets:
+        store.submit_packet(p)
+    store.flush()
+    return seen
+
+
+def test_a_redelivery_is_known_from_its_row_and_once_the_row_has_gone_from_inflight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packet row keeps its packet id: a delivered table holding one of the session's
+    last redelivery_window rows (the packets a broker may still redeliver) waits, and
+    once it has waited PIN_WAIT_S it is emptied with those rows' keys kept in
+    `inflight`. Either way a DUP copy of such a packet is acknowledged, not stored."""
+
+    def pkt(mid: int, epoch: int, dup: bool = False) -> Incoming:
+        return Incoming("devices/x/up", f"p{mid}".encode(), "", mid, dup, epoch)
+
+    monkeypatch.setattr(st, "PIN_WAIT_S", 3600.0)
+    with Store.open(tmp_path, redelivery_window=3) as store:
+        assert _outcomes(store, [pkt(m, 1) for m in range(1, 6)]) == ["stored"] * 5
+        assert _release_up_to(store, 5) == 5
+        assert store.run_sync(_stored) == 0
+        # Rows 3, 4 and 5 are recent: their table stays.
+        assert store.run_sync(_on_disk) >= 3
+        assert _outcomes(store, [pkt(5, 2, dup=True)]) == ["redelivery"]
+
+        monkeypatch.setattr(st, "PIN_WAIT_S", 0.0)
+        assert _release_up_to(store, 5) == 0
+        assert store.run_sync(_on_disk) == 0
+        # Rows 3-5 copied (5 once: its redelivery was written there already).
+        assert store.run_sync(lambda c: c.execute("SELECT mid FROM inflight").fetchall()) == [
+            (3,),
+            (4,),
+            (5,),
+        ]
+        outcomes = _outcomes(
+            store,
+            [
+                pkt(4, 3, dup=True),  # known from inflight
+                pkt(5, 3, dup=True),  # known again: its PUBACK may have been lost twice
+                Incoming("devices/x/up", b"other", "", 3, True, 3),  # id 3, other content
+            ],
+        )
+        assert outcomes == ["redelivery", "redelivery", "stored"]
+        assert [r.payload for r in store.run_sync(st.fetch_packets, 0, 10)] == [b"other"]
+        assert store.run_sync(st.counters)["packets_redelivered"] == 3
+
+
+def test_after_a_restart_the_recent_rows_are_still_known_and_so_is_the_last_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a crashed gateway committed is recognised when the broker redelivers it to
+    the restarted one, and the new connection's epoch is above every stored packet's,
+    from the rows themselves (`inflight` holds none of them)."""
+    monkeypatch.setattr(st, "PIN_WAIT_S", 3600.0)
+    packets = [Incoming(f"devices/{m}/up", b"x", "", m, False, 7) for m in range(1, 5)]
+    with Store.open(tmp_path, redelivery_window=2, sessions=2) as store:
+        assert _outcomes(store, packets) == ["stored"] * 4
+        other = Incoming("devices/1/up", b"x", "", 1, False, 7, source=1)
+        assert _outcomes(store, [other]) == ["stored"]
+        assert _release_up_to(store, 5) == 5
+    with Store.open(tmp_path, redelivery_window=2, sessions=2) as store:
+        assert store.last_epoch() == 7
+        assert (
+            store.run_sync(lambda c: c.execute("SELECT COUNT(*) FROM inflight").fetchone())[0] == 0
+        )
+        # Session 0's last two rows are 3 and 4; session 1's is its only one. Row 1 is
+        # out of session 0's window: a broker that keeps to a Receive Maximum of 2 has
+        # had its PUBACK, so a copy of it with DUP set can only be a new packet.
+        again = [
+            Incoming(f"devices/{m}/up", b"x", "", m, True, 8, source=s)
+            for s, m in ((0, 4), (0, 3), (1, 1), (0, 1))
+        ]
+        assert _outcomes(store, again) == ["redelivery", "redelivery", "redelivery", "stored"]
+        assert store.last_epoch() == 8
+
+
 def test_senders_no_packet_refers_to_are_deleted_once_enough_were_added(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -758,7 +852,9 @@ def test_senders_no_packet_refers_to_are_deleted_once_enough_were_added(
     def senders(c: sqlite3.Connection) -> int:
         return int(c.execute("SELECT COUNT(*) FROM senders").fetchone()[0])
 
-    with Store.open(tmp_path) as store:
+    # The senders of the last five packets stay anyway (a redelivery is recognised by
+    # topic and payload): the redelivery window.
+    with Store.open(tmp_path, redelivery_window=5) as store:
         store.set_packet_routes(["cloud"])
 
         def deliver_up_to(conn: sqlite3.Connection, cursor: int) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 from gateway import __version__, cdr, delivery, ingest, reports
 from gateway import store as st
 from gateway.config import Config, WebhookConfig, commit_delay_ms, commit_delay_slow_ms
-from gateway.store import REDELIVERY_WINDOW_V311, Store
+from gateway.store import Store
 from gateway.supervisor import Supervisor
 
 log = logging.getLogger("gateway.service")
@@ -35,9 +35,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 # The broker sends at most receive_maximum packets ahead of their PUBACKs.
                 commit_delay_max_packets=max(1, cfg.mqtt.receive_maximum // 2),
                 commit_delay_slow_s=commit_delay_slow_ms(cfg.gateway, cfg.webhooks) / 1000,
-                redelivery_window=(
-                    cfg.mqtt.receive_maximum if cfg.mqtt.protocol == "5" else REDELIVERY_WINDOW_V311
-                ),
+                receive_maximum=cfg.mqtt.receive_maximum,
                 sessions=cfg.mqtt.ingest_processes,
             )
         )

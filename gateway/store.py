@@ -63,18 +63,19 @@ RELEASED = "_packets_released"
 # both tables' unreleased rows, for people and tests; the gateway reads the tables.
 PACKET_TABLES = ("packets_a", "packets_b")
 
-# A broker redelivers (DUP=1) the packets whose PUBACK it had not received when a
-# connection ended. A PUBACK goes after the packet's commit, in commit order, and the
-# broker holds at most its client's Receive Maximum of packets unacknowledged (MQTT 5;
-# mosquitto, EMQX and AWS IoT Core keep to it): what it may redeliver had its row among
-# the session's last receive_maximum stored packets, or was itself a redelivery, or too
-# large to store, recognised since. So a packet row keeps its packet id and epoch
-# (schema 10), a table holding one of a session's last `redelivery_window` rows is not
-# emptied (it is "pinned"), and `inflight` is written for the rest only: a recognised
-# redelivery again, a too large packet, and the rows of a table pinned for longer than
-# PIN_WAIT_S. MQTT 3.1.1 has no Receive Maximum: its window is every packet id.
-REDELIVERY_WINDOW_V311 = 65_535
-PIN_WAIT_S = 30.0
+# A broker redelivers (DUP=1) the packets whose PUBACK it had not had when a connection
+# ended. PUBACKs go after the commit, in commit order, so those had their rows among the
+# session's latest: the packets committed while their PUBACKs waited for the MQTT
+# thread (at most max_pending and a commit's worth: it hands over no more while they
+# wait), and those whose PUBACK was on its way, no more than the broker sends ahead
+# (the Receive Maximum, when the broker keeps to it: mosquitto 2.0.11 does only for a
+# connection's first packets). That many of a session's last rows are its redelivery
+# window. A packet row keeps its packet id and epoch (schema 10), a delivered table
+# holding one of the window's rows is not emptied (it is "pinned"), and `inflight` is
+# written for the rest only: a recognised redelivery again, a packet too large to
+# store, and the window's rows of a table that stayed pinned for PIN_WAIT_S (then
+# emptied, which at a few packets a second is the usual way).
+PIN_WAIT_S = 60.0
 # A row of `meta`: the highest connection epoch of a committed packet (Store.last_epoch).
 LAST_EPOCH = "last_epoch"
 
@@ -661,13 +662,11 @@ class Store:
         commit_delay_s: float = 0.0,
         commit_delay_max_packets: int = DELAY_ENOUGH_PACKETS,
         commit_delay_slow_s: float = 0.0,
-        redelivery_window: int = 1000,
+        receive_maximum: int = 1000,
         sessions: int = 1,
+        redelivery_window: int = 0,
     ) -> None:
         self.path = path
-        # How many of a session's latest packet rows a redelivery may reach back to: the
-        # Receive Maximum it connects with (see REDELIVERY_WINDOW_V311).
-        self.redelivery_window = redelivery_window
         # For statvfs at each commit: pathlib's `.parent` and str() cost more than the call.
         self._dir = os.fspath(path.parent)
         # Hold a commit this long after its first packet, for later ones to share it.
@@ -687,11 +686,6 @@ class Store:
         self.min_free_bytes = min_free_bytes
         self.conn = connect(path)
         migrate(self.conn)
-        # The ids of each session's last redelivery_window packet rows, oldest first: a
-        # table holding one of them is pinned (see PIN_WAIT_S), since when by table.
-        self._recent = self._load_recent(sessions)
-        self._pinned_since: dict[str, float] = {}
-        self._epoch_saved = self._saved_epoch()
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._held: list[Incoming] = []
         self._packet_routes: tuple[str, ...] = ()
@@ -718,6 +712,16 @@ class Store:
         self._buffer_high = False
         # Packets handed over by the MQTT thread and not yet committed (see submit_packet).
         self.max_pending = max(2 * commit_max_packets, 1000)
+        # How many of a session's latest packet rows a redelivery may reach back to (see
+        # PIN_WAIT_S); `redelivery_window` sets it for tests.
+        self.redelivery_window = redelivery_window or (
+            self.max_pending + commit_max_packets + receive_maximum
+        )
+        # The ids of each session's last redelivery_window packet rows, oldest first: a
+        # table holding one of them is pinned (see PIN_WAIT_S), since when by table.
+        self._recent = self._load_recent(sessions)
+        self._pinned_since: dict[str, float] = {}
+        self._epoch_saved = self._saved_epoch()
         self._submitted = 0
         self._released = 0
         self._room = threading.Condition()
@@ -1181,7 +1185,7 @@ class Store:
         store_rows: list[tuple[int, int, bytes, int, int, int]] = []
         sessions: list[int] = []
         # `inflight` rows: what has no packet row to be recognised by (see
-        # REDELIVERY_WINDOW_V311), written as of the highest packet id so far.
+        # PIN_WAIT_S), written as of the highest packet id so far.
         inflight: list[tuple[int, bytes, int, int]] = []
         too_large: list[Incoming] = []
         redelivered = 0
@@ -1291,14 +1295,14 @@ class Store:
         if self._senders_added < hi - lo:
             return
         # Released rows still on disk are never read again (see PACKET_TABLES), but for
-        # the recent ones (see REDELIVERY_WINDOW_V311).
+        # the window's (see PIN_WAIT_S).
         held = " UNION ".join(f"SELECT sender FROM {t} WHERE id > ?" for t in PACKET_TABLES)
         keep = min(released_mark(conn), self._pin_bound() - 1)
         conn.execute(f"DELETE FROM senders WHERE id NOT IN ({held})", (keep,) * len(PACKET_TABLES))
         self._senders_added = 0
         self._senders.clear()
 
-    # -- recognising redeliveries (see REDELIVERY_WINDOW_V311) ------------------------
+    # -- recognising redeliveries (see PIN_WAIT_S) --------------------------------------
 
     def _load_recent(self, sessions: int) -> dict[int, deque[int]]:
         """Each session's last redelivery_window row ids, read from the newest row down

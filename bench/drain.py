@@ -58,12 +58,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_broker(
+    workdir: Path, max_inflight: int | None = 0
+) -> tuple[subprocess.Popen[bytes], int]:
+    """mosquitto on a free loopback port, in memory, queues unbounded; `max_inflight`
+    None leaves its max_inflight_messages at mosquitto's default."""
     port = free_port()
     conf = workdir / "mosquitto.conf"
+    inflight = "" if max_inflight is None else f"max_inflight_messages {max_inflight}\n"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 0\n"
+        "max_queued_messages 0\nmax_queued_bytes 0\n"
+        + inflight
         + ("user root\n" if os.geteuid() == 0 else "")
     )
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)

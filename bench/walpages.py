@@ -10,8 +10,9 @@ gateway is killed with SIGKILL, so that its WAL is left as written: it checkpoin
 every 20,000 pages (store.WAL_CHECKPOINT_PAGES), which a run of this size stays under
 (the script says so if one happened). With --warm N, each run first sends N packets at
 5,000/s and counts only what comes after they are all delivered: a store in use for a
-while, whose `inflight` rows have each packet id already (N >= 65,536 for mosquitto's
-ids to come round), where a new store only adds rows.
+while, with free pages to reuse and (before schema 10, which writes `inflight` only
+now and then) an `inflight` row for each packet id already (N >= 65,536 for
+mosquitto's ids to come round), where a new store only adds rows.
 
 Each frame of the WAL is then sorted by what its page holds: page 1 (the file header:
 page counts, the freelist's head); a table's leaf by the columns of its first row,

@@ -385,12 +385,12 @@ def _migrate_v9(db: sqlite_utils.Database) -> None:
 
 def _migrate_v10(db: sqlite_utils.Database) -> None:
     # A packet row keeps its MQTT packet id (Incoming.inflight_key) and connection epoch,
-    # and `inflight` is written only for what has no row to look at (see
-    # Store._redelivery_of): writing it for every packet was about 42 disk bytes a
-    # packet, its pages changed once per packet id's turn and written again by every
-    # checkpoint. Its rows so far count as written at the highest packet id, the
-    # constant default of a new column costing no page writes: every one of them
-    # stays in the window of the sessions' latest packets (REDELIVERY_WINDOW) as before.
+    # and `inflight` is written only for what has no row to look at (see PIN_WAIT_S):
+    # writing it for every packet was about 42 disk bytes a packet, its pages changed
+    # once per packet id's turn and written again by every checkpoint. Its rows so far
+    # count as written at the highest packet id (a new column's constant default costs
+    # no page writes): they stay in the sessions' redelivery windows until as many new
+    # packets have come.
     for t in PACKET_TABLES:
         db.execute(f"ALTER TABLE {t} ADD COLUMN mid INTEGER")
         db.execute(f"ALTER TABLE {t} ADD COLUMN epoch INTEGER")
@@ -1245,7 +1245,8 @@ class Store:
                 )
             added = sum(r[3] for r in store_rows)
             if self.on_full == "drop_oldest" and self.buffer_bytes + added > self.max_buffer_bytes:
-                evicted = self._evict_oldest(self.buffer_bytes + added - self.max_buffer_bytes)
+                excess = self.buffer_bytes + added - self.max_buffer_bytes
+                evicted = self._evict_oldest(excess, first)
             # packets_received is not bumped here: it is counted from the ids (see
             # count_received), which keeps the counters page out of this commit.
             _bump(conn, "packets_redelivered", redelivered)
@@ -1429,7 +1430,7 @@ class Store:
         if self.on_change is not None and written.stored:
             self.on_change()
 
-    def _evict_oldest(self, excess: int) -> tuple[int, int]:
+    def _evict_oldest(self, excess: int, first: int) -> tuple[int, int]:
         """drop_oldest: delete the oldest packets until `excess` bytes are freed.
 
         Runs inside the caller's transaction; returns (packets, bytes) dropped, which
@@ -1453,7 +1454,8 @@ class Store:
                     if freed >= excess:
                         last = rid
                         break
-                bound = self._pin_bound()
+                # The rows of this commit (from `first` on) are recent too.
+                bound = min(self._pin_bound(), first)
                 if last >= bound:
                     self._keep_keys(conn, table, max(after + 1, bound), last)
                 conn.execute(f"DELETE FROM {table} WHERE id > ? AND id <= ?", (after, last))

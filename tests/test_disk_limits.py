@@ -84,6 +84,26 @@ def test_drop_oldest_keeps_the_newest_packets_and_counts_what_it_dropped(tmp_pat
         assert store.run_sync(st.counters)["packets_dropped"] == 5
 
 
+def test_a_dropped_packet_redelivered_by_the_broker_is_not_stored_again(tmp_path: Path) -> None:
+    """drop_oldest deletes packets a broker may still redeliver (the redelivery window,
+    the last 12 here): their keys go to `inflight` first, so a DUP copy of one is
+    acknowledged as a redelivery instead of coming back as a new packet."""
+    with Store.open(
+        tmp_path, max_buffer_bytes=1000, on_full="drop_oldest", redelivery_window=12
+    ) as store:
+        acks = Acks(store)
+        submit(store, 15)
+        wait_for(lambda: len(acks) == 15, what="all 15 acknowledged")
+        assert store.run_sync(st.counters)["packets_dropped"] == 5
+        outcomes: list[str] = []
+        store.on_committed = lambda ps: outcomes.extend(p.outcome for p in ps)
+        for i in (4, 6, 1):  # dropped (in the window), kept, dropped (before it)
+            payload = f"{i:05d}".encode().ljust(100, b".")
+            store.submit_packet(Incoming("devices/x/up", payload, "x", i + 1, True, 2))
+        store.flush()
+        assert outcomes == ["redelivery", "redelivery", "stored"]
+
+
 def test_disk_reserve_pauses_acknowledgements_until_there_is_space_again(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
     with Store.open(tmp_path, min_free_bytes=free + (1 << 30)) as store:

@@ -813,6 +813,38 @@ def test_a_redelivery_is_known_from_its_row_and_once_the_row_has_gone_from_infli
         assert store.run_sync(st.counters)["packets_redelivered"] == 3
 
 
+def test_a_schema_9_store_still_knows_the_redeliveries_of_what_it_committed(
+    tmp_path: Path,
+) -> None:
+    """An upgrade to schema 10 after a crash: the old gateway's `inflight` rows still
+    recognise the broker's redeliveries, and the next connection's epoch is above
+    theirs; its packets, without a packet id in their rows, are delivered as before."""
+    db = tmp_path / "gateway.db"
+    conn = _store_at_schema(db, 9)
+    with transaction(conn):
+        sender = st.sender_id(conn, "devices/x/up", "")
+        for i in range(1, 4):
+            conn.execute(
+                "INSERT INTO packets_a(id, recv_ns, sender, payload, size) VALUES (?, 1, ?, ?, 2)",
+                (i, sender, f"p{i}".encode()),
+            )
+            conn.execute(
+                "INSERT INTO inflight(mid, digest, epoch) VALUES (?, ?, 4)",
+                (40 + i, st.digest_of("devices/x/up", f"p{i}".encode())),
+            )
+    conn.close()
+    with Store.open(tmp_path) as store:
+        assert store.last_epoch() == 4
+        again = [Incoming("devices/x/up", f"p{i}".encode(), "", 40 + i, True, 5) for i in (3, 1)]
+        assert _outcomes(store, [*again, _packet(9)]) == ["redelivery", "redelivery", "stored"]
+        assert [r.payload for r in store.run_sync(st.fetch_packets, 0, 10)] == [
+            b"p1",
+            b"p2",
+            b"p3",
+            b"p9",
+        ]
+
+
 def test_after_a_restart_the_recent_rows_are_still_known_and_so_is_the_last_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

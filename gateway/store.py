@@ -748,8 +748,9 @@ class Store:
         With `wait_s`, wait up to that long while `max_pending` packets are already in
         memory uncommitted: blocking the MQTT thread stops it reading the socket, so a
         broker that sends faster than the disk commits (or ignores our Receive Maximum,
-        as mosquitto does with `max_inflight_messages 0`) meets TCP backpressure instead
-        of filling the gateway's memory. Returns False when the wait ran out.
+        as mosquitto 2.0.11 does after a connection's first packets) meets TCP
+        backpressure instead of filling the gateway's memory. Returns False when the
+        wait ran out.
         """
         room = True
         if self.pending_packets >= self.max_pending and wait_s > 0:

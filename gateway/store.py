@@ -864,7 +864,7 @@ class Store:
         any were. Only for a disk short of space, where the pages they free are worth
         the writes."""
         conn = self.conn
-        mark = min(released_mark(conn), self._pin_bound() - 1)
+        mark = self._unneeded_mark(conn)
         tables = [t for t, lo, _hi in packet_tables(conn) if lo <= mark]
         if not tables:
             return False
@@ -1299,7 +1299,7 @@ class Store:
         # Released rows still on disk are never read again (see PACKET_TABLES), but for
         # the window's (see PIN_WAIT_S).
         held = " UNION ".join(f"SELECT sender FROM {t} WHERE id > ?" for t in PACKET_TABLES)
-        keep = min(released_mark(conn), self._pin_bound() - 1)
+        keep = self._unneeded_mark(conn)
         conn.execute(f"DELETE FROM senders WHERE id NOT IN ({held})", (keep,) * len(PACKET_TABLES))
         self._senders_added = 0
         self._senders.clear()
@@ -1330,6 +1330,11 @@ class Store:
     def _pin_bound(self) -> int:
         """The lowest id among the sessions' recent rows (sys.maxsize: none)."""
         return min((ids[0] for ids in self._recent.values() if ids), default=sys.maxsize)
+
+    def _unneeded_mark(self, conn: sqlite3.Connection) -> int:
+        """Rows at or below this id are needed by nothing: released, and older than every
+        session's redelivery window."""
+        return min(released_mark(conn), self._pin_bound() - 1)
 
     def _latest_use(self, p: Incoming) -> tuple[bytes, int] | None:
         """(digest, epoch) of the latest packet committed under p's packet id in its

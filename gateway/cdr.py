@@ -16,7 +16,7 @@ import secrets
 import sqlite3
 import string
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,7 +221,26 @@ def list_cdrs(
         " ORDER BY id",
         (since_ms, limit),
     ).fetchall()
-    return [orjson.loads(r[0]) for r in rows]
+    return sound_records(r[0] for r in rows)
+
+
+def sound_records(texts: Iterable[str]) -> list[dict[str, Any]]:
+    """Stored CDRs as records, leaving out (and logging) rows whose JSON is damaged: one
+    bad row must not stop a report or a listing of all the others."""
+    out = []
+    damaged = 0
+    for text in texts:
+        try:
+            rec = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            damaged += 1
+    if damaged:
+        log.warning("%d stored CDR(s) left out: their JSON is damaged", damaged)
+    return out
 
 
 async def run(cfg: CdrSection, store: Store, wake: asyncio.Event | None = None) -> None:

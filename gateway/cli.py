@@ -220,6 +220,7 @@ def _webhook_table(hooks: list[dict[str, Any]]) -> list[str]:
 def _print_status(snap: dict[str, Any]) -> None:
     p = snap["packets"]
     print("packets  " + "  ".join(f"{k}={v}" for k, v in p.items()))
+    print("rejected " + "  ".join(f"{k}={v}" for k, v in snap["rejected"].items()))
     b = snap["buffer"]
     if b.get("max_bytes"):
         print(f"buffer   {b['bytes'] / 1e6:.1f} MB of {b['max_bytes'] / 1e6:.0f} MB")

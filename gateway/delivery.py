@@ -31,8 +31,8 @@ from gateway import __version__, config, formats, signing, sources
 from gateway import store as st
 from gateway.config import RetryPolicy, WebhookConfig
 from gateway.routes import Filter
-from gateway.sources import Row, Source, ts_ns
-from gateway.store import Batch, Store
+from gateway.sources import RecordError, Row, Source, ts_ns
+from gateway.store import Batch, Reject, Store
 
 log = logging.getLogger("gateway.delivery")
 
@@ -294,8 +294,18 @@ class Route:
     def _wants(self, row: Row) -> bool:
         return self.filter.empty or self.filter(self.source.getter(row))
 
+    def _counts_as_wanted(self, row: Row) -> bool:
+        """_wants for counting an open window's batches: a record whose filter fails is
+        dead-lettered by _take, so here it only needs not to raise."""
+        try:
+            return self._wants(row)
+        except Exception:  # _take meets it again and dead-letters it
+            return True
+
     async def run(self) -> None:
-        """Keep delivering; a store write that fails (disk full) is retried, not fatal."""
+        """Keep delivering; a store write that fails (disk full) is retried, not fatal,
+        and so is anything unexpected: one webhook's trouble never stops the others."""
+        pause = 1.0
         while True:
             try:
                 await self._run()
@@ -304,6 +314,14 @@ class Route:
                 # and batches already being sent stay in `open`.
                 log.error("webhook %s: store error, retrying: %s", self.cfg.name, exc)  # noqa: TRY400
                 await asyncio.sleep(1.0)
+            except Exception:
+                # Records that cannot be handled are dead-lettered one by one (_take), so
+                # this is a fault of the gateway's own; retried with growing pauses.
+                log.exception(
+                    "webhook %s: delivery failed unexpectedly; starting it again", self.cfg.name
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 60.0)
 
     async def _run(self) -> None:
         """Resume unfinished batches, then keep turning new records into batches."""
@@ -444,7 +462,7 @@ class Route:
         else:
             cut = wanted = 0
             for i, r in enumerate(rows):
-                if self._wants(r):
+                if self._counts_as_wanted(r):
                     wanted += 1
                     if wanted % n == 0:
                         cut = i + 1
@@ -457,10 +475,29 @@ class Route:
     ) -> int:
         """Turn `rows` into batches (`several`: other records of their window go, or went,
         in other requests, so even a batch of one is an array) and move the cursor.
-        `lazy`: in the next packet commit (Store.defer), not at once."""
-        matched = [r for r in rows if self._wants(r)]
+        `lazy`: in the next packet commit (Store.defer), not at once.
+
+        Each wanted record is encoded here, one by one: a record that cannot be filtered
+        or encoded is dead-lettered on its own, in the same commit as the batches of the
+        others, and never holds them back."""
+        matched: list[Row] = []
+        parts: list[tuple[bytes, bool]] = []
+        rejects: list[Reject] = []
+        for r in rows:
+            try:
+                if not self._wants(r):
+                    continue
+            except Exception as exc:  # a filter that fails on this record's fields
+                rejects.append(self._reject(r, "unfilterable", exc))
+                continue
+            try:
+                parts.append(self.source.encode(r, self.cfg))
+            except Exception as exc:  # the format cannot hold this record
+                rejects.append(self._reject(r, "unencodable", exc))
+                continue
+            matched.append(r)
         new_cursor = rows[-1].id
-        if not matched:
+        if not matched and not rejects:
             await self._db(st.advance_cursor, self.store, self.cfg.name, new_cursor)
             return new_cursor
         single = len(matched) == 1 and not several
@@ -487,22 +524,50 @@ class Route:
             batches,
             new_cursor,
             len(matched),
+            rejects,
             lazy=lazy,
         )
         batches = [dataclasses.replace(b, seq=s) for b, s in zip(batches, seqs, strict=True)]
         for i, b in enumerate(batches):
-            self._spawn(b, matched[i * n : (i + 1) * n], now_mono)
+            self._spawn(b, parts[i * n : (i + 1) * n], now_mono)
         return new_cursor
+
+    def _reject(self, row: Row, reason: str, exc: Exception) -> Reject:
+        """A record's own dead letter: why, and what can be shown of it."""
+        if isinstance(exc, RecordError):
+            reason = exc.reason
+        error = f"{exc.__class__.__name__}: {exc}"[:300]
+        # One line per distinct cause: the log's repeat filter folds identical lines.
+        log.warning(
+            "webhook %s: a record was dead-lettered on its own (%s): %s",
+            self.cfg.name,
+            reason,
+            error,
+        )
+        packet = row if isinstance(row, st.PacketRow) else None
+        return Reject(
+            new_webhook_id(),
+            reason,
+            error,
+            self.source.fallback(row),
+            packet.topic if packet else None,
+            packet.iccid if packet else None,
+            ts_ns(row),
+        )
 
     # -- sending ----------------------------------------------------------------------
 
     def _spawn(
-        self, batch: Batch, rows: Sequence[Row] | None, created_mono_ns: int | None = None
+        self,
+        batch: Batch,
+        parts: Sequence[tuple[bytes, bool]] | None,
+        created_mono_ns: int | None = None,
     ) -> None:
-        """Start delivering a batch: one created here just now (`created_mono_ns`, the
-        monotonic time of its `created_ns`), or one loaded from the store."""
+        """Start delivering a batch: one created here just now, with its records' encoded
+        `parts` (`created_mono_ns`, the monotonic time of its `created_ns`), or one loaded
+        from the store."""
         task = asyncio.create_task(
-            self._deliver(batch, rows, created_mono_ns), name=f"deliver:{batch.id}"
+            self._deliver(batch, parts, created_mono_ns), name=f"deliver:{batch.id}"
         )
         self.open[batch.id] = task
 
@@ -513,25 +578,57 @@ class Route:
             else:
                 self._slot_freed.set()
             if not t.cancelled() and t.exception() is not None:
-                log.error("webhook %s: batch %s failed: %r", self.cfg.name, batch.id, t.exception())
+                # Still in the store: the next look for open batches starts it again.
+                log.error("webhook %s: sending a batch failed: %r", self.cfg.name, t.exception())
 
         task.add_done_callback(done)
 
-    async def _body(self, batch: Batch, rows: Sequence[Row] | None) -> tuple[bytes, int, int]:
-        """(body, records, decode failures) for a batch; rebuilt identically after a restart."""
+    async def _body(
+        self, batch: Batch, parts: Sequence[tuple[bytes, bool]] | None
+    ) -> tuple[bytes, int, int, str]:
+        """(body, records, decode failures, error) for a batch; rebuilt identically after a
+        restart. `error` is set when a record cannot be encoded any more (the config
+        changed meanwhile): the body then holds every record in fallback form."""
         if batch.body is not None:
-            return batch.body, max(batch.count, 1), 0
-        if rows is None:
+            return batch.body, max(batch.count, 1), 0, ""
+        if parts is None:
             rows = await self.reader.run(self.source.by_ids, list(batch.item_ids))
-        if not rows:
-            return b"", 0, 0
-        body, failed = self.source.body(rows, self.cfg, batch.single)
-        return body, len(rows), failed
+            try:
+                parts = [self.source.encode(r, self.cfg) for r in rows]
+            except Exception as exc:  # dead-lettered whole by _deliver, never retried forever
+                body = b"[" + b",".join(self.source.fallback(r) for r in rows) + b"]"
+                return body, len(rows), 0, f"{exc.__class__.__name__}: {exc}"[:300]
+        if not parts:
+            return b"", 0, 0, ""
+        body = self.source.assemble([p for p, _ in parts], self.cfg, batch.single)
+        return body, len(parts), sum(f for _, f in parts), ""
 
     async def _deliver(
-        self, batch: Batch, rows: Sequence[Row] | None, created_mono_ns: int | None = None
+        self,
+        batch: Batch,
+        parts: Sequence[tuple[bytes, bool]] | None,
+        created_mono_ns: int | None = None,
     ) -> None:
-        body, records, failed = await self._body(batch, rows)
+        body, records, failed, error = await self._body(batch, parts)
+        if error:
+            reason = "unencodable"
+            log.warning(
+                "webhook %s: a batch was dead-lettered (%s): %s", self.cfg.name, reason, error
+            )
+            done = dataclasses.replace(batch, count=records)
+            await self._db_write(
+                st.dead_letter,
+                self.store,
+                self.cfg.name,
+                self.source.name,
+                done,
+                body,
+                records,
+                reason,
+                None,
+                error,
+            )
+            return
         if not body:
             # Every packet of this batch was evicted by drop_oldest; nothing to send.
             await self._db_write(

@@ -99,6 +99,14 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
         "gateway_buffer_max_bytes", "gateway.max_buffer_mb in bytes.", s["buffer"]["max_bytes"]
     )
     yield from _gauge("gateway_dead_letters", "Rows in the dead-letter table.", s["dead_letters"])
+    c = CounterMetricFamily(
+        "gateway_records_rejected",
+        "Records dead-lettered on their own (too large, filter or format failed, damaged).",
+        labels=["reason"],
+    )
+    for reason, n in s["rejected"].items():
+        c.add_metric([reason], n)
+    yield c
     store = gw["store"]
     yield from _gauge("gateway_store_bytes", "Store files on disk (db, WAL).", store["bytes"])
     yield from _gauge("gateway_store_writable", "0 while writes fail.", store["writable"])

@@ -65,6 +65,7 @@ _STATUS = {
         "packets",
         "buffer",
         "dead_letters",
+        "rejected",
         "webhooks",
         "modem",
         "cdrs",
@@ -164,6 +165,12 @@ _STATUS = {
             "properties": {"bytes": {"type": "integer"}, "max_bytes": _NULLABLE_INT},
         },
         "dead_letters": {"type": "integer"},
+        "rejected": {
+            "type": "object",
+            "description": "records dead-lettered on their own, by reason, since the store began",
+            "required": ["too_large", "unfilterable", "unencodable", "undecodable"],
+            "additionalProperties": {"type": "integer"},
+        },
         "webhooks": {"type": "array", "items": _WEBHOOK_ROW},
         "modem": {
             "type": ["object", "null"],

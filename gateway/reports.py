@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from gateway import cdr, formats
 from gateway import store as st
 from gateway.config import Config, ReportConfig
@@ -124,7 +122,7 @@ def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int)
     rows = conn.execute(
         "SELECT id, data FROM cdrs WHERE id > ? ORDER BY id", (int(last),)
     ).fetchall()
-    records = [orjson.loads(r[1]) for r in rows]
+    records = cdr.sound_records(r[1] for r in rows)
     last_id = int(rows[-1][0]) if rows else int(last)
     seq = int(conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM reports").fetchone()[0])
     file_name = f"tx{seq:05d}.zip"

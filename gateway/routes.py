@@ -27,14 +27,22 @@ def lookup(record: Any, path: str) -> Any:
 def _num(v: Any) -> float | None:
     if isinstance(v, bool):
         return None
-    if isinstance(v, int | float):
-        return float(v)
-    if isinstance(v, str):
+    if isinstance(v, int | float | str):
         try:
             return float(v)
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or an int beyond a float's range
             return None
     return None
+
+
+def _text(v: Any) -> str:
+    """A field as text for text comparisons; never raises (an int too long for str())."""
+    if isinstance(v, str):
+        return v
+    try:
+        return str(v)
+    except ValueError:
+        return hex(v) if isinstance(v, int) else repr(v)
 
 
 def _cmp(op: str, a: Any, b: Any) -> bool:
@@ -43,11 +51,11 @@ def _cmp(op: str, a: Any, b: Any) -> bool:
         x: Any = na
         y: Any = nb
     elif op in ("==", "!="):
-        x, y = a if isinstance(a, str | bool) or a is None else str(a), b
+        x, y = a if isinstance(a, str | bool) or a is None else _text(a), b
         if isinstance(y, str) and not isinstance(x, str):
-            x = str(x)
+            x = _text(x)
     else:
-        x, y = str(a), str(b)
+        x, y = _text(a), _text(b)
     if op == "==":
         return bool(x == y)
     if op == "!=":
@@ -71,12 +79,16 @@ def compile_condition(cond: Condition) -> Callable[[Callable[[str], Any]], bool]
         if have is _MISSING:
             return False
         if op == "contains":
-            return str(want) in have if not isinstance(have, list) else want in have
+            if isinstance(have, list):
+                return want in have
+            if isinstance(have, dict):
+                return str(want) in have
+            return str(want) in _text(have)
         if op == "startswith":
-            return str(have).startswith(str(want))
+            return _text(have).startswith(str(want))
         if op == "regex":
             assert pattern is not None
-            return pattern.search(str(have)) is not None
+            return pattern.search(_text(have)) is not None
         if op == "in":
             return any(_cmp("==", have, w) for w in want)
         return _cmp(op, have, want)

@@ -25,11 +25,24 @@ from gateway.store import PacketRow
 
 @dataclass(frozen=True, slots=True)
 class RecordRow:
-    """A CDR or an event: its id, when it happened, and the record as delivered."""
+    """A CDR or an event: its id, when it happened, and the record as delivered.
+
+    `error` says why a stored row could not be read back as a record (its JSON is
+    damaged); such a row is dead-lettered on its own (RecordError), `raw` is its text."""
 
     id: int
     ts_ns: int
     record: dict[str, Any]
+    error: str = ""
+    raw: str = ""
+
+
+class RecordError(Exception):
+    """One record cannot be filtered or encoded; `reason` names the dead letter's cause."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 Row = PacketRow | RecordRow
@@ -53,17 +66,41 @@ class Source:
 
     def getter(self, row: Row) -> Callable[[str], Any]:
         """name -> value for `when` conditions (MISSING when the record has no such field)."""
-        record = row.record if isinstance(row, RecordRow) else {}
+        record = _readable(row).record if isinstance(row, RecordRow) else {}
         return lambda name: lookup(record, name)
+
+    def encode(self, row: Row, cfg: WebhookConfig) -> tuple[bytes, bool]:
+        """What one record puts in a body (an array element, or the whole body of a
+        per-record format), and whether its payload failed to decode. Raises for a
+        record that cannot be encoded at all."""
+        rec = _readable(row).record if isinstance(row, RecordRow) else {}
+        if cfg.format == "monogoto":
+            return orjson.dumps(rec), False
+        if cfg.format == "envelope":
+            return formats.envelope(rec, cfg.meta, cfg.name, self.envelope_key), False
+        return formats.flat(rec), False
+
+    def assemble(self, parts: Sequence[bytes], cfg: WebhookConfig, single: bool) -> bytes:
+        """A batch's body from its records' encode() parts."""
+        if cfg.format == "monogoto":
+            return b"[" + b",".join(parts) + b"]"
+        return parts[0]
 
     def body(self, rows: Sequence[Row], cfg: WebhookConfig, single: bool) -> tuple[bytes, int]:
         """(request body, payload decode failures) for one batch."""
-        recs = [r.record for r in rows if isinstance(r, RecordRow)]
-        if cfg.format == "monogoto":
-            return formats.monogoto(recs), 0
-        if cfg.format == "envelope":
-            return formats.envelope(recs[0], cfg.meta, cfg.name, self.envelope_key), 0
-        return formats.flat(recs[0]), 0
+        encoded = [self.encode(r, cfg) for r in rows]
+        body = self.assemble([p for p, _ in encoded], cfg, single)
+        return body, sum(f for _, f in encoded)
+
+    def fallback(self, row: Row) -> bytes:
+        """JSON for a record dead-lettered on its own: what can be shown of it, always
+        encodable (the stored text of a damaged row)."""
+        if isinstance(row, RecordRow):
+            try:
+                return orjson.dumps(row.record) if not row.error else _raw(row)
+            except TypeError:
+                return _raw(row)
+        return formats.fallback_record(row)
 
 
 class PacketSource(Source):
@@ -102,14 +139,19 @@ class PacketSource(Source):
 
         return get
 
-    def body(self, rows: Sequence[Row], cfg: WebhookConfig, single: bool) -> tuple[bytes, int]:
-        packets = [r for r in rows if isinstance(r, PacketRow)]
+    def encode(self, row: Row, cfg: WebhookConfig) -> tuple[bytes, bool]:
+        assert isinstance(row, PacketRow)
         if cfg.format == "monoz":
-            return formats.monoz(packets, self.opts, single=single)
-        rec, failed = formats.packet_record(packets[0], self.opts)
+            return formats.monoz_object(row, self.opts)
+        rec, failed = formats.packet_record(row, self.opts)
         if cfg.format == "envelope":
-            return formats.envelope(rec, cfg.meta, cfg.name, "packet"), int(failed)
-        return formats.flat(rec), int(failed)
+            return formats.envelope(rec, cfg.meta, cfg.name, "packet"), failed
+        return formats.flat(rec), failed
+
+    def assemble(self, parts: Sequence[bytes], cfg: WebhookConfig, single: bool) -> bytes:
+        if cfg.format == "monoz" and not (single and len(parts) == 1):
+            return b"[" + b",".join(parts) + b"]"
+        return parts[0]
 
 
 class TableSource(Source):
@@ -122,12 +164,24 @@ class TableSource(Source):
 
     def fetch(self, conn: sqlite3.Connection, after: int, limit: int) -> list[Row]:
         rows = conn.execute(f"{self._COLS} WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
-        return [self._row(r) for r in rows]
+        return [self._safe_row(r) for r in rows]
 
     def by_ids(self, conn: sqlite3.Connection, ids: Sequence[int]) -> list[Row]:
         marks = ",".join("?" * len(ids))
         rows = conn.execute(f"{self._COLS} WHERE id IN ({marks}) ORDER BY id", tuple(ids))
-        return [self._row(r) for r in rows]
+        return [self._safe_row(r) for r in rows]
+
+    def _safe_row(self, r: tuple[Any, ...]) -> RecordRow:
+        """The row as a record; a damaged one (not JSON, a CDR not an object) as a RecordRow
+        with `error`, so that it is dead-lettered alone instead of stopping the fetch."""
+        try:
+            row = self._row(r)
+        except (ValueError, TypeError) as exc:
+            ts = r[1] if isinstance(r[1], int) else 0
+            raw = r[-1] if isinstance(r[-1], str) else repr(r[-1])
+            # The error names no row: the log folds identical lines, one per cause.
+            return RecordRow(int(r[0]), ts, {}, f"stored row is damaged: {exc}", raw)
+        return row
 
 
 class CdrSource(TableSource):
@@ -136,7 +190,10 @@ class CdrSource(TableSource):
     _COLS = "SELECT id, period_end_ns, data FROM cdrs"
 
     def _row(self, r: tuple[Any, ...]) -> RecordRow:
-        return RecordRow(r[0], r[1], orjson.loads(r[2]))
+        record = orjson.loads(r[2])
+        if not isinstance(record, dict):
+            raise TypeError("a CDR is not a JSON object")
+        return RecordRow(r[0], r[1], record)
 
 
 _HOST = socket.gethostname()
@@ -160,6 +217,17 @@ class EventSource(TableSource):
 
     def _row(self, r: tuple[Any, ...]) -> RecordRow:
         return RecordRow(r[0], r[1], event_record(*r))
+
+
+def _readable(row: RecordRow) -> RecordRow:
+    if row.error:
+        raise RecordError("undecodable", row.error)
+    return row
+
+
+def _raw(row: RecordRow) -> bytes:
+    text = formats.clean_text(row.raw[:4096])
+    return orjson.dumps({"id": row.id, "error": row.error, "stored": text})
 
 
 def for_webhook(cfg: WebhookConfig, payload_encoding: str) -> Source:

@@ -140,6 +140,15 @@ def modem_rows(conn: sqlite3.Connection, cfg: Config | None, now_ns: int) -> dic
     }
 
 
+def _cdr_data(text: str) -> dict[str, Any]:
+    """A stored CDR's fields; a damaged row shows as such instead of failing the status."""
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {"damaged": "stored CDR is not valid JSON"}
+    return data if isinstance(data, dict) else {"damaged": "stored CDR is not a JSON object"}
+
+
 def cdr_rows(conn: sqlite3.Connection, limit: int = LATEST_CDRS) -> dict[str, Any]:
     """How many CDRs were emitted and the newest `limit` of them."""
     count = conn.execute("SELECT COUNT(*) FROM cdrs").fetchone()[0]
@@ -151,7 +160,7 @@ def cdr_rows(conn: sqlite3.Connection, limit: int = LATEST_CDRS) -> dict[str, An
             "time": iso(r[2] * 1_000_000),
             "iccid": r[3],
             "usage": r[4],
-            "data": orjson.loads(r[5]),
+            "data": _cdr_data(r[5]),
         }
         for r in conn.execute(
             "SELECT id, unique_id, ts_ms, iccid, usage, data FROM cdrs ORDER BY id DESC LIMIT ?",
@@ -248,6 +257,10 @@ def snapshot(
             "max_bytes": int(cfg.gateway.max_buffer_mb * 1024 * 1024) if cfg else None,
         },
         "dead_letters": int(dead),
+        "rejected": {
+            "too_large": c["packets_too_large"],
+            **{r: c.get(f"rejected_{r}", 0) for r in store_mod.REJECT_REASONS},
+        },
         "webhooks": webhook_rows(conn, cfg),
         "modem": modem_rows(conn, cfg, now_ns) if "modem_snapshots" in tables else None,
         "cdrs": {

@@ -144,6 +144,26 @@ class Batch:
     seq: int = 0  # its row in `batches` once stored (0: not stored yet)
 
 
+# Why a record was dead-lettered on its own, before any request: its webhook's filter
+# failed on it, its format cannot hold it, or its stored row is damaged. Each is counted
+# as `rejected_<reason>`; packets too large to store are counted as packets_too_large.
+REJECT_REASONS = ("unfilterable", "unencodable", "undecodable")
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A record dead-lettered on its own: its webhook-id, why, and the body kept for it
+    (the record in a form that always encodes, see Source.fallback)."""
+
+    webhook_id: str
+    reason: str
+    error: str
+    body: bytes
+    topic: str | None = None
+    iccid: str | None = None
+    recv_ns: int | None = None
+
+
 def _table(db: sqlite_utils.Database, name: str) -> sqlite_utils.db.Table:
     return sqlite_utils.db.Table(db, name)
 
@@ -1797,12 +1817,15 @@ def create_batches(
     batches: Sequence[Batch],
     cursor: int,
     hits: int,
+    rejects: Sequence[Reject] = (),
 ) -> list[int]:
-    """Persist new batches and advance the route's cursor past what they cover; returns
-    each batch's row (Batch.seq)."""
+    """Persist new batches and the dead letters of `rejects`, and advance the route's
+    cursor past what they cover; returns each batch's row (Batch.seq)."""
     now = time.time_ns()
     seqs = []
     with transaction(conn):
+        if rejects:
+            _insert_rejects(conn, route, source, rejects, now)
         for b in batches:
             cur = conn.execute(
                 "INSERT INTO batches(id, route, source, item_ids, first_id, count, single,"
@@ -1828,6 +1851,33 @@ def create_batches(
         else:
             set_cursor(conn, route, cursor)
     return seqs
+
+
+def _insert_rejects(
+    conn: sqlite3.Connection, route: str, source: str, rejects: Sequence[Reject], now: int
+) -> None:
+    for r in rejects:
+        conn.execute(
+            "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, single, reason,"
+            " status, excerpt, attempts, created_ns, topic, iccid, recv_ns)"
+            " VALUES (?,?,?,?,1,1,?,NULL,?,0,?,?,?,?)",
+            (
+                route,
+                source,
+                r.webhook_id,
+                r.body,
+                r.reason,
+                r.error[:300],
+                now,
+                r.topic,
+                r.iccid,
+                r.recv_ns,
+            ),
+        )
+        _bump(conn, f"rejected_{r.reason}", 1)
+    conn.execute("UPDATE webhook_stats SET dead = dead + ? WHERE name = ?", (len(rejects), route))
+    if source == "packets":
+        _bump(conn, "packets_dead", len(rejects))
 
 
 # A batch's row: by its row number (the table has no index on webhook-id), checked
@@ -1969,6 +2019,8 @@ def dead_letter(
         conn.execute("UPDATE webhook_stats SET dead = dead + ? WHERE name = ?", (records, route))
         if source == "packets":
             _bump(conn, "packets_dead", records)
+        if reason in REJECT_REASONS:
+            _bump(conn, f"rejected_{reason}", records)
         store.release_packets(conn)
 
 

@@ -241,3 +241,31 @@ webhook = "reports"
         conn.close()
         async with http.get(url) as r:
             assert r.status == 410
+
+
+def test_a_damaged_cdr_row_is_left_out_of_the_report_and_the_others_are_exported(
+    mosquitto: Broker, tmp_path: Path, receiver: Receiver
+) -> None:
+    db = tmp_path / "state" / "gateway.db"
+    preload_cdrs(db, [(NEW, 77, "310")])
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            "INSERT INTO cdrs(unique_id, ts_ms, iccid, usage, data, period_start_ns,"
+            " period_end_ns) VALUES ('damaged', 1, ?, 5, '{\"Usage\": 5', 0, 0)",
+            (NEW,),
+        )
+    conn.close()
+    preload_cdrs(db, [(NEW, 88, "310")])
+    cfg = report_config(tmp_path, mosquitto, receiver.url, every="24h")
+    done = subprocess.run(
+        gateway_cmd("cdr", "export", "-c", str(cfg), "--report", "Daily usage"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    assert "2 CDR(s)" in done.stdout
+    assert "1 stored CDR(s) left out: their JSON is damaged" in done.stderr
+    (zip_path,) = (tmp_path / "state" / "reports").glob("*.zip")
+    assert [r["Usage"] for r in csv_rows(zip_path)] == ["77", "88"]

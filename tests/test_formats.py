@@ -267,3 +267,85 @@ def test_golden_report_notice() -> None:
         b'"validUntil":"2023-01-10T10:02:27Z","fileName":"tx00001.zip","fileSizeInBytes":100000,'
         b'"numberOfLines":100,"taskName":"Example task","taskId":1,"error":""}'
     )
+
+
+def _strict(body: bytes) -> object:
+    def no_constant(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(body, parse_constant=no_constant)
+
+
+# CBOR items of every kind a device may send: huge integers, bytes, non-text map keys,
+# tags, undefined, simple values, NaN and infinities, nested lists and maps.
+_cbor_scalars = (
+    hs.integers(min_value=-(2**64), max_value=2**64)
+    | hs.integers(64, 12000).map(lambda bits: 2**bits - 1)
+    # beyond Python's 4,300-digit str() limit; drawn by exponent, so that hypothesis
+    # never has to print such a number itself
+    | hs.integers(1, 3).map(lambda k: 7 ** (6000 * k))
+    | hs.binary(max_size=20)
+    | hs.text(max_size=10)
+    | hs.floats(allow_nan=True, allow_infinity=True)
+    | hs.none()
+    | hs.booleans()
+    | hs.just(cbor2.undefined)
+    | hs.integers(0, 19).map(cbor2.CBORSimpleValue)
+    | hs.integers(32, 255).map(cbor2.CBORSimpleValue)
+)
+_cbor_values = hs.recursive(
+    _cbor_scalars,
+    lambda inner: (
+        hs.lists(inner, max_size=4)
+        | hs.dictionaries(
+            hs.integers() | hs.text(max_size=5) | hs.binary(max_size=4), inner, max_size=4
+        )
+        | hs.builds(cbor2.CBORTag, hs.integers(6, 20) | hs.integers(1000, 2**32), inner)
+    ),
+    max_leaves=20,
+)
+
+
+def _cbor_bytes(value: object) -> bytes:
+    try:
+        return cbor2.dumps(value)
+    except Exception:  # a tag number cbor2 itself refuses to write
+        return b"\xff"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=hs.one_of(_cbor_values.map(_cbor_bytes), hs.binary(max_size=64)),
+    iccid=hs.text(max_size=30),
+    topic=hs.text(max_size=30),
+    encoding=hs.sampled_from(["auto", "utf8", "base64", "hex", "cbor-json"]),
+)
+def test_any_payload_iccid_and_topic_make_valid_json_in_every_packet_format(
+    payload: bytes, iccid: str, topic: str, encoding: str
+) -> None:
+    opts = PayloadOptions(encoding)
+    r = row(payload, iccid=iccid, topic=topic)
+    body, _ = formats.monoz([r, r], opts, single=False)
+    assert len(_strict(body)) == 2  # type: ignore[arg-type]
+    rec, _ = formats.packet_record(r, opts)
+    _strict(formats.envelope(rec, {}, "w", "packet"))
+    _strict(formats.flat(rec))
+    got = _strict(formats.monoz_object(row(payload, iccid=iccid), opts)[0])
+    if iccid and not formats.iccid_is_number(iccid):
+        assert got["ICCID"] == iccid  # type: ignore[index]
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=_cbor_values.map(_cbor_bytes), want=hs.integers() | hs.text(max_size=5))
+def test_conditions_on_any_cbor_payload_answer_without_raising(
+    payload: bytes, want: object
+) -> None:
+    from gateway.config import Condition
+    from gateway.routes import Filter
+    from gateway.sources import PacketSource
+
+    get = PacketSource(PayloadOptions("cbor-json")).getter(row(payload))
+    for op in (">", ">=", "==", "!=", "contains", "startswith", "regex", "in"):
+        value = [want] if op == "in" else ("x" if op == "regex" else want)
+        for field in ("payload", "payload.0", "payload.tag", "payload.value.0"):
+            assert Filter([Condition(field, op, value)])(get) in (True, False)

@@ -35,6 +35,10 @@ def _num(v: Any) -> float | None:
     return None
 
 
+def _unordered(v: Any) -> bool:
+    return v is None or isinstance(v, bool | dict | list)
+
+
 def _text(v: Any) -> str:
     """A field as text for text comparisons; never raises (an int too long for str())."""
     if isinstance(v, str):
@@ -54,6 +58,8 @@ def _cmp(op: str, a: Any, b: Any) -> bool:
         x, y = a if isinstance(a, str | bool) or a is None else _text(a), b
         if isinstance(y, str) and not isinstance(x, str):
             x = _text(x)
+    elif _unordered(a) or _unordered(b):
+        return False  # null, true/false, lists and objects have no order
     else:
         x, y = _text(a), _text(b)
     if op == "==":

@@ -349,3 +349,19 @@ def test_conditions_on_any_cbor_payload_answer_without_raising(
         value = [want] if op == "in" else ("x" if op == "regex" else want)
         for field in ("payload", "payload.0", "payload.tag", "payload.value.0"):
             assert Filter([Condition(field, op, value)])(get) in (True, False)
+
+
+def test_ordering_conditions_never_match_null_booleans_lists_or_objects() -> None:
+    from gateway.config import Condition
+    from gateway.routes import Filter
+    from gateway.sources import PacketSource
+
+    at_least_zero = Filter([Condition("payload.n", ">=", 0)])
+
+    def matches(n: object) -> bool:
+        get = PacketSource(PayloadOptions("cbor-json")).getter(row(cbor2.dumps({"n": n})))
+        return at_least_zero(get)
+
+    assert [matches(v) for v in (None, True, False, [1], {"a": 1}, float("nan"))] == [False] * 6
+    assert [matches(v) for v in (0, 5, 2.5, "7", 10**30)] == [True] * 5
+    assert [matches(v) for v in (-1, "-3")] == [False, False]

@@ -112,9 +112,11 @@ def decode_packet(body: memoryview, source: int) -> Incoming:
     """A P frame's body, as the packet of session `source`."""
     epoch, mid, flags, recv_ns, lt, li, lp = _FIXED.unpack_from(body)
     at = _FIXED.size
+    # The process sends what it decoded (message_topic), so these are UTF-8; leniently
+    # decoded all the same, as an error here would end the reader of every packet.
     return Incoming(
-        topic=str(body[at : at + lt], "utf-8"),
-        iccid=str(body[at + lt : at + lt + li], "utf-8"),
+        topic=str(body[at : at + lt], "utf-8", "replace"),
+        iccid=str(body[at + lt : at + lt + li], "utf-8", "replace"),
         payload=bytes(body[at + lt + li : at + lt + li + lp]),
         mid=mid,
         dup=bool(flags & _DUP),
@@ -428,6 +430,7 @@ class _Process:
             connects=b.connects + s.connects,
             received=b.received + s.received,
             acked=b.acked + s.acked,
+            bad_topics=b.bad_topics + s.bad_topics,
         )
 
     def ended(self) -> int | None:
@@ -500,6 +503,7 @@ class IngestPool:
             ),
             last_packet_ns=max(s.last_packet_ns for s in each),
             last_connect_ns=max(s.last_connect_ns for s in each),
+            bad_topics=sum(s.bad_topics for s in each),
         )
 
     @property

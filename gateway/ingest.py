@@ -157,8 +157,8 @@ def _differs(obj: object, name: str, params: list[str]) -> str:
     return ""
 
 
-# The private paho parts each fast path calls, with the parameters they have in the
-# paho versions pyproject.toml allows. A paho whose parts differ gets its own code.
+# The private paho part send_pubacks calls, with the parameters it has in the paho
+# versions pyproject.toml allows (_Client checks the other fast paths' the same way).
 _PUBACKS_NEEDS = ("_packet_queue", ["command", "packet", "mid", "qos", "info"])
 
 
@@ -187,8 +187,10 @@ def send_pubacks(client: mqtt.Client, mids: list[int]) -> None:
             return
         except Exception as exc:
             # Runs in the store writer's commit callback: an exception would end the
-            # writer. paho's own ack() is the sound way; should the queue have taken the
-            # PUBACKs before it failed, the broker gets some twice, which it ignores.
+            # writer. paho's own ack() is the sound way. Should the queue have taken the
+            # PUBACKs before it failed, the broker gets them twice: for an id with no
+            # message in flight it only logs (mosquitto), and the broker's ids come
+            # round again only some 65535 packets later.
             setattr(client, "fast_pubacks", False)  # noqa: B010
             throttled(
                 fault(exc),
@@ -649,12 +651,7 @@ class Ingest:
 
     def _acknowledge(self, packets: list[Incoming]) -> None:
         epoch = self.epoch
-        try:
-            self.ack_mids(epoch, [p.mid for p in packets if p.epoch == epoch])
-        except Exception as exc:
-            # The store writer's commit callback: raised on, it would end the writer.
-            # Unacknowledged, the packets come again on the next connection.
-            self._trouble(exc, "acknowledging packets")
+        self.ack_mids(epoch, [p.mid for p in packets if p.epoch == epoch])
 
     def ack_mids(self, epoch: int, mids: list[int]) -> None:
         """PUBACK committed packets, if they came on the current connection (`epoch`):
@@ -662,8 +659,16 @@ class Ingest:
         if epoch != self.epoch:
             return
         mids = [m for m in mids if m]
-        if mids:
+        if not mids:
+            return
+        try:
             send_pubacks(self.client, mids)
+        except Exception as exc:
+            # Called by the store writer after a commit (or by an ingest process's
+            # reader): raised on, it would end that thread. Unacknowledged, the packets
+            # come again on the next connection.
+            self._trouble(exc, "acknowledging packets")
+            return
         self.stats.acked += len(mids)
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import orjson
 
 from gateway import logs
 from gateway.config import MqttSection
-from gateway.ingest import Ingest, IngestStats, new_client
+from gateway.ingest import Ingest, IngestStats, fault, new_client, throttled
 from gateway.store import Incoming, Store
 
 log = logging.getLogger("gateway.ingest")
@@ -530,7 +530,19 @@ class IngestPool:
         for pkt in packets:
             groups.setdefault((pkt.source, pkt.epoch), []).append(pkt.mid)
         for (source, epoch), mids in groups.items():
-            self._by_source[source].committed(epoch, mids)
+            try:
+                self._by_source[source].committed(epoch, mids)
+            except Exception as exc:
+                # The store writer's commit callback: raised on, it would end the writer.
+                # Unacknowledged, the packets come again on the process's next connection.
+                throttled(
+                    fault(exc),
+                    logging.ERROR,
+                    "session %d: cannot pass on committed packets: %s: %s",
+                    source,
+                    type(exc).__name__,
+                    exc,
+                )
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):

@@ -45,7 +45,7 @@ import orjson
 
 from gateway import logs
 from gateway.config import MqttSection
-from gateway.ingest import Ingest, IngestStats, new_client
+from gateway.ingest import Ingest, IngestStats, fault, new_client, throttled
 from gateway.store import Incoming, Store
 
 log = logging.getLogger("gateway.ingest")
@@ -112,9 +112,11 @@ def decode_packet(body: memoryview, source: int) -> Incoming:
     """A P frame's body, as the packet of session `source`."""
     epoch, mid, flags, recv_ns, lt, li, lp = _FIXED.unpack_from(body)
     at = _FIXED.size
+    # The process sends what it decoded (message_topic), so these are UTF-8; leniently
+    # decoded all the same, as an error here would end the reader of every packet.
     return Incoming(
-        topic=str(body[at : at + lt], "utf-8"),
-        iccid=str(body[at + lt : at + lt + li], "utf-8"),
+        topic=str(body[at : at + lt], "utf-8", "replace"),
+        iccid=str(body[at + lt : at + lt + li], "utf-8", "replace"),
         payload=bytes(body[at + lt + li : at + lt + li + lp]),
         mid=mid,
         dup=bool(flags & _DUP),
@@ -428,6 +430,7 @@ class _Process:
             connects=b.connects + s.connects,
             received=b.received + s.received,
             acked=b.acked + s.acked,
+            bad_topics=b.bad_topics + s.bad_topics,
         )
 
     def ended(self) -> int | None:
@@ -500,6 +503,7 @@ class IngestPool:
             ),
             last_packet_ns=max(s.last_packet_ns for s in each),
             last_connect_ns=max(s.last_connect_ns for s in each),
+            bad_topics=sum(s.bad_topics for s in each),
         )
 
     @property
@@ -526,7 +530,19 @@ class IngestPool:
         for pkt in packets:
             groups.setdefault((pkt.source, pkt.epoch), []).append(pkt.mid)
         for (source, epoch), mids in groups.items():
-            self._by_source[source].committed(epoch, mids)
+            try:
+                self._by_source[source].committed(epoch, mids)
+            except Exception as exc:
+                # The store writer's commit callback: raised on, it would end the writer.
+                # Unacknowledged, the packets come again on the process's next connection.
+                throttled(
+                    fault(exc),
+                    logging.ERROR,
+                    "session %d: cannot pass on committed packets: %s: %s",
+                    source,
+                    type(exc).__name__,
+                    exc,
+                )
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.2):

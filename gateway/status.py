@@ -245,9 +245,12 @@ def snapshot(
         },
         "buffer": {
             "bytes": int(buffered),
+            # Dead letters count toward max_bytes as well as the packets' bytes.
+            "dead_letter_bytes": store_mod.dead_letter_bytes(conn),
             "max_bytes": int(cfg.gateway.max_buffer_mb * 1024 * 1024) if cfg else None,
         },
         "dead_letters": int(dead),
+        "dead_letters_evicted": c["dead_letters_evicted"],
         "webhooks": webhook_rows(conn, cfg),
         "modem": modem_rows(conn, cfg, now_ns) if "modem_snapshots" in tables else None,
         "cdrs": {

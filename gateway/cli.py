@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     with_config(dr)
     dr.add_argument("--webhook")
     dr.add_argument("--id", type=int, action="append", default=[])
+    dp = dsub.add_parser("purge", help="delete dead letters for good")
+    with_config(dp)
+    dp.add_argument("--webhook", help="a webhook's letters ('' for oversize packets)")
+    dp.add_argument("--older-than", metavar="AGE", help="made longer ago than AGE, e.g. 7d")
+    dp.add_argument("--id", nargs="+", action="extend", default=[], metavar="N")
+    dp.add_argument("--all", action="store_true", help="every dead letter (no filter given)")
     cdr = sub.add_parser("cdr", help="usage CDRs and CDR reports")
     csub = cdr.add_subparsers(dest="cdr_command", required=True)
     cl = csub.add_parser("list", help="list usage CDRs")
@@ -223,7 +229,11 @@ def _print_status(snap: dict[str, Any]) -> None:
     print("rejected " + "  ".join(f"{k}={v}" for k, v in snap["rejected"].items()))
     b = snap["buffer"]
     if b.get("max_bytes"):
-        print(f"buffer   {b['bytes'] / 1e6:.1f} MB of {b['max_bytes'] / 1e6:.0f} MB")
+        print(
+            f"buffer   {(b['bytes'] + b['dead_letter_bytes']) / 1e6:.1f} MB of"
+            f" {b['max_bytes'] / 1e6:.0f} MB ({b['dead_letter_bytes'] / 1e6:.1f} MB dead letters)"
+        )
+    print(f"dead     {snap['dead_letters']} letter(s), {snap['dead_letters_evicted']} evicted")
     disk = snap.get("storage")
     if disk:
         free = f"{disk['free_bytes'] / 1e6:.1f} MB free" if "free_bytes" in disk else "?"
@@ -312,19 +322,73 @@ def _cmd(args: argparse.Namespace) -> int:
                 print(json.dumps(rows, indent=2))
             else:
                 for r in rows:
+                    kept = f" sha256={r['sha256'][:16]}" if r["sha256"] else ""
                     print(
                         f"{r['id']:>6}  {r['webhook'] or '(ingest)':<12} {r['reason']:<16} "
-                        f"records={r['records']} status={r['status']} {r['excerpt'] or ''}"[:160]
+                        f"records={r['records']} status={r['status']}{kept}"
+                        f" {r['excerpt'] or ''}"[:160]
                     )
                 print(f"{len(rows)} dead letter(s)")
             return 0
+        if args.dlq_command == "purge":
+            return _purge(cfg, args)
         conn = store_mod.connect(cfg.db_path)
-        store_mod.migrate(conn)
-        n = store_mod.replay_dead_letters(conn, args.webhook, args.id)
-        conn.close()
-        print(f"re-queued {n} dead letter(s)")
+        try:
+            store_mod.migrate(conn)
+            done = store_mod.requeue_dead_letters(conn, args.webhook, args.id)
+        finally:
+            conn.close()
+        print(f"re-queued {done.requeued} dead letter(s)")
+        if done.skipped:
+            shown = ", ".join(str(i) for i in done.skipped[:20])
+            more = ", ..." if len(done.skipped) > 20 else ""
+            print(
+                f"skipped {len(done.skipped)} oversize packet(s) (ids {shown}{more}): their"
+                " dead letters keep only the first"
+                f" {store_mod.DEAD_LETTER_PREFIX_BYTES} bytes of the payload, which cannot be"
+                " delivered as it came; `gateway dlq purge --id N` removes them"
+            )
         return 0
     raise AssertionError(args.command)
+
+
+def _purge(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """`gateway dlq purge`: bad input is one line and exit 2, before the store is opened."""
+    import time
+
+    before_ns = 0
+    if args.older_than is not None:
+        try:
+            age = config_mod.duration_s(args.older_than)
+        except ValueError as exc:
+            raise GatewayError(f"--older-than: {exc}, got {args.older_than!r}") from None
+        before_ns = time.time_ns() - int(age * 1e9)
+    ids = []
+    for text in args.id:
+        if not text.isdigit():
+            raise GatewayError(f"--id: must be a dead letter's id (a number), got {text!r}")
+        ids.append(int(text))
+    chosen = args.webhook is not None or before_ns or ids
+    if args.all and chosen:
+        raise GatewayError("--all purges every dead letter: give it without other filters")
+    if not args.all and not chosen:
+        raise GatewayError(
+            "nothing chosen to purge: give --webhook, --older-than or --id"
+            " (or --all for every dead letter)"
+        )
+    if not cfg.db_path.exists():
+        print("purged 0 dead letter(s)")
+        return 0
+    conn = store_mod.connect(cfg.db_path)
+    try:
+        store_mod.migrate(conn)
+        n = store_mod.purge_dead_letters(
+            conn, args.webhook, before_ns, ids, everything=bool(args.all)
+        )
+    finally:
+        conn.close()
+    print(f"purged {n} dead letter(s)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -34,6 +35,10 @@ class GatewaySection:
     log_level: str = "info"
     log_format: str = "text"
     min_free_mb: float = 64.0
+    # Dead letters count toward max_buffer_mb; the oldest go past either limit. Left
+    # out, the size limit is 64 MB, or a quarter of a max_buffer_mb not above that.
+    dead_letter_max_mb: float = 64.0
+    dead_letter_max_age: float = 30 * 86400.0  # seconds; 0: no age limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,6 +514,25 @@ def _duration(value: Any) -> float:
     return seconds
 
 
+def _duration_or_off(value: Any) -> float:
+    """A duration, or 0 (the number or "0"): off."""
+    if not isinstance(value, bool) and value in (0, "0"):
+        return 0.0
+    try:
+        return _duration(value)
+    except _Bad as exc:
+        raise _Bad(f"{exc.what}, or 0 for none") from None
+
+
+def duration_s(text: str) -> float:
+    """A duration as the config takes it ('90s', '15m', '24h', '30d' or seconds), for
+    command-line options; ValueError says what is wrong."""
+    try:
+        return _duration(text)
+    except _Bad as exc:
+        raise ValueError(exc.what) from None
+
+
 def _clock(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value):
         raise _Bad("must be HH:MM (24 h, local time)")
@@ -712,6 +736,23 @@ def _read_webhook(r: _Reader, path: str, raw: dict[str, Any]) -> WebhookConfig |
     return w
 
 
+def _dead_letter_limit(r: _Reader, g: GatewaySection, raw: Any) -> GatewaySection:
+    """Dead letters count toward max_buffer_mb: their own limit must leave room for
+    packets. Left out, it is a quarter of a max_buffer_mb too small for the default."""
+    given = isinstance(raw, dict) and "dead_letter_max_mb" in raw
+    if g.dead_letter_max_mb < g.max_buffer_mb:
+        return g
+    if given:
+        r.fail(
+            "gateway.dead_letter_max_mb",
+            f"must be less than gateway.max_buffer_mb ({g.max_buffer_mb:g}): dead letters"
+            " count toward it",
+            g.dead_letter_max_mb,
+        )
+        return g
+    return dataclasses.replace(g, dead_letter_max_mb=g.max_buffer_mb / 4)
+
+
 def parse(
     raw: dict[str, Any],
     env: Mapping[str, str] | None = None,
@@ -741,7 +782,11 @@ def parse(
         log_level=_choice("debug", "info", "warning", "error"),
         log_format=_choice("text", "json"),
         min_free_mb=_float(0, None),
+        dead_letter_max_mb=_float(0, None, above=True),
+        dead_letter_max_age=_duration_or_off,
     )
+    if g is not None:
+        g = _dead_letter_limit(r, g, raw.get("gateway", {}))
 
     m = None
     if "mqtt" not in raw:

@@ -107,6 +107,17 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
     for reason, n in s["rejected"].items():
         c.add_metric([reason], n)
     yield c
+    yield from _gauge(
+        "gateway_dead_letter_bytes",
+        "Bytes dead letters hold; they count toward gateway.max_buffer_mb.",
+        s["buffer"]["dead_letter_bytes"],
+    )
+    c = CounterMetricFamily(
+        "gateway_dead_letters_evicted",
+        "Oldest dead letters deleted past gateway.dead_letter_max_mb or dead_letter_max_age.",
+    )
+    c.add_metric([], s["dead_letters_evicted"])
+    yield c
     store = gw["store"]
     yield from _gauge("gateway_store_bytes", "Store files on disk (db, WAL).", store["bytes"])
     yield from _gauge("gateway_store_writable", "0 while writes fail.", store["writable"])

@@ -37,6 +37,8 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 commit_delay_slow_s=commit_delay_slow_ms(cfg.gateway, cfg.webhooks) / 1000,
                 receive_maximum=cfg.mqtt.receive_maximum,
                 sessions=cfg.mqtt.ingest_processes,
+                dead_letter_max_bytes=int(cfg.gateway.dead_letter_max_mb * 1024 * 1024),
+                dead_letter_max_age_s=cfg.gateway.dead_letter_max_age,
             )
         )
 

@@ -254,6 +254,8 @@ def snapshot(
         },
         "buffer": {
             "bytes": int(buffered),
+            # Dead letters count toward max_bytes as well as the packets' bytes.
+            "dead_letter_bytes": store_mod.dead_letter_bytes(conn),
             "max_bytes": int(cfg.gateway.max_buffer_mb * 1024 * 1024) if cfg else None,
         },
         "dead_letters": int(dead),
@@ -261,6 +263,7 @@ def snapshot(
             "too_large": c["packets_too_large"],
             **{r: c.get(f"rejected_{r}", 0) for r in store_mod.REJECT_REASONS},
         },
+        "dead_letters_evicted": c["dead_letters_evicted"],
         "webhooks": webhook_rows(conn, cfg),
         "modem": modem_rows(conn, cfg, now_ns) if "modem_snapshots" in tables else None,
         "cdrs": {

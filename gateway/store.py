@@ -34,7 +34,7 @@ from gateway.errors import StoreError
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 COUNTERS = (
     "packets_received",
@@ -46,6 +46,7 @@ COUNTERS = (
     "decode_failed",
     "cdrs_emitted",
     "events_recorded",
+    "dead_letters_evicted",
 )
 KEEP_EVENTS = 10_000
 # A row of `counters`, not a counter: packets with a higher id are received but not yet
@@ -78,6 +79,27 @@ PACKET_TABLES = ("packets_a", "packets_b")
 PIN_WAIT_S = 60.0
 # A row of `meta`: the highest connection epoch of a committed packet (Store.last_epoch).
 LAST_EPOCH = "last_epoch"
+
+# Dead letters are bounded (gateway.dead_letter_max_mb and dead_letter_max_age) and count
+# toward gateway.max_buffer_mb. A row of `counters`, not a counter: the bytes the dead
+# letters hold (DEAD_LETTER_BYTES of each row), kept by triggers (schema 11) so that
+# every writer, `gateway dlq` in a process of its own too, keeps it exact without a
+# scan of the table.
+DEAD_BYTES = "_dead_letter_bytes"
+# What a dead letter counts for: its body, excerpt and topic, and about as much again
+# for its other columns and its share of a page.
+DEAD_LETTER_BYTES = (
+    "(COALESCE(length({0}.body), 0) + COALESCE(length(CAST({0}.excerpt AS BLOB)), 0)"
+    " + COALESCE(length(CAST({0}.topic AS BLOB)), 0) + 64)"
+)
+# An oversize packet's dead letter keeps this much of its payload (with its size and
+# SHA-256): enough to see what sent it, while a flood of huge packets stays small.
+DEAD_LETTER_PREFIX_BYTES = 1024
+# The writer looks at the dead letters' limits this often, not in the packet commits.
+DEAD_LETTER_TEND_S = 2.0
+# At most this many dead letters are evicted per transaction; more wait for the writer's
+# next turn, so that packets commit in between.
+DEAD_LETTER_EVICT_ROWS = 1000
 
 
 @dataclass(slots=True)
@@ -423,6 +445,28 @@ def _migrate_v10(db: sqlite_utils.Database) -> None:
     db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (LAST_EPOCH, str(epoch)))
 
 
+def _migrate_v11(db: sqlite_utils.Database) -> None:
+    # An oversize packet's dead letter keeps a prefix of its payload in `body`, its size
+    # and SHA-256 (hex) in these columns; older rows, NULL in both, keep the whole body.
+    # New columns with no default rewrite no page of the rows already there.
+    db.execute("ALTER TABLE dead_letters ADD COLUMN size INTEGER")
+    db.execute("ALTER TABLE dead_letters ADD COLUMN sha256 TEXT")
+    # The bytes dead letters hold (DEAD_BYTES), counted once here and then kept by every
+    # INSERT and DELETE (dead letters are never updated).
+    db.execute(
+        "INSERT OR REPLACE INTO counters(name, value)"
+        f" SELECT ?, COALESCE(SUM({DEAD_LETTER_BYTES.format('dead_letters')}), 0)"
+        " FROM dead_letters",
+        (DEAD_BYTES,),
+    )
+    for event, row, sign in (("INSERT", "NEW", "+"), ("DELETE", "OLD", "-")):
+        db.execute(
+            f"CREATE TRIGGER dead_letters_{event.lower()} AFTER {event} ON dead_letters"
+            f" BEGIN UPDATE counters SET value = value {sign} {DEAD_LETTER_BYTES.format(row)}"
+            f" WHERE name = '{DEAD_BYTES}'; END"
+        )
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
@@ -434,6 +478,7 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     8: _migrate_v8,
     9: _migrate_v9,
     10: _migrate_v10,
+    11: _migrate_v11,
 }
 
 
@@ -685,6 +730,8 @@ class Store:
         receive_maximum: int = 1000,
         sessions: int = 1,
         redelivery_window: int = 0,
+        dead_letter_max_bytes: int = 64 << 20,
+        dead_letter_max_age_s: float = 30 * 86400.0,
     ) -> None:
         self.path = path
         # For statvfs at each commit: pathlib's `.parent` and str() cost more than the call.
@@ -720,6 +767,12 @@ class Store:
         self.on_committed: Callable[[list[Incoming]], None] | None = None
         self.on_change: Callable[[], None] | None = None
         self.buffer_bytes = self._scalar("SELECT COALESCE(SUM(size), 0) FROM packets")
+        # Dead letters count toward max_buffer_bytes too (see DEAD_BYTES); the oldest go
+        # past either limit (0: no age limit), looked at every DEAD_LETTER_TEND_S.
+        self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.dead_letter_max_age_s = dead_letter_max_age_s
+        self.dead_letter_bytes = dead_letter_bytes(self.conn)
+        self._tend_at = 0.0
         # Why packets are not being acknowledged right now ("" when they are): a failed
         # write (disk full, read-only file system), or the disk reserve reached.
         self.write_error = ""
@@ -847,7 +900,7 @@ class Store:
 
     @property
     def full(self) -> bool:
-        return self.buffer_bytes >= self.max_buffer_bytes
+        return self.buffer_bytes + self.dead_letter_bytes >= self.max_buffer_bytes
 
     def set_packet_routes(self, names: Iterable[str]) -> None:
         """The webhooks that consume packets; a packet is kept until all of them are done."""
@@ -906,7 +959,7 @@ class Store:
 
     def _run(self) -> None:
         while True:
-            timeout = 0.2 if self._held else None
+            timeout = 0.2 if self._held else max(0.0, self._tend_at - time.monotonic())
             try:
                 first = self._q.get(timeout=timeout)
             except queue.Empty:
@@ -939,6 +992,8 @@ class Store:
                 self._release_pending(len(packets) - len(self._held))
             else:
                 self._run_calls(calls)
+            if time.monotonic() >= self._tend_at and not stop:
+                self._tend_dead_letters()
             if stop:
                 # Drain anything that raced with close so no caller waits forever.
                 while True:
@@ -1037,20 +1092,63 @@ class Store:
 
     def _watch_buffer(self) -> None:
         """Record an event when the buffer passes 80 % full, and when it is below 70 % again."""
-        level = self.buffer_bytes / self.max_buffer_bytes if self.max_buffer_bytes else 0.0
+        used = self.buffer_bytes + self.dead_letter_bytes
+        level = used / self.max_buffer_bytes if self.max_buffer_bytes else 0.0
         high = level >= 0.8 if not self._buffer_high else level >= 0.7
         if high == self._buffer_high:
             return
         self._buffer_high = high
-        data = {"bytes": self.buffer_bytes, "max_bytes": self.max_buffer_bytes}
+        data = {
+            "bytes": self.buffer_bytes,
+            "dead_letter_bytes": self.dead_letter_bytes,
+            "max_bytes": self.max_buffer_bytes,
+        }
         log.warning(
-            "buffer %s: %d of %d bytes",
+            "buffer %s: %d of %d bytes (%d in dead letters)",
             "above 80 %" if high else "back below 70 %",
-            self.buffer_bytes,
+            used,
             self.max_buffer_bytes,
+            self.dead_letter_bytes,
         )
         with contextlib.suppress(sqlite3.Error):
             add_event(self.conn, "buffer_high" if high else "buffer_ok", data)
+
+    def _tend_dead_letters(self) -> None:
+        """Evict the oldest dead letters past dead_letter_max_bytes or older than
+        dead_letter_max_age_s, at most DEAD_LETTER_EVICT_ROWS now and more on the writer's
+        next turn; and take up the bytes they hold (`gateway dlq` may have changed them)."""
+        now = time.monotonic()
+        self._tend_at = now + DEAD_LETTER_TEND_S
+        conn = self.conn
+        cutoff = 0
+        if self.dead_letter_max_age_s:
+            cutoff = time.time_ns() - int(self.dead_letter_max_age_s * 1e9)
+        try:
+            self.dead_letter_bytes = dead_letter_bytes(conn)
+            if self.dead_letter_bytes <= self.dead_letter_max_bytes:
+                oldest = conn.execute(
+                    "SELECT created_ns FROM dead_letters ORDER BY id LIMIT 1"
+                ).fetchone()
+                if oldest is None or oldest[0] >= cutoff:
+                    return
+            with transaction(conn):
+                n, freed = evict_dead_letters(
+                    conn, self.dead_letter_max_bytes, cutoff, DEAD_LETTER_EVICT_ROWS
+                )
+            self.dead_letter_bytes = dead_letter_bytes(conn)
+        except sqlite3.Error as exc:
+            log.warning("could not evict old dead letters: %s", exc)
+            return
+        if n:
+            self.commits += 1
+            log.warning(
+                "evicted the %d oldest dead letters (%d bytes): past gateway.dead_letter_max_mb"
+                " or gateway.dead_letter_max_age",
+                n,
+                freed,
+            )
+        if n == DEAD_LETTER_EVICT_ROWS:
+            self._tend_at = now
 
     def _run_call(self, c: _Call) -> None:
         if c.future.set_running_or_notify_cancel():
@@ -1167,13 +1265,11 @@ class Store:
         """The packets to write now; the rest are held in memory (not acknowledged, so the
         broker keeps them) while the buffer is full or the disk is short of space."""
         incoming_bytes = sum(len(p.payload) for p in packets if not p.too_large)
-        if (
-            self.buffer_bytes + incoming_bytes > self.max_buffer_bytes
-            and self.on_full == "backpressure"
-        ):
+        used = self.buffer_bytes + self.dead_letter_bytes
+        if used + incoming_bytes > self.max_buffer_bytes and self.on_full == "backpressure":
             # Stop acknowledging: keep them in memory (bounded by the broker's receive
-            # maximum) and try again when delivery frees space.
-            room = self.max_buffer_bytes - self.buffer_bytes
+            # maximum) and try again when delivery (or a dead letters' eviction) frees space.
+            room = self.max_buffer_bytes - used
             fit: list[Incoming] = []
             for p in packets:
                 size = 0 if p.too_large else len(p.payload)
@@ -1251,22 +1347,28 @@ class Store:
             if epoch > self._epoch_saved:
                 set_meta(conn, LAST_EPOCH, str(epoch))
             for p in too_large:
+                # A prefix, the size and a hash: a sender of huge packets must not fill
+                # the disk with them (see DEAD_LETTER_PREFIX_BYTES).
                 conn.execute(
                     "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, reason,"
-                    " status, excerpt, attempts, created_ns, topic, iccid, recv_ns)"
-                    " VALUES ('', 'packets', '', ?, 1, 'too_large', 0, ?, 0, ?, ?, ?, ?)",
+                    " status, excerpt, attempts, created_ns, topic, iccid, recv_ns, size,"
+                    " sha256) VALUES ('', 'packets', '', ?, 1, 'too_large', 0, ?, 0, ?, ?, ?,"
+                    " ?, ?, ?)",
                     (
-                        p.payload,
+                        p.payload[:DEAD_LETTER_PREFIX_BYTES],
                         f"payload of {len(p.payload)} bytes exceeds mqtt.max_payload_bytes",
                         time.time_ns(),
                         p.topic,
                         p.iccid,
                         p.recv_ns,
+                        len(p.payload),
+                        hashlib.sha256(p.payload).hexdigest(),
                     ),
                 )
             added = sum(r[3] for r in store_rows)
-            if self.on_full == "drop_oldest" and self.buffer_bytes + added > self.max_buffer_bytes:
-                excess = self.buffer_bytes + added - self.max_buffer_bytes
+            used = self.buffer_bytes + self.dead_letter_bytes + added
+            if self.on_full == "drop_oldest" and used > self.max_buffer_bytes:
+                excess = used - self.max_buffer_bytes
                 evicted = self._evict_oldest(excess, first)
             # packets_received is not bumped here: it is counted from the ids (see
             # count_received), which keeps the counters page out of this commit.
@@ -1688,6 +1790,7 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
     rows = {str(k): int(v) for k, v in conn.execute("SELECT name, value FROM counters")}
     counted = rows.pop(COUNTED, 0)
     rows.pop(RELEASED, None)
+    rows.pop(DEAD_BYTES, None)
     out.update(rows)
     top, _ = _ids(conn)
     out["packets_received"] += max(top - counted, 0)
@@ -2038,9 +2141,12 @@ def list_dead_letters(
     conn: sqlite3.Connection, webhook: str | None = None, limit: int = 1000
 ) -> list[dict[str, Any]]:
     """Dead letters, newest first, without their bodies."""
+    # A store `gateway dlq list` reads before the gateway migrated it has no size or hash.
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(dead_letters)")}
+    extra = "size, sha256" if "sha256" in cols else "NULL, NULL"
     sql = (
         "SELECT id, webhook, source, webhook_id, count, reason, status, excerpt, attempts,"
-        " created_ns, topic, iccid, length(body) FROM dead_letters"
+        f" created_ns, topic, iccid, length(body), {extra} FROM dead_letters"
     )
     args: list[Any] = []
     if webhook is not None:
@@ -2062,6 +2168,8 @@ def list_dead_letters(
         "topic",
         "iccid",
         "bytes",
+        "size",  # an oversize packet's payload size; `bytes` of it are kept
+        "sha256",  # of an oversize packet's whole payload
     )
     return [dict(zip(keys, r, strict=True)) for r in conn.execute(sql, args)]
 
@@ -2069,10 +2177,27 @@ def list_dead_letters(
 def replay_dead_letters(
     conn: sqlite3.Connection, webhook: str | None = None, ids: Sequence[int] = ()
 ) -> int:
+    """requeue_dead_letters; returns how many were re-queued."""
+    return requeue_dead_letters(conn, webhook, ids).requeued
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    requeued: int
+    # Oversize packets whose letters keep only a prefix of the payload: left as they are.
+    skipped: tuple[int, ...] = ()
+
+
+def requeue_dead_letters(
+    conn: sqlite3.Connection, webhook: str | None = None, ids: Sequence[int] = ()
+) -> Replay:
     """Re-queue dead letters: webhook ones as batches (same body and webhook-id), rejected
-    packets (too_large) back into the packets table. Returns how many were re-queued."""
+    packets (too_large) back into the packets table when their letter holds the whole
+    payload. One holding a prefix only cannot be delivered as it came: it is skipped and
+    stays (`gateway dlq purge` removes it)."""
     sql = (
-        "SELECT id, webhook, source, webhook_id, body, count, single, topic, iccid, recv_ns"
+        "SELECT id, webhook, source, webhook_id, body, count, single, topic, iccid, recv_ns,"
+        " size IS NOT NULL AND size != COALESCE(length(body), 0)"
         " FROM dead_letters WHERE 1=1"
     )
     args: list[Any] = []
@@ -2084,6 +2209,7 @@ def replay_dead_letters(
         args.extend(ids)
     now = time.time_ns()
     n = 0
+    skipped: list[int] = []
     with transaction(conn):
         # A dead letter's batch is no longer in `batches`; this only guards against a
         # second row with its webhook-id, without a look through the table per letter.
@@ -2092,9 +2218,11 @@ def replay_dead_letters(
         # the mark moves past them.
         count_received(conn)
         pid, table = next_packet_row(conn)
-        for dl_id, hook, source, wid, body, count, single, topic, iccid, recv_ns in conn.execute(
-            sql, args
-        ).fetchall():
+        rows = conn.execute(sql, args).fetchall()
+        for dl_id, hook, source, wid, body, count, single, topic, iccid, recv_ns, part in rows:
+            if part:
+                skipped.append(dl_id)
+                continue
             if hook:
                 if wid in queued:
                     conn.execute("DELETE FROM batches WHERE id = ?", (wid,))
@@ -2123,4 +2251,68 @@ def replay_dead_letters(
                 pid += 1
             conn.execute("DELETE FROM dead_letters WHERE id = ?", (dl_id,))
             n += 1
-    return n
+    return Replay(n, tuple(skipped))
+
+
+def dead_letter_bytes(conn: sqlite3.Connection) -> int:
+    """The bytes the dead letters hold, as counted toward gateway.max_buffer_mb (see
+    DEAD_BYTES); 0 for a store older than schema 11."""
+    return _mark(conn, DEAD_BYTES)
+
+
+def evict_dead_letters(
+    conn: sqlite3.Connection, max_bytes: int, before_ns: int, limit: int
+) -> tuple[int, int]:
+    """Delete the oldest dead letters (by id) while they hold more than max_bytes or were
+    made before before_ns, at most `limit` of them, and count them in
+    dead_letters_evicted (inside the caller's transaction); returns (letters, bytes).
+
+    Oldest by id: a letter made after the clock was set back stops the age eviction
+    until it is old enough too, rather than letters being looked for across the table."""
+    excess = dead_letter_bytes(conn) - max_bytes
+    rows = conn.execute(
+        f"SELECT id, created_ns, {DEAD_LETTER_BYTES.format('dead_letters')} FROM dead_letters"
+        " ORDER BY id LIMIT ?",
+        (limit,),
+    )
+    last = n = freed = 0
+    for rid, created_ns, size in rows:
+        if freed >= excess and created_ns >= before_ns:
+            break
+        last, n, freed = rid, n + 1, freed + size
+    if n:
+        conn.execute("DELETE FROM dead_letters WHERE id <= ?", (last,))
+        _bump(conn, "dead_letters_evicted", n)
+    return n, freed
+
+
+def purge_dead_letters(
+    conn: sqlite3.Connection,
+    webhook: str | None = None,
+    before_ns: int = 0,
+    ids: Sequence[int] = (),
+    *,
+    everything: bool = False,
+) -> int:
+    """Delete the dead letters of a webhook ('' for oversize packets), made before
+    before_ns, with the given ids (all the filters given at once); every one only with
+    `everything`, so that a filter left out by mistake deletes nothing. Returns how many."""
+    where: list[str] = []
+    args: list[Any] = []
+    if webhook is not None:
+        where.append("webhook = ?")
+        args.append(webhook)
+    if before_ns:
+        where.append("created_ns < ?")
+        args.append(before_ns)
+    if ids:
+        where.append(f"id IN ({','.join('?' * len(ids))})")
+        args.extend(ids)
+    if not where and not everything:
+        raise StoreError("no dead letters chosen to purge (a webhook, an age or ids)")
+    with transaction(conn):
+        cur = conn.execute(
+            "DELETE FROM dead_letters" + (" WHERE " + " AND ".join(where) if where else ""),
+            args,
+        )
+    return int(cur.rowcount)

@@ -84,6 +84,12 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
     )
     c.add_metric([], mqtt["acknowledged"])
     yield c
+    c = CounterMetricFamily(
+        "gateway_packets_bad_topic",
+        "Packets whose topic was not valid UTF-8 (stored with U+FFFD), since start.",
+    )
+    c.add_metric([], mqtt.get("bad_topics", 0))
+    yield c
     yield from _gauge(
         "gateway_mqtt_connected", "1 while connected to the broker.", mqtt["connected"]
     )

@@ -118,6 +118,10 @@ _STATUS = {
                         "alive": {"type": "boolean"},
                         "received": {"type": "integer"},
                         "acknowledged": {"type": "integer"},
+                        "bad_topics": {
+                            "type": "integer",
+                            "description": "topics not valid UTF-8, stored with U+FFFD",
+                        },
                         "last_packet": {"type": "string"},
                         "last_error": {"type": "string"},
                         "sessions": {

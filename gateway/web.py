@@ -285,6 +285,7 @@ def _ingest_state(stats: IngestStats) -> dict[str, Any]:
         "subscribed": stats.subscribed,
         "received": stats.received,
         "acknowledged": stats.acked,
+        "bad_topics": stats.bad_topics,
         "last_error": stats.last_error,
     }
 

@@ -306,6 +306,10 @@ async def test_metrics_parse_and_match_api_status_and_the_status_command(
         assert session["connected"]
         assert session["received"] == 25
         assert m("gateway_dead_letters") == s["dead_letters"]
+        assert m("gateway_packets_bad_topic_total") == s["gateway"]["mqtt"]["bad_topics"] == 0
+        for reason, n in s["rejected"].items():
+            assert m("gateway_records_rejected_total", reason=reason) == n == 0
+        assert set(s["rejected"]) == {"too_large", "unfilterable", "unencodable", "undecodable"}
         assert m("gateway_store_bytes") == s["gateway"]["store"]["bytes"] > 0
         assert m("gateway_store_writable") == 1
         # 25 packets published at once, each batch made as soon as delivery saw it: no

@@ -65,6 +65,7 @@ _STATUS = {
         "packets",
         "buffer",
         "dead_letters",
+        "dead_letters_evicted",
         "rejected",
         "webhooks",
         "modem",
@@ -165,10 +166,21 @@ _STATUS = {
         },
         "buffer": {
             "type": "object",
-            "required": ["bytes", "max_bytes"],
-            "properties": {"bytes": {"type": "integer"}, "max_bytes": _NULLABLE_INT},
+            "required": ["bytes", "max_bytes", "dead_letter_bytes"],
+            "properties": {
+                "bytes": {"type": "integer"},
+                "max_bytes": _NULLABLE_INT,
+                "dead_letter_bytes": {
+                    "type": "integer",
+                    "description": "what dead letters hold; part of max_bytes",
+                },
+            },
         },
         "dead_letters": {"type": "integer"},
+        "dead_letters_evicted": {
+            "type": "integer",
+            "description": "oldest dead letters deleted past dead_letter_max_mb or _max_age",
+        },
         "rejected": {
             "type": "object",
             "description": "records dead-lettered on their own, by reason, since the store began",
@@ -269,6 +281,11 @@ _DEAD_LETTER = {
         "topic": {"type": ["string", "null"]},
         "iccid": {"type": ["string", "null"]},
         "bytes": _NULLABLE_INT,
+        "size": {
+            "type": ["integer", "null"],
+            "description": "a too_large packet's payload size (its letter keeps a prefix)",
+        },
+        "sha256": {"type": ["string", "null"], "description": "a too_large payload's SHA-256"},
     },
 }
 

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.ingest import BufferedSocket, _Client
+from gateway.ingest.client import BufferedSocket, _Client
 from tests.conftest import (
     Broker,
     GatewayProc,
@@ -377,7 +377,7 @@ def test_pubacks_sent_in_one_write_acknowledge_every_packet_to_the_broker(
     """The gateway acknowledges a commit group with one write of all its PUBACKs. The
     broker must take each of them: a session resumed after a clean disconnect gets
     nothing again, while the packets left unacknowledged come back."""
-    from gateway.ingest import send_pubacks
+    from gateway.ingest.client import send_pubacks
 
     total = 60
     topic = "devices/acks/up"

@@ -22,9 +22,10 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-import gateway.ingest as ingest_mod
+import gateway.ingest.client as ingest_mod
 from gateway.config import MqttSection
-from gateway.ingest import PUBLISH_ROOM, Ingest, Throttled
+from gateway.ingest.client import PUBLISH_ROOM, Throttled
+from gateway.ingest.session import Ingest
 from gateway.store import DEAD_LETTER_PREFIX_BYTES, Store
 from tests.conftest import Broker, publish, wait_for
 
@@ -420,7 +421,7 @@ def test_an_error_inside_on_message_never_ends_paho_s_thread(
 def test_ingest_processes_store_a_topic_that_is_not_utf8_and_keep_running(
     peer, store: Store
 ) -> None:
-    from gateway.ingest_procs import IngestPool
+    from gateway.ingest.pool import IngestPool
 
     hostile = peer([(BAD, b"bad"), (GOOD.encode(), b"good")])
     cfg = MqttSection(

@@ -1,4 +1,4 @@
-"""The frames between an ingest process and the gateway (`gateway/ingest_procs.py`):
+"""The frames between an ingest process and the gateway (`gateway/ingest/wire.py`):
 whatever the packets and however the socket cuts the stream, the gateway gets back
 exactly what the process sent."""
 
@@ -10,7 +10,7 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from gateway.ingest_procs import (
+from gateway.ingest.wire import (
     COMMITTED,
     PACKET,
     decode_packet,

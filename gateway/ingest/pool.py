@@ -3,7 +3,7 @@
 paho parses every packet in Python while it holds the interpreter lock, and in one
 process paho's thread is the gateway's ceiling (README, Performance). With
 `ingest_processes = N` (2 or more) the gateway starts N processes
-(`python -m gateway.ingest_procs FD`). Each runs an `Ingest` with a persistent session
+(`python -m gateway.ingest.process FD`). Each runs an `Ingest` with a persistent session
 of its own in `mqtt.shared_group`, so the broker hands each packet to one of them.
 They do not write SQLite: a process forwards its packets over a socket pair to the
 gateway process, whose one store writer commits them as before and answers which are
@@ -11,19 +11,7 @@ committed; the process then sends their PUBACKs. So a packet is still committed
 before its PUBACK, and the store still has one writer.
 
 Session n is client `<client_id>-n`, except session 0, which keeps `<client_id>`.
-
-Frames, both ways: type (1 byte), body length (4 bytes), body.
-  gateway → process
-    H  hello, JSON: mqtt section, client id, session number, epoch, max_pending, logging
-    A  committed: connection epoch (4 bytes), then the packet ids (2 bytes each) of
-       every packet of that connection the store has taken, in order
-    Q  stop: take no more packets, wait until the gateway has committed those sent,
-       disconnect and exit
-  process → gateway
-    P  a packet: epoch (4), packet id (2), flags (1: dup, too large), receive time in
-       ns (8), lengths of topic, ICCID and payload (2, 2, 4), then those bytes
-    S  stats, JSON: the process's IngestStats and whether its first connection
-       attempt is over (sent on a change of state, and every second)
+The frames are in gateway/ingest/wire.py.
 """
 
 from __future__ import annotations
@@ -31,315 +19,40 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import orjson
 
 from gateway import logs
 from gateway.config import MqttSection
-from gateway.ingest import Ingest, IngestStats, fault, new_client, throttled
+from gateway.ingest import client as client_mod
+from gateway.ingest.client import fault
+from gateway.ingest.session import IngestStats
+from gateway.ingest.wire import (
+    COMMITTED,
+    HELLO,
+    PACKET,
+    STATS,
+    STOP,
+    decode_packet,
+    frame,
+    pack_ids,
+    read_frames,
+)
 from gateway.store import Incoming, Store
 
 log = logging.getLogger("gateway.ingest")
 
-_HEAD = struct.Struct("!BI")
-_FIXED = struct.Struct("!IHBQHHI")  # a packet's fixed fields
-_PKT = struct.Struct("!BI" + _FIXED.format[1:])  # _HEAD and _FIXED in one
-HELLO, COMMITTED, STOP, PACKET, STATS = (ord(c) for c in "HAQPS")
-_DUP, _TOO_LARGE = 1, 2
 STOP_WAIT_S = 20.0  # for a process to commit what it sent and disconnect
-DRAIN_QUIET_S = 2.0  # a retired session is drained when nothing came for this long
 RESTART_MAX_S = 30.0
-SEND_GATHER_S = 0.001  # a process's packets wait this long to go to the gateway together
 # A process sends its stats every second: silence this long, while the gateway is not
 # holding its reader back, means it hangs (stopped, deadlocked); it is killed and restarted.
 HUNG_S = 10.0
-
-
-def frame(kind: int, body: bytes) -> bytes:
-    return _HEAD.pack(kind, len(body)) + body
-
-
-def read_frames(sock: socket.socket) -> Iterator[tuple[int, memoryview]]:
-    """The frames from `sock` until it is closed. A body is only valid until the next."""
-    rest = b""
-    while True:
-        try:
-            data = sock.recv(1 << 18)
-        except OSError:
-            return
-        if not data:
-            return
-        buf = rest + data if rest else data
-        view = memoryview(buf)
-        pos = 0
-        while len(buf) - pos >= _HEAD.size:
-            kind, length = _HEAD.unpack_from(buf, pos)
-            end = pos + _HEAD.size + length
-            if end > len(buf):
-                break
-            yield kind, view[pos + _HEAD.size : end]
-            pos = end
-        rest = buf[pos:]
-
-
-def encode_packet(pkt: Incoming) -> tuple[bytes, bytes, bytes, bytes]:
-    """A P frame, in parts: fixed fields, topic, ICCID, payload."""
-    topic, iccid, payload = pkt.topic.encode(), pkt.iccid.encode(), pkt.payload
-    head = _PKT.pack(
-        PACKET,
-        _FIXED.size + len(topic) + len(iccid) + len(payload),
-        pkt.epoch,
-        pkt.mid,
-        (_DUP if pkt.dup else 0) | (_TOO_LARGE if pkt.too_large else 0),
-        pkt.recv_ns,
-        len(topic),
-        len(iccid),
-        len(payload),
-    )
-    return head, topic, iccid, payload
-
-
-def decode_packet(body: memoryview, source: int) -> Incoming:
-    """A P frame's body, as the packet of session `source`."""
-    epoch, mid, flags, recv_ns, lt, li, lp = _FIXED.unpack_from(body)
-    at = _FIXED.size
-    # The process sends what it decoded (message_topic), so these are UTF-8; leniently
-    # decoded all the same, as an error here would end the reader of every packet.
-    return Incoming(
-        topic=str(body[at : at + lt], "utf-8", "replace"),
-        iccid=str(body[at + lt : at + lt + li], "utf-8", "replace"),
-        payload=bytes(body[at + lt + li : at + lt + li + lp]),
-        mid=mid,
-        dup=bool(flags & _DUP),
-        epoch=epoch,
-        recv_ns=recv_ns,
-        too_large=bool(flags & _TOO_LARGE),
-        source=source,
-    )
-
-
-def pack_ids(epoch: int, mids: list[int]) -> bytes:
-    """An A frame's body: the connection epoch, then the packet ids."""
-    return struct.pack(f"!I{len(mids)}H", epoch, *mids)
-
-
-def unpack_ids(body: memoryview) -> tuple[int, list[int]]:
-    epoch, *mids = struct.unpack(f"!I{(len(body) - 4) // 2}H", body)
-    return epoch, mids
-
-
-# -- the ingest process -------------------------------------------------------------------
-
-
-class Forwarder:
-    """An ingest process's packet sink: the gateway process, over the socket pair."""
-
-    def __init__(self, sock: socket.socket, max_pending: int, epoch: int) -> None:
-        self.sock = sock
-        self.max_pending = max_pending
-        self.on_committed: Callable[[list[Incoming]], None] | None = None  # not used here
-        self._epoch = epoch
-        self._out: list[bytes] = []
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._settled = threading.Condition()
-        self._sent = 0  # packets taken (paho's thread only)
-        self._done = 0  # packets the gateway said it committed (the reader only)
-        self.closed = False
-
-    def last_epoch(self) -> int:
-        return self._epoch
-
-    def submit_packet(self, pkt: Incoming, wait_s: float = 0.0) -> bool:
-        room = True
-        if self.unsettled >= self.max_pending and wait_s > 0:
-            with self._settled:
-                room = self._settled.wait_for(
-                    lambda: self.closed or self.unsettled < self.max_pending, wait_s
-                )
-        parts = encode_packet(pkt)
-        with self._lock:
-            self._out += parts
-        self._sent += 1
-        if not self._wake.is_set():
-            self._wake.set()
-        return room
-
-    @property
-    def unsettled(self) -> int:
-        """Packets sent to the gateway and not yet committed."""
-        return self._sent - self._done
-
-    def flush(self) -> None:
-        """Wait until the gateway has committed every packet sent (or is gone)."""
-        self._wake.set()
-        with self._settled:
-            self._settled.wait_for(lambda: self.closed or self.unsettled <= 0, STOP_WAIT_S)
-
-    def send_loop(self, state: Callable[[], tuple[Any, ...]], stats: Callable[[], bytes]) -> None:
-        """Send what paho's thread queued, in few writes, and the stats (when `state`
-        changes, and every second); until closed."""
-        last: tuple[Any, ...] = ()
-        next_stats = 0.0
-        while not self.closed:
-            if self._wake.wait(0.5):
-                # Let a few more packets come: a write and a wake-up per packet cost
-                # both processes more than this adds to latency.
-                time.sleep(SEND_GATHER_S)
-            self._wake.clear()
-            with self._lock:
-                out, self._out = self._out, []
-            now = time.monotonic()
-            st = state()
-            if st != last or now >= next_stats:
-                last, next_stats = st, now + 1.0
-                out.append(frame(STATS, stats()))
-            if not out:
-                continue
-            try:
-                self.sock.sendall(b"".join(out))
-            except OSError:
-                self.close()
-
-    def read_loop(
-        self, on_committed: Callable[[int, list[int]], None], on_stop: Callable[[], None]
-    ) -> None:
-        for kind, body in read_frames(self.sock):
-            if kind == COMMITTED:
-                epoch, mids = unpack_ids(body)
-                on_committed(epoch, mids)
-                with self._settled:
-                    self._done += len(mids)
-                    self._settled.notify_all()
-            elif kind == STOP:
-                on_stop()
-        self.close()
-
-    def close(self) -> None:
-        with self._settled:
-            self.closed = True
-            self._settled.notify_all()
-        self._wake.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-
-
-def process_main(fd: int) -> int:
-    """`python -m gateway.ingest_procs FD`: one ingest process, FD its socket pair end."""
-    sock = socket.socket(fileno=fd)
-    kind, body = next(read_frames(sock), (0, memoryview(b"")))
-    if kind != HELLO:
-        return 2
-    hello = orjson.loads(bytes(body))
-    raw = hello["mqtt"]
-    cfg = MqttSection(**{**raw, "topics": tuple(raw["topics"])})
-    logs.setup(hello["log_level"], hello["log_format"], secret_values=[cfg.password])
-    fwd = Forwarder(sock, hello["max_pending"], hello["epoch"])
-    ingest = Ingest(
-        cfg,
-        fwd,
-        client_id=hello["client_id"],
-        source=hello["source"],
-        drain=hello["drain"],
-        stale=hello["stale"],
-    )
-    stopping = threading.Event()
-
-    def finish() -> None:
-        ingest.stop()  # waits for the gateway's answers about the last packets
-        if ingest.drain:
-            end_session(cfg, ingest.client_id)
-        fwd.close()
-
-    def stop() -> None:
-        if not stopping.is_set():
-            stopping.set()
-            # Off the reader: it must go on taking the gateway's answers meanwhile.
-            threading.Thread(target=finish, daemon=True).start()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop())
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the gateway process's
-
-    def state() -> tuple[Any, ...]:
-        """What the gateway must hear of at once (cheap: read at every send)."""
-        if not stopping.is_set() and not ingest.alive:
-            # paho's thread ended (an exception in a callback): exit, to be restarted.
-            log.error("%s: MQTT network thread ended", ingest.client_id)
-            fwd.close()
-        st = ingest.stats
-        return (
-            st.connected,
-            st.subscribed,
-            st.connects,
-            st.last_error,
-            ingest.first_attempt.is_set(),
-        )
-
-    def stats() -> bytes:
-        return orjson.dumps(
-            {**dataclasses.asdict(ingest.stats), "first_attempt": ingest.first_attempt.is_set()}
-        )
-
-    ingest.start()
-    sender = threading.Thread(target=fwd.send_loop, args=(state, stats), daemon=True)
-    sender.start()
-    if ingest.drain:
-        threading.Thread(target=_drain, args=(ingest, fwd, stop), daemon=True).start()
-    fwd.read_loop(ingest.ack_mids, stop)
-    if not stopping.is_set():
-        ingest.stop()  # the gateway went away: nothing more is committed or acknowledged
-        return 1
-    sender.join(5)
-    return 0
-
-
-def _drain(ingest: Ingest, fwd: Forwarder, stop: Callable[[], None]) -> None:
-    """A retired session: once unsubscribed, take packets until none came for
-    DRAIN_QUIET_S and the gateway has committed them all; then stop (and end it)."""
-    ingest.unsubscribed.wait()
-    quiet_since = time.monotonic()
-    seen = ingest.stats.received
-    while not fwd.closed:
-        time.sleep(0.1)
-        now = time.monotonic()
-        if ingest.stats.received != seen or fwd.unsettled:
-            seen, quiet_since = ingest.stats.received, now
-        elif now - quiet_since >= DRAIN_QUIET_S:
-            log.info("%s: took %d queued packets; ending the session", ingest.client_id, seen)
-            stop()
-            return
-
-
-def end_session(cfg: MqttSection, client_id: str) -> None:
-    """Discard the broker's session of `client_id` (and its place in the shared group):
-    connect with a clean start and no session expiry, then disconnect."""
-    client = new_client(cfg, client_id, clean=True)
-    try:
-        if cfg.protocol == "5":
-            client.connect(cfg.host, cfg.port, clean_start=True)
-        else:
-            client.connect(cfg.host, cfg.port)
-        client.loop_start()
-        deadline = time.monotonic() + 10
-        while not client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        client.disconnect()
-        client.loop_stop()
-    except OSError as exc:
-        log.error("%s: cannot end the session: %s", client_id, exc)  # noqa: TRY400
-
-
-# -- the gateway process --------------------------------------------------------------------
 
 
 class _Process:
@@ -367,7 +80,7 @@ class _Process:
     def spawn(self, epoch: int) -> None:
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.ingest_procs", str(theirs.fileno())],
+            [sys.executable, "-m", "gateway.ingest.process", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )
@@ -535,7 +248,7 @@ class IngestPool:
             except Exception as exc:
                 # The store writer's commit callback: raised on, it would end the writer.
                 # Unacknowledged, the packets come again on the process's next connection.
-                throttled(
+                client_mod.throttled(
                     fault(exc),
                     logging.ERROR,
                     "session %d: cannot pass on committed packets: %s: %s",
@@ -623,7 +336,3 @@ def retire_sessions(
         return pool.wait_ended(timeout_s)
     finally:
         pool.stop()
-
-
-if __name__ == "__main__":
-    raise SystemExit(process_main(int(sys.argv[1])))

@@ -42,7 +42,7 @@ from typing import IO, Any
 
 from aiohttp import web
 
-from gateway import signing
+from gateway.delivery import signing
 
 SCHEMES = ("cdr-manager", "standard-webhooks")
 MAX_BODY = 16 * 1024 * 1024

@@ -121,7 +121,8 @@ def _since_ms(text: str) -> int:
 
 
 def _cdr_cmd(args: argparse.Namespace) -> int:
-    from gateway import cdr, formats, reports
+    from gateway import cdr, reports
+    from gateway.delivery import formats
 
     cfg = _load(args)
     if args.cdr_command == "list":

@@ -391,7 +391,7 @@ def _or_auto(check: Callable[[Any], float]) -> Callable[[Any], float | None]:
 AUTO_COMMIT_DELAY_MAX_MS = 200.0
 
 # Delivery takes an open window's full batches at most every this-th part of the window
-# (delivery.Route.TAKE_PARTS), and "auto" holds a commit for as long: a packet waits for
+# (delivery.route.Route.TAKE_PARTS), and "auto" holds a commit for as long: a packet waits for
 # the next take anyway. A tenth until session 17.
 TAKE_PARTS = 5
 

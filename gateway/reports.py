@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import cdr, formats
+from gateway import cdr
 from gateway import store as st
 from gateway.config import Config, ReportConfig
-from gateway.delivery import new_webhook_id
+from gateway.delivery import formats, new_webhook_id
 from gateway.errors import GatewayError
 from gateway.store import Store, transaction
 

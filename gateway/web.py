@@ -32,10 +32,10 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway import __version__, formats, metrics, openapi, reports, status
+from gateway import __version__, metrics, openapi, reports, status
 from gateway import store as st
 from gateway.config import Config, WebhookConfig
-from gateway.delivery import Outcome, Sender, new_webhook_id
+from gateway.delivery import Outcome, Sender, formats, new_webhook_id
 from gateway.errors import GatewayError
 from gateway.ingest import IngestStats, Taker
 from gateway.store import PacketRow, Store

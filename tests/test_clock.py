@@ -19,10 +19,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import config, delivery, reports, sources, web
+from gateway import config, delivery, reports, web
 from gateway import store as st
 from gateway.config import WebhookConfig
-from gateway.delivery import Route, Sender
+from gateway.delivery import route, sources
+from gateway.delivery.route import Route, window_rows
+from gateway.delivery.sender import Sender
 from gateway.store import Incoming, Store
 from tests.conftest import free_port, until, write_config
 from tests.receiver import Receiver, Reply
@@ -140,9 +142,9 @@ def test_a_window_takes_the_rows_before_the_first_one_stamped_after_it(store: St
     # p1 came after p0's window; then the clock went back an hour, and p2 came.
     preload(store, [t, t + 10**9, t - HOUR_NS])
     rows = store.run_sync(st.fetch_packets, 0, 100)
-    assert [r.id for r in delivery.window_rows(rows, t + 200_000_000)] == [rows[0].id]
-    assert delivery.window_rows(rows, t) == []
-    assert delivery.window_rows(rows, t + 2 * 10**9) == rows
+    assert [r.id for r in window_rows(rows, t + 200_000_000)] == [rows[0].id]
+    assert window_rows(rows, t) == []
+    assert window_rows(rows, t + 2 * 10**9) == rows
 
 
 async def test_a_packet_stamped_before_a_jump_back_is_not_skipped_by_the_window_after_it(
@@ -194,7 +196,7 @@ async def delivered_within_an_hour(tmp_path: Path, store: Store, receiver: Recei
 async def test_a_clock_jumping_days_forward_does_not_expire_a_batch_being_retried(
     tmp_path: Path, store: Store, receiver: Receiver, clock: Callable[[Any], Clock]
 ) -> None:
-    wall = clock(delivery)
+    wall = clock(route)
 
     def behaviour(n: int, _r: object) -> Reply:
         if n == 0:
@@ -214,7 +216,7 @@ async def test_a_clock_set_forward_while_a_new_batch_is_written_does_not_expire_
 ) -> None:
     """The batch's creation time is read before its row is written, its sending starts
     after: a jump in between (seen once in CI) must not count as the batch's age."""
-    wall = clock(delivery)
+    wall = clock(route)
     create = st.create_batches
 
     def create_while_ntp_sets_the_clock(*args: Any) -> Any:
@@ -311,7 +313,7 @@ async def test_a_retry_after_a_restart_is_sent_once_the_clock_is_set_right(
 ) -> None:
     # A board without RTC boots a day behind; its retry (which may honour a Retry-After
     # of up to a day) looks a day away until NTP sets the clock.
-    wall = clock(delivery)
+    wall = clock(route)
     wall.offset_s = -86400
     stored_batch(store, time.time_ns(), 1, time.time_ns() + 100_000_000)
     cfg = webhook(

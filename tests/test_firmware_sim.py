@@ -29,7 +29,7 @@ import trustme
 from firmware_sim import devices, luhn
 from firmware_sim.devices import Fleet, make_iccid
 from firmware_sim.sink import Sink, detect_shape
-from gateway import signing
+from gateway.delivery import signing
 from tests.conftest import ROOT, Broker, free_port, wait_for, wait_port
 
 MONOZ_TS = "2023-10-16T09:17:32.123Z"

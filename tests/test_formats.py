@@ -14,10 +14,10 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from gateway import formats, signing
 from gateway.config import RETRY_PRESETS
-from gateway.delivery import Outcome, classify, next_delay, parse_retry_after
-from gateway.formats import PayloadOptions
+from gateway.delivery import formats, signing
+from gateway.delivery.formats import PayloadOptions
+from gateway.delivery.sender import Outcome, classify, next_delay, parse_retry_after
 from gateway.store import PacketRow
 
 # 2023-10-16T09:17:32.123Z, the design's example time.
@@ -341,8 +341,8 @@ def test_conditions_on_any_cbor_payload_answer_without_raising(
     payload: bytes, want: object
 ) -> None:
     from gateway.config import Condition
-    from gateway.routes import Filter
-    from gateway.sources import PacketSource
+    from gateway.delivery.conditions import Filter
+    from gateway.delivery.sources import PacketSource
 
     get = PacketSource(PayloadOptions("cbor-json")).getter(row(payload))
     for op in (">", ">=", "==", "!=", "contains", "startswith", "regex", "in"):
@@ -353,8 +353,8 @@ def test_conditions_on_any_cbor_payload_answer_without_raising(
 
 def test_ordering_conditions_never_match_null_booleans_lists_or_objects() -> None:
     from gateway.config import Condition
-    from gateway.routes import Filter
-    from gateway.sources import PacketSource
+    from gateway.delivery.conditions import Filter
+    from gateway.delivery.sources import PacketSource
 
     at_least_zero = Filter([Condition("payload.n", ">=", 0)])
 

@@ -27,7 +27,7 @@ from tests.receiver import Receiver, Reply
 
 CONCURRENCY = 2
 MAX_ITEMS = 100
-# delivery.Route keeps at most this many batches open (persisted, not yet finished)
+# delivery.route.Route keeps at most this many batches open (persisted, not yet finished)
 MAX_OPEN = max(CONCURRENCY * 4, 8)
 
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gateway.delivery import MAX_RETRY_AFTER_S, parse_retry_after
+from gateway.delivery.sender import MAX_RETRY_AFTER_S, parse_retry_after
 from tests.conftest import Broker, db_rows, wait_for
 from tests.faults.rawhttp import (
     RawReceiver,

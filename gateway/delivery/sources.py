@@ -15,11 +15,11 @@ from typing import Any
 
 import orjson
 
-from gateway import formats
 from gateway import store as st
 from gateway.config import WebhookConfig
-from gateway.formats import PayloadOptions
-from gateway.routes import MISSING, lookup
+from gateway.delivery import formats
+from gateway.delivery.conditions import MISSING, lookup
+from gateway.delivery.formats import PayloadOptions
 from gateway.store import PacketRow
 
 

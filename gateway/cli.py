@@ -11,9 +11,9 @@ from typing import Any
 
 from gateway import __version__, logs
 from gateway import config as config_mod
-from gateway import status as status_mod
 from gateway import store as store_mod
 from gateway.errors import ConfigError, GatewayError
+from gateway.web import status as status_mod
 
 DEFAULT_CONFIG = "/etc/edge-gateway/gateway.toml"
 
@@ -121,8 +121,8 @@ def _since_ms(text: str) -> int:
 
 
 def _cdr_cmd(args: argparse.Namespace) -> int:
-    from gateway import cdr, reports
     from gateway.delivery import formats
+    from gateway.usage import cdr, reports
 
     cfg = _load(args)
     if args.cdr_command == "list":
@@ -284,7 +284,7 @@ def _cmd(args: argparse.Namespace) -> int:
             level_fixed=args.log_level is not None,
             secret_values=logs.secret_values(cfg),
         )
-        from gateway import service
+        from gateway.runtime import service
 
         return service.main(cfg)
     if args.command == "status":

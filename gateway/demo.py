@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gateway import status as status_mod
 from gateway.errors import GatewayError
+from gateway.web import status as status_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 import orjson
 import sqlite_utils
 
-from gateway import sdnotify
 from gateway.errors import StoreError
+from gateway.runtime import sdnotify
 
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")

@@ -323,7 +323,7 @@ async def run_gateway() -> object:
     """Start gateway.service.run(cfg) on the test's loop; cancelled at teardown."""
     import asyncio
 
-    from gateway import service
+    from gateway.runtime import service
 
     tasks: list[asyncio.Task[None]] = []
 

@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from firmware_sim.modem import Identity, ModemEmulator
-from gateway import cdr, config
+from gateway import config
 from gateway import store as st
 from gateway.config import CdrSection
+from gateway.usage import cdr
 from tests.conftest import ROOT, Broker, db_rows, gateway_cmd, until, wait_for, write_config
 from tests.receiver import Receiver
 

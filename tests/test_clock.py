@@ -19,13 +19,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import config, delivery, reports, web
+from gateway import config, delivery
 from gateway import store as st
 from gateway.config import WebhookConfig
 from gateway.delivery import route, sources
 from gateway.delivery.route import Route, window_rows
 from gateway.delivery.sender import Sender
 from gateway.store import Incoming, Store
+from gateway.usage import reports
+from gateway.web import app as web
 from tests.conftest import free_port, until, write_config
 from tests.receiver import Receiver, Reply
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from gateway import reports
+from gateway.usage import reports
 from tests.conftest import ROOT, Broker, db_rows, free_port, wait_for, write_config
 from tests.receiver import Receiver, Reply
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from gateway import config, status
+from gateway import config
+from gateway.web import status
 from tests.conftest import (
     Broker,
     db_rows,

@@ -233,7 +233,11 @@ def test_installed_venv_runs_the_example_config_and_the_installed_unit_verifies(
     )
     assert done.returncode == 0, done.stderr
     subprocess.run(
-        [str(gateway.parent / "python"), "-c", "import gateway.service, gateway.modem.poller"],
+        [
+            str(gateway.parent / "python"),
+            "-c",
+            "import gateway.runtime.service, gateway.modem.poller",
+        ],
         check=True,
         cwd=tmp_path,
     )

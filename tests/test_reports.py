@@ -17,9 +17,10 @@ from typing import Any
 
 import aiohttp
 
-from gateway import config, reports
+from gateway import config
 from gateway import store as st
 from gateway.config import ReportConfig
+from gateway.usage import reports
 from tests.conftest import ROOT, Broker, free_port, gateway_cmd, until, write_config
 from tests.receiver import Receiver
 from tests.test_cdr import NEW, OLD, preload_cdrs

@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from gateway import status
 from gateway import store as store_mod
+from gateway.web import status
 
 
 def store_conn(tmp_path: Path):  # type: ignore[no-untyped-def]

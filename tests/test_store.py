@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from gateway import status as status_mod
 from gateway import store as st
 from gateway.store import Incoming, Store, transaction
+from gateway.web import status as status_mod
 from tests.conftest import wait_for
 
 

@@ -18,9 +18,9 @@ import pytest
 
 from gateway import config as config_mod
 from gateway.ingest import Ingest
-from gateway.sdnotify import Notifier, socket_address, watchdog_interval_s
+from gateway.runtime.sdnotify import Notifier, socket_address, watchdog_interval_s
+from gateway.runtime.supervisor import Supervisor
 from gateway.store import Store
-from gateway.supervisor import Supervisor
 from tests.conftest import Broker, free_port, publish, wait_for, write_config
 from tests.receiver import Receiver
 

@@ -27,8 +27,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from gateway import config, ingest, openapi, reports, web
+from gateway import config, ingest
 from gateway import store as store_mod
+from gateway.usage import reports
+from gateway.web import app as web
+from gateway.web import openapi
 from tests.conftest import (
     ROOT,
     Broker,

@@ -21,7 +21,6 @@ from typing import Any
 
 import orjson
 
-from gateway import cdr
 from gateway.config import CdrSection, ModemSection
 from gateway.errors import GatewayError, ModemError
 from gateway.modem.at import AtChannel, AtTimeout, PortError, describe, split_fields
@@ -37,6 +36,7 @@ from gateway.modem.profiles import (
     read_fields,
 )
 from gateway.store import Store, transaction
+from gateway.usage import cdr
 
 log = logging.getLogger("gateway.modem")
 

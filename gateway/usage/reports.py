@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import cdr
 from gateway import store as st
 from gateway.config import Config, ReportConfig
 from gateway.delivery import formats, new_webhook_id
 from gateway.errors import GatewayError
 from gateway.store import Store, transaction
+from gateway.usage import cdr
 
 log = logging.getLogger("gateway.reports")
 

@@ -9,11 +9,12 @@ import signal
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from gateway import __version__, cdr, delivery, ingest, reports
+from gateway import __version__, delivery, ingest
 from gateway import store as st
 from gateway.config import Config, WebhookConfig, commit_delay_ms, commit_delay_slow_ms
+from gateway.runtime.supervisor import Supervisor
 from gateway.store import Store
-from gateway.supervisor import Supervisor
+from gateway.usage import cdr, reports
 
 log = logging.getLogger("gateway.service")
 
@@ -53,7 +54,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         http = await stack.enter_async_context(delivery.client_session())
         site = None
         if cfg.web.enabled:
-            from gateway import web
+            from gateway.web import app as web
 
             # Before ingest: a port already in use stops the gateway before it takes packets.
             site = await stack.enter_async_context(web.serve(cfg, store, http))

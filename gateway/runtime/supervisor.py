@@ -32,7 +32,7 @@ from gateway import store as store_mod
 from gateway.config import Config, WebhookConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.ingest import Taker
-from gateway.sdnotify import Notifier, monotonic_usec, watchdog_interval_s
+from gateway.runtime.sdnotify import Notifier, monotonic_usec, watchdog_interval_s
 from gateway.store import Store
 
 log = logging.getLogger("gateway.supervisor")

@@ -32,13 +32,15 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway import __version__, metrics, openapi, reports, status
+from gateway import __version__
 from gateway import store as st
 from gateway.config import Config, WebhookConfig
 from gateway.delivery import Outcome, Sender, formats, new_webhook_id
 from gateway.errors import GatewayError
 from gateway.ingest import IngestStats, Taker
 from gateway.store import PacketRow, Store
+from gateway.usage import reports
+from gateway.web import metrics, openapi, status
 
 log = logging.getLogger("gateway.web")
 T = TypeVar("T")
@@ -202,7 +204,7 @@ def test_body(hook: WebhookConfig, cfg: Config, now_ns: int) -> bytes:
 
 
 def _dashboard_html() -> str:
-    return importlib.resources.files("gateway").joinpath("dashboard.html").read_text("utf-8")
+    return importlib.resources.files("gateway.web").joinpath("dashboard.html").read_text("utf-8")
 
 
 LOGIN_PAGE = """<!doctype html>

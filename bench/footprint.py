@@ -22,8 +22,8 @@ One mosquitto started here on a free loopback port (in memory, as bench/drain.py
    dashboard on); CPU % of one core (user and system time apart, and context switches
    a second across all its threads) and RSS of the gateway (defaults: its commit delay
    is "auto", 100 ms for that profile), and in the same window of a second gateway
-   with `gateway.commit_delay_ms` (--idle-commit-delay-ms, 0: no delay, the default
-   before session 10) and, as baselines, `mosquitto_sub -q 1` and a bare paho
+   with `gateway.commit_delay_ms` (--idle-commit-delay-ms, 0: no delay) and, as
+   baselines, `mosquitto_sub -q 1` and a bare paho
    subscriber.
 Prints a table and one JSON line. Only loopback; every wait is bounded.
 """

@@ -181,11 +181,9 @@ async def test_at_a_steady_rate_full_batches_go_a_fifth_of_a_window_apart(
     await asyncio.to_thread(publish, mosquitto.port, messages, rate=1000.0)
     await until(lambda: len(receiver.delivered()) == 1500, what="1500 records", timeout=30)
     n = await commits() - before
-    # A packet commit per commit delay (200 ms here) at most, a take every 0.4 s and the
-    # batches' completions: 11 to 15 commits here since session 17 (21 to 25 with a
-    # take every tenth of the window and a 100 ms delay, 26 to 32 before takes and lone
-    # completions joined the packet commits, 34 to 39 while 64 packets ended the
-    # delay); 64 to 70 when each full batch was taken at once.
+    # A packet commit per commit delay (200 ms here) at most, a take every 0.4 s, and
+    # the batches' completions joining the packet commits: 11 to 15 commits on a
+    # 2-core machine; taking each full batch at once would make 64 to 70.
     assert n <= 20, f"{n} commits for 1500 packets in 150 batches"
     assert all(isinstance(r.json, list) and len(r.json) == 10 for r in receiver.ok())
 

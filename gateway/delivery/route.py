@@ -62,18 +62,16 @@ class Route:
 
     FETCH_LIMIT = 5000
     # Full batches of an open window go together at most every this-th part of the
-    # window (see run); the "auto" commit delay is as long. A tenth until session 17: at
-    # 1,000 records/s a fifth halves the takes, and so the commits, each with its
-    # bookkeeping pages (a fifth fewer disk bytes per packet), for about 200 ms more
-    # latency at monoZ's 1 s window.
+    # window (see run); the "auto" commit delay is as long. Each take is a commit with
+    # bookkeeping pages of its own: fewer takes write fewer disk bytes per packet, for
+    # up to a take's interval more latency (docs/performance.md).
     TAKE_PARTS = config.TAKE_PARTS
     # Open batches beyond `concurrency`: at least 8, so that a freed request slot finds
     # one ready, and as many as hold this many records, so that a take of full batches
     # (a fifth of a window: 200 records, 20 batches, at 1,000 records/s with monoZ)
-    # fits beside those still in flight. With 8 (until session 17) such takes filled
-    # the room half of the time at monoZ's 10 records a batch, and so went at once.
-    # Counted in records because each open batch holds its body while it waits for a
-    # retry: a receiver outage must not fill memory with 500-record batches.
+    # fits beside those still in flight; with less room such takes fill it and go at
+    # once. Counted in records because each open batch holds its body while it waits
+    # for a retry: a receiver outage must not fill memory with 500-record batches.
     SPARE_RECORDS = 320
 
     def __init__(

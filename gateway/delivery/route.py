@@ -459,23 +459,7 @@ class Route:
     ) -> None:
         body, records, failed, error = await self._body(batch, parts)
         if error:
-            reason = "unencodable"
-            log.warning(
-                "webhook %s: a batch was dead-lettered (%s): %s", self.cfg.name, reason, error
-            )
-            done = dataclasses.replace(batch, count=records)
-            await self._db_write(
-                st.dead_letter,
-                self.store,
-                self.cfg.name,
-                self.source.name,
-                done,
-                body,
-                records,
-                reason,
-                None,
-                error,
-            )
+            await self._dead_letter(batch, body, records, "unencodable", None, error)
             return
         if not body:
             # Every packet of this batch was evicted by drop_oldest; nothing to send.
@@ -535,28 +519,9 @@ class Route:
                 await self._db_write(
                     st.record_failure, self.cfg.name, batch, attempts, 0, outcome.status, error
                 )
-                log.warning(
-                    "webhook %s: batch %s (%d records) dead-lettered: %s (%s)",
-                    self.cfg.name,
-                    batch.id,
-                    records,
-                    reason,
-                    error,
-                )
-                done = dataclasses.replace(
-                    batch, attempts=attempts, next_at_ns=0, count=records, retry_delay_ns=0
-                )
-                await self._db_write(
-                    st.dead_letter,
-                    self.store,
-                    self.cfg.name,
-                    self.source.name,
-                    done,
-                    body,
-                    records,
-                    reason,
-                    outcome.status,
-                    outcome.excerpt or error,
+                done = dataclasses.replace(batch, attempts=attempts, next_at_ns=0, retry_delay_ns=0)
+                await self._dead_letter(
+                    done, body, records, reason, outcome.status, outcome.excerpt or error, error
                 )
                 return
             delay_ns = int(delay * 1e9)
@@ -579,6 +544,39 @@ class Route:
                 delay,
             )
             await asyncio.sleep(delay)
+
+    async def _dead_letter(
+        self,
+        batch: Batch,
+        body: bytes,
+        records: int,
+        reason: str,
+        status: int | None,
+        excerpt: str,
+        error: str = "",
+    ) -> None:
+        """Move a batch to the dead letters, with why (`error`, for the log line)."""
+        log.warning(
+            "webhook %s: batch %s (%d records) dead-lettered: %s (%s)",
+            self.cfg.name,
+            batch.id,
+            records,
+            reason,
+            error or excerpt,
+        )
+        done = dataclasses.replace(batch, count=records)
+        await self._db_write(
+            st.dead_letter,
+            self.store,
+            self.cfg.name,
+            self.source.name,
+            done,
+            body,
+            records,
+            reason,
+            status,
+            excerpt,
+        )
 
     async def _wait_for_retry(self, next_at_ns: int, delay_ns: int) -> None:
         """Wait until a retry that an earlier run persisted (as wall-clock time) is due.

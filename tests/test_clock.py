@@ -28,6 +28,7 @@ from gateway.delivery.sender import Sender
 from gateway.store import Incoming, Store
 from gateway.usage import reports
 from gateway.web import app as web
+from gateway.web import throughput
 from tests.conftest import free_port, until, write_config
 from tests.receiver import Receiver, Reply
 
@@ -349,18 +350,18 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def test_uptime_and_rates_survive_the_clock_going_back_an_hour(
     tmp_path: Path, store: Store, http: aiohttp.ClientSession, clock: Callable[[Any], Clock]
 ) -> None:
-    wall = clock(web)
+    wall, chart = clock(web), clock(throughput)  # the status and its chart: one clock
     cfg = gateway_config(tmp_path, web=f'listen = "127.0.0.1:{free_port()}"\nsample_s = 0.1')
     w = web.Web(cfg, store, http)
     try:
         samples = []
         for i in range(4):
             store.run_sync(bump_received, 100)
-            samples.append(w.reader.run_sync(web.take_sample))
+            samples.append(w.reader.run_sync(throughput.take_sample))
             w.throughput.add(samples[-1])
             await asyncio.sleep(0.2)
             if i == 1:
-                wall.offset_s = -3600
+                wall.offset_s = chart.offset_s = -3600
         snap = await asyncio.to_thread(w.status_sync)
     finally:
         w.reader.close()

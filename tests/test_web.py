@@ -31,7 +31,7 @@ from gateway import config, ingest
 from gateway import store as store_mod
 from gateway.usage import reports
 from gateway.web import app as web
-from gateway.web import openapi
+from gateway.web import openapi, throughput
 from tests.conftest import (
     ROOT,
     Broker,
@@ -636,9 +636,9 @@ async def test_the_api_holds_to_its_openapi_document_under_generated_requests(
 
 def test_the_chart_can_be_read_while_the_sampler_adds_to_it() -> None:
     # /api/status reads the samples in a worker thread while the event loop adds to them.
-    tp = web.Throughput(0.1)
+    tp = throughput.Throughput(0.1)
     for i in range(100):
-        tp.add(web.Sample(i, i, i, 0))
+        tp.add(throughput.Sample(i, i, i, 0))
     stop = threading.Event()
     errors: list[Exception] = []
 
@@ -656,7 +656,7 @@ def test_the_chart_can_be_read_while_the_sampler_adds_to_it() -> None:
     deadline = time.monotonic() + 1.0
     i = 100
     while time.monotonic() < deadline and not errors:
-        tp.add(web.Sample(i, i, i, 0))
+        tp.add(throughput.Sample(i, i, i, 0))
         i += 1
     stop.set()
     reader.join()

@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     dr = dsub.add_parser("replay", help="re-queue dead letters for delivery")
     with_config(dr)
     dr.add_argument("--webhook")
-    dr.add_argument("--id", type=int, action="append", default=[])
+    dr.add_argument("--id", type=int, nargs="+", action="extend", default=[], metavar="N")
     dp = dsub.add_parser("purge", help="delete dead letters for good")
     with_config(dp)
     dp.add_argument("--webhook", help="a webhook's letters ('' for oversize packets)")

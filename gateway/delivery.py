@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway import __version__, config, formats, signing, sources
+from gateway import __version__, formats, signing, sources
 from gateway import store as st
 from gateway.config import RetryPolicy, WebhookConfig
 from gateway.routes import Filter
@@ -216,7 +216,7 @@ class Route:
     # 1,000 records/s a fifth halves the takes, and so the commits, each with its
     # bookkeeping pages (a fifth fewer disk bytes per packet), for about 200 ms more
     # latency at monoZ's 1 s window.
-    TAKE_PARTS = config.TAKE_PARTS
+    TAKE_PARTS = st.TAKE_PARTS
     # Open batches beyond `concurrency`: at least 8, so that a freed request slot finds
     # one ready, and as many as hold this many records, so that a take of full batches
     # (a fifth of a window: 200 records, 20 batches, at 1,000 records/s with monoZ)

@@ -11,8 +11,8 @@ from typing import Any
 
 from gateway import __version__, cdr, delivery, ingest, reports, sdnotify
 from gateway import store as st
-from gateway.config import Config, WebhookConfig, commit_delay_ms, commit_delay_slow_ms
-from gateway.store import Store, StoreSettings
+from gateway.config import Config, WebhookConfig
+from gateway.store import Store, StoreSettings, commit_delay_ms, commit_delay_slow_ms
 from gateway.supervisor import Supervisor
 
 log = logging.getLogger("gateway.service")
@@ -27,20 +27,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         store = stack.enter_context(
             Store.open(
                 cfg.gateway.state_dir,
-                StoreSettings(
-                    max_buffer_bytes=int(cfg.gateway.max_buffer_mb * 1024 * 1024),
-                    on_full=cfg.gateway.on_full,
-                    commit_max_packets=cfg.gateway.commit_max_packets,
-                    min_free_bytes=int(cfg.gateway.min_free_mb * 1024 * 1024),
-                    commit_delay_s=commit_delay_ms(cfg.gateway, cfg.webhooks) / 1000,
-                    # The broker sends at most receive_maximum packets ahead of their PUBACKs.
-                    commit_delay_max_packets=max(1, cfg.mqtt.receive_maximum // 2),
-                    commit_delay_slow_s=commit_delay_slow_ms(cfg.gateway, cfg.webhooks) / 1000,
-                    receive_maximum=cfg.mqtt.receive_maximum,
-                    sessions=cfg.mqtt.ingest_processes,
-                    dead_letter_max_bytes=int(cfg.gateway.dead_letter_max_mb * 1024 * 1024),
-                    dead_letter_max_age_s=cfg.gateway.dead_letter_max_age,
-                ),
+                StoreSettings.from_config(cfg),
                 on_progress=migration_notice,
             )
         )

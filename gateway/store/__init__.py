@@ -42,7 +42,13 @@ from gateway.store.dead_letters import (
     requeue_dead_letters,
 )
 from gateway.store.events import add_event
-from gateway.store.pacing import CAP_MIN_PACKETS, TRICKLE_PACKETS
+from gateway.store.pacing import (
+    CAP_MIN_PACKETS,
+    TAKE_PARTS,
+    TRICKLE_PACKETS,
+    commit_delay_ms,
+    commit_delay_slow_ms,
+)
 from gateway.store.packets import fetch_packets, packet_span, packets_by_ids
 from gateway.store.records import REJECT_REASONS, Batch, Incoming, PacketRow, Reject, Replay
 from gateway.store.schema import MIGRATION_TIMEOUT_S, migrate
@@ -54,6 +60,7 @@ __all__ = [
     "DEAD_LETTER_PREFIX_BYTES",
     "MIGRATION_TIMEOUT_S",
     "REJECT_REASONS",
+    "TAKE_PARTS",
     "TRICKLE_PACKETS",
     "Batch",
     "Incoming",
@@ -66,6 +73,8 @@ __all__ = [
     "add_event",
     "advance_cursor",
     "bump",
+    "commit_delay_ms",
+    "commit_delay_slow_ms",
     "complete_batch",
     "connect",
     "counters",

@@ -1,6 +1,6 @@
 """When the writer commits: how it takes packets and calls from its queue, the commit
 delay (gateway.commit_delay_ms) that lets later packets share a commit's fsync, and what
-it learns of the broker's pace."""
+it learns of the broker's pace; and the delays "auto" works out from the webhooks."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.store.records import Incoming
+
+if TYPE_CHECKING:
+    from gateway.config import GatewaySection, WebhookConfig
 
 log = logging.getLogger("gateway.store")
 
@@ -49,6 +52,48 @@ TRICKLE_PACKETS = 8
 
 # At most this many store calls share one transaction.
 MAX_GROUP_CALLS = 256
+
+# The most "auto" holds a commit for later packets to share it (gateway.commit_delay_ms).
+AUTO_COMMIT_DELAY_MAX_MS = 200.0
+
+# Delivery takes an open window's full batches at most every this-th part of the window
+# (delivery.Route.TAKE_PARTS), and "auto" holds a commit for as long: a packet waits for
+# the next take anyway.
+TAKE_PARTS = 5
+
+# The most "auto" holds a trickle of packets (see TRICKLE_PACKETS).
+AUTO_COMMIT_DELAY_SLOW_MAX_MS = 500.0
+
+
+def commit_delay_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConfig]) -> float:
+    """gateway.commit_delay_ms as set; for "auto" (the default) a fifth of the shortest
+    batching window of the packet webhooks, at most 200 ms. So 0 when one of them sends
+    at once (`window_ms = 0`), and 200 ms for monoZ's 1 s window, where a packet waits
+    for its window, or for delivery's next take of full batches (every fifth of a
+    window, TAKE_PARTS), anyway; 200 ms also with no packet webhook."""
+    return _auto_delay_ms(gateway, webhooks, AUTO_COMMIT_DELAY_MAX_MS, TAKE_PARTS)
+
+
+def commit_delay_slow_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConfig]) -> float:
+    """How long a commit holding a trickle of packets waits in all (TRICKLE_PACKETS):
+    for "auto", half the shortest batching window of the packet webhooks, at most 500 ms
+    (0 with `window_ms = 0`). A packet that waits so misses at most its window's close
+    and goes with the next, whose close counts from the packet's arrival, so it still
+    reaches the webhook about a window after it came. A delay set in the config is
+    never stretched."""
+    return _auto_delay_ms(gateway, webhooks, AUTO_COMMIT_DELAY_SLOW_MAX_MS, 2)
+
+
+def _auto_delay_ms(
+    gateway: GatewaySection, webhooks: Sequence[WebhookConfig], most: float, parts: int
+) -> float:
+    """gateway.commit_delay_ms as set; for "auto", the shortest batching window of
+    the packet webhooks divided by `parts`, at most `most` ms."""
+    if gateway.commit_delay_ms is not None:
+        return gateway.commit_delay_ms
+    windows = [w.batch.window_ms for w in webhooks if w.source == "packets"]
+    return min([most, *(w / parts for w in windows)])
+
 
 # What the writer's queue holds: packets (Incoming), calls (_Call), and this marker,
 # put there by Store.close.

@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from gateway import store as st
 from gateway.store import Incoming, Store
+from gateway.store import pacing as st
 
 
 def run(cap: int, seconds: float, delay_s: float, learn: bool) -> dict[str, object]:

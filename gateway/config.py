@@ -9,7 +9,7 @@ import os
 import re
 import string
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +31,7 @@ class GatewaySection:
     max_buffer_mb: float = 512.0
     on_full: str = "backpressure"
     commit_max_packets: int = 2000
-    commit_delay_ms: float | None = None  # None: "auto" (see commit_delay_ms())
+    commit_delay_ms: float | None = None  # None: "auto" (see store.commit_delay_ms)
     log_level: str = "info"
     log_format: str = "text"
     min_free_mb: float = 64.0
@@ -385,50 +385,6 @@ def _or_auto(check: Callable[[Any], float]) -> Callable[[Any], float | None]:
             raise _Bad(f'{exc.what} or "auto"') from None
 
     return either
-
-
-# The most "auto" holds a commit for later packets to share it (gateway.commit_delay_ms).
-AUTO_COMMIT_DELAY_MAX_MS = 200.0
-
-# Delivery takes an open window's full batches at most every this-th part of the window
-# (delivery.route.Route.TAKE_PARTS), and "auto" holds a commit for as long: a packet waits for
-# the next take anyway. A tenth until session 17.
-TAKE_PARTS = 5
-
-
-def commit_delay_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConfig]) -> float:
-    """gateway.commit_delay_ms as set; for "auto" (the default) a fifth of the shortest
-    batching window of the packet webhooks, at most 200 ms. So 0 when one of them sends
-    at once (`window_ms = 0`), and 200 ms for monoZ's 1 s window, where a packet waits
-    for its window, or for delivery's next take of full batches (every fifth of a
-    window, TAKE_PARTS), anyway; 200 ms also with no packet webhook. A tenth and 100 ms
-    until session 17."""
-    return _auto_delay_ms(gateway, webhooks, AUTO_COMMIT_DELAY_MAX_MS, TAKE_PARTS)
-
-
-# The most "auto" holds a trickle of packets (see store.TRICKLE_PACKETS).
-AUTO_COMMIT_DELAY_SLOW_MAX_MS = 500.0
-
-
-def commit_delay_slow_ms(gateway: GatewaySection, webhooks: Sequence[WebhookConfig]) -> float:
-    """How long a commit holding a trickle of packets waits in all (store.TRICKLE_PACKETS):
-    for "auto", half the shortest batching window of the packet webhooks, at most 500 ms
-    (0 with `window_ms = 0`). A packet that waits so misses at most its window's close
-    and goes with the next, whose close counts from the packet's arrival, so it still
-    reaches the webhook about a window after it came. A delay set in the config is
-    never stretched."""
-    return _auto_delay_ms(gateway, webhooks, AUTO_COMMIT_DELAY_SLOW_MAX_MS, 2)
-
-
-def _auto_delay_ms(
-    gateway: GatewaySection, webhooks: Sequence[WebhookConfig], most: float, parts: int
-) -> float:
-    """gateway.commit_delay_ms as set; for "auto", the shortest batching window of
-    the packet webhooks divided by `parts`, at most `most` ms."""
-    if gateway.commit_delay_ms is not None:
-        return gateway.commit_delay_ms
-    windows = [w.batch.window_ms for w in webhooks if w.source == "packets"]
-    return min([most, *(w / parts for w in windows)])
 
 
 def _statuses(value: Any) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ from hypothesis import strategies as hs
 from gateway import config
 from gateway.cli import main
 from gateway.errors import ConfigError
+from gateway.store.pacing import commit_delay_ms, commit_delay_slow_ms
 from tests.conftest import ROOT, gateway_cmd
 
 GOOD = """
@@ -215,9 +216,9 @@ def test_commit_delay_auto_is_a_fifth_of_the_shortest_packet_window(
         "webhooks": [{"name": f"w{i}", "url": "https://x", **h} for i, h in enumerate(hooks)],
     }
     cfg = config.parse(raw, {})
-    assert config.commit_delay_ms(cfg.gateway, cfg.webhooks) == expected
+    assert commit_delay_ms(cfg.gateway, cfg.webhooks) == expected
     # How long a trickle of packets (fewer than store.TRICKLE_PACKETS) waits in all.
-    assert config.commit_delay_slow_ms(cfg.gateway, cfg.webhooks) == slow
+    assert commit_delay_slow_ms(cfg.gateway, cfg.webhooks) == slow
 
 
 def test_shared_group_prefixes_every_topic() -> None:

@@ -19,7 +19,10 @@ import sqlite_utils
 from gateway import config
 from gateway import store as st
 from gateway.errors import ConfigError
-from gateway.store import Incoming, Store, transaction
+from gateway.store import Incoming, Store, dead_letters, transaction
+from gateway.store.db import PAGE_SIZE
+from gateway.store.dead_letters import DEAD_LETTER_BYTES
+from gateway.store.schema import MIGRATIONS
 from tests.conftest import Broker, db_rows, gateway_cmd, publish, wait_for, write_config
 
 ICCID = "8981100000000000012"
@@ -159,7 +162,7 @@ def test_a_big_backlog_of_dead_letters_is_evicted_a_bounded_batch_at_a_time(
 ) -> None:
     """Past its limits by far (a lowered limit, a long stop), the eviction goes a batch
     at a time and packets still commit in between."""
-    monkeypatch.setattr(st, "DEAD_LETTER_EVICT_ROWS", 10)
+    monkeypatch.setattr(dead_letters, "DEAD_LETTER_EVICT_ROWS", 10)
     now = time.time_ns()
     with Store.open(tmp_path, dead_letter_max_age_s=3600) as store:
 
@@ -336,7 +339,7 @@ def test_a_schema_10_store_keeps_its_dead_letters_and_rewrites_none_of_their_pag
     sdb = sqlite_utils.Database(conn)
     for v in range(1, 11):
         with transaction(conn):
-            st.MIGRATIONS[v](sdb)
+            MIGRATIONS[v](sdb)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
     now = time.time_ns()
     with transaction(conn):
@@ -351,7 +354,7 @@ def test_a_schema_10_store_keeps_its_dead_letters_and_rewrites_none_of_their_pag
     expected = sum(
         int(r[0])
         for r in conn.execute(
-            f"SELECT {st.DEAD_LETTER_BYTES.format('dead_letters')} FROM dead_letters"
+            f"SELECT {DEAD_LETTER_BYTES.format('dead_letters')} FROM dead_letters"
         )
     )
     conn.close()  # the last connection: its WAL is checkpointed and removed
@@ -360,7 +363,7 @@ def test_a_schema_10_store_keeps_its_dead_letters_and_rewrites_none_of_their_pag
     with Store.open(tmp_path) as store:
         wal = db.with_name("gateway.db-wal").stat().st_size
         assert store.run_sync(lambda c: st.get_meta(c, "schema_version")) == "11"
-        assert (wal - 32) // (24 + st.PAGE_SIZE) < 20, f"{wal} bytes of WAL"
+        assert (wal - 32) // (24 + PAGE_SIZE) < 20, f"{wal} bytes of WAL"
         assert store.dead_letter_bytes == expected > 200 * 2000
         listed = store.run_sync(st.list_dead_letters, None, 1000)
         assert len(listed) == 201

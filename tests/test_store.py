@@ -16,7 +16,15 @@ import pytest
 import sqlite_utils
 
 from gateway import store as st
-from gateway.store import Incoming, Store, transaction
+from gateway.runtime.service import migration_notice
+from gateway.store import Incoming, Store, buffer, redelivery, transaction
+from gateway.store.batches import set_cursor
+from gateway.store.counting import COUNTED
+from gateway.store.db import PAGE_SIZE
+from gateway.store.packets import sender_id
+from gateway.store.records import digest_of
+from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
+from gateway.store.tables import PACKET_TABLES
 from gateway.web import status as status_mod
 from tests.conftest import wait_for
 
@@ -374,7 +382,7 @@ def _store_at_schema(db: Path, version: int) -> sqlite3.Connection:
     sdb = sqlite_utils.Database(conn)
     for v in range(1, version + 1):
         with transaction(conn):
-            st.MIGRATIONS[v](sdb)
+            MIGRATIONS[v](sdb)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(v),))
     return conn
 
@@ -395,7 +403,7 @@ def test_a_schema_2_store_is_migrated_keeping_its_open_batches(tmp_path: Path) -
     with Store.open(tmp_path) as store:
         assert store.run_sync(
             lambda c: c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        ) == (str(st.SCHEMA_VERSION),)
+        ) == (str(SCHEMA_VERSION),)
         (b,) = store.run_sync(st.load_batches, "cloud")
     assert (b.id, b.attempts, b.next_at_ns, b.retry_delay_ns) == ("msg_old", 2, 5, 0)
 
@@ -559,7 +567,7 @@ def _release_up_to(store: Store, cursor: int) -> int:
     def release(conn: sqlite3.Connection) -> int:
         with transaction(conn):
             st.ensure_route(conn, "cloud", "packets")
-            st.set_cursor(conn, "cloud", cursor)
+            set_cursor(conn, "cloud", cursor)
             return store.release_packets(conn)
 
     return store.run_sync(release)
@@ -571,7 +579,7 @@ def _wal_frames(store: Store, fn: Callable[[], object]) -> int:
     store.run_sync(lambda c: c.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
     fn()
     wal = store.path.with_name(store.path.name + "-wal")
-    return (wal.stat().st_size - 32) // (st.PAGE_SIZE + 24)
+    return (wal.stat().st_size - 32) // (PAGE_SIZE + 24)
 
 
 def test_delivered_packets_are_freed_without_writing_their_pages_again(
@@ -581,7 +589,7 @@ def test_delivered_packets_are_freed_without_writing_their_pages_again(
     writes a few pages, not each page of packets once more (SD card wear). (The last
     ten rows' keys go to `inflight` on the way: they are the redelivery window, and
     their table has waited long enough, PIN_WAIT_S = 0.)"""
-    monkeypatch.setattr(st, "PIN_WAIT_S", 0.0)
+    monkeypatch.setattr(redelivery, "PIN_WAIT_S", 0.0)
     with Store.open(tmp_path, redelivery_window=10) as store:
         for i in range(2000):
             store.submit_packet(Incoming("devices/x/up", bytes(71), "", i + 1, False, 1))
@@ -655,13 +663,13 @@ def test_a_schema_6_store_keeps_its_packets_and_their_ids(tmp_path: Path) -> Non
     and are delivered and released like new ones."""
     conn = _store_at_schema(tmp_path / "gateway.db", 6)
     with transaction(conn):
-        sender = st.sender_id(conn, "devices/x/up", "")
+        sender = sender_id(conn, "devices/x/up", "")
         for i in range(4, 9):
             conn.execute(
                 "INSERT INTO packets(id, recv_ns, sender, payload, size) VALUES (?, 1, ?, ?, 2)",
                 (i, sender, f"p{i}".encode()),
             )
-        conn.execute("INSERT OR REPLACE INTO counters(name, value) VALUES (?, 8)", (st.COUNTED,))
+        conn.execute("INSERT OR REPLACE INTO counters(name, value) VALUES (?, 8)", (COUNTED,))
     conn.close()
 
     with Store.open(tmp_path) as store:
@@ -710,7 +718,7 @@ def test_a_schema_8_store_keeps_each_webhooks_cursor_and_counts(tmp_path: Path) 
         assert stats == [("audit", 0, 0), ("cloud", 5, 4), ("old", 0, 0), ("reports", 0, 0)]
         # A route keeps its cursor and its source; moving it moves the view's row.
         assert store.run_sync(st.ensure_route, "cloud", "cdrs") == 7
-        store.run_sync(lambda c: st.set_cursor(c, "cloud", 9))
+        store.run_sync(lambda c: set_cursor(c, "cloud", 9))
         assert store.run_sync(routes)[1] == ("cloud", "packets", 9)
         # A new webhook and a report webhook that becomes a route start at 0.
         assert store.run_sync(st.ensure_route, "new", "packets") == 0
@@ -756,9 +764,7 @@ def test_a_broker_redelivery_is_known_by_its_digest_also_one_kept_before_schema_
 
 def _on_disk(conn: sqlite3.Connection) -> int:
     """Packet rows in the tables, released ones too."""
-    return sum(
-        int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in st.PACKET_TABLES
-    )
+    return sum(int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in PACKET_TABLES)
 
 
 def _outcomes(store: Store, packets: list[Incoming]) -> list[str]:
@@ -782,7 +788,7 @@ def test_a_redelivery_is_known_from_its_row_and_once_the_row_has_gone_from_infli
     def pkt(mid: int, epoch: int, dup: bool = False) -> Incoming:
         return Incoming("devices/x/up", f"p{mid}".encode(), "", mid, dup, epoch)
 
-    monkeypatch.setattr(st, "PIN_WAIT_S", 3600.0)
+    monkeypatch.setattr(redelivery, "PIN_WAIT_S", 3600.0)
     with Store.open(tmp_path, redelivery_window=3) as store:
         assert _outcomes(store, [pkt(m, 1) for m in range(1, 6)]) == ["stored"] * 5
         assert _release_up_to(store, 5) == 5
@@ -791,7 +797,7 @@ def test_a_redelivery_is_known_from_its_row_and_once_the_row_has_gone_from_infli
         assert store.run_sync(_on_disk) >= 3
         assert _outcomes(store, [pkt(5, 2, dup=True)]) == ["redelivery"]
 
-        monkeypatch.setattr(st, "PIN_WAIT_S", 0.0)
+        monkeypatch.setattr(redelivery, "PIN_WAIT_S", 0.0)
         assert _release_up_to(store, 5) == 0
         assert store.run_sync(_on_disk) == 0
         # Rows 3-5 copied (5 once: its redelivery was written there already).
@@ -822,7 +828,7 @@ def test_a_schema_9_store_still_knows_the_redeliveries_of_what_it_committed(
     db = tmp_path / "gateway.db"
     conn = _store_at_schema(db, 9)
     with transaction(conn):
-        sender = st.sender_id(conn, "devices/x/up", "")
+        sender = sender_id(conn, "devices/x/up", "")
         for i in range(1, 4):
             conn.execute(
                 "INSERT INTO packets_a(id, recv_ns, sender, payload, size) VALUES (?, 1, ?, ?, 2)",
@@ -830,7 +836,7 @@ def test_a_schema_9_store_still_knows_the_redeliveries_of_what_it_committed(
             )
             conn.execute(
                 "INSERT INTO inflight(mid, digest, epoch) VALUES (?, ?, 4)",
-                (40 + i, st.digest_of("devices/x/up", f"p{i}".encode())),
+                (40 + i, digest_of("devices/x/up", f"p{i}".encode())),
             )
     conn.close()
     with Store.open(tmp_path) as store:
@@ -851,7 +857,7 @@ def test_after_a_restart_the_recent_rows_are_still_known_and_so_is_the_last_epoc
     """What a crashed gateway committed is recognised when the broker redelivers it to
     the restarted one, and the new connection's epoch is above every stored packet's,
     from the rows themselves (`inflight` holds none of them)."""
-    monkeypatch.setattr(st, "PIN_WAIT_S", 3600.0)
+    monkeypatch.setattr(redelivery, "PIN_WAIT_S", 3600.0)
     packets = [Incoming(f"devices/{m}/up", b"x", "", m, False, 7) for m in range(1, 5)]
     with Store.open(tmp_path, redelivery_window=2, sessions=2) as store:
         assert _outcomes(store, packets) == ["stored"] * 4
@@ -879,7 +885,7 @@ def test_senders_no_packet_refers_to_are_deleted_once_enough_were_added(
 ) -> None:
     """A topic with a part of its own per message (a message id) makes a new sender for
     every packet: once delivered, those must not stay on disk for ever."""
-    monkeypatch.setattr(st, "SENDER_CACHE", 10)
+    monkeypatch.setattr(buffer, "SENDER_CACHE", 10)
 
     def senders(c: sqlite3.Connection) -> int:
         return int(c.execute("SELECT COUNT(*) FROM senders").fetchone()[0])
@@ -892,7 +898,7 @@ def test_senders_no_packet_refers_to_are_deleted_once_enough_were_added(
         def deliver_up_to(conn: sqlite3.Connection, cursor: int) -> int:
             with transaction(conn):
                 st.ensure_route(conn, "cloud", "packets")
-                st.set_cursor(conn, "cloud", cursor)
+                set_cursor(conn, "cloud", cursor)
                 return store.release_packets(conn)
 
         for i in range(25):
@@ -926,7 +932,7 @@ def test_packet_ids_are_never_reused_and_every_packet_is_counted_once(tmp_path: 
         def deliver_all(conn: sqlite3.Connection) -> int:
             with transaction(conn):
                 st.ensure_route(conn, "cloud", "packets")
-                st.set_cursor(conn, "cloud", 5)
+                set_cursor(conn, "cloud", 5)
                 return store.release_packets(conn)
 
         assert store.run_sync(deliver_all) == 5
@@ -993,14 +999,16 @@ def test_a_migration_asks_systemd_for_more_time_to_start(
     manager.settimeout(5)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     _store_at_schema(tmp_path / "gateway.db", 3).close()
-    with Store.open(tmp_path):
+    with Store.open(tmp_path, on_progress=migration_notice):
         pass
     message = manager.recv(4096).decode()
     assert f"EXTEND_TIMEOUT_USEC={st.MIGRATION_TIMEOUT_S * 1_000_000}" in message
-    assert f"schema {st.SCHEMA_VERSION}" in message
-    with Store.open(tmp_path):  # up to date: nothing to say
+    assert f"schema {SCHEMA_VERSION}" in message
+    with Store.open(tmp_path, on_progress=migration_notice):  # up to date: nothing to say
         pass
-    with Store.open(tmp_path / "new"):  # a new store: nothing to migrate from
+    with Store.open(
+        tmp_path / "new", on_progress=migration_notice
+    ):  # a new store: nothing to migrate from
         pass
     manager.settimeout(0.5)
     with pytest.raises(TimeoutError):

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gateway import config
 from gateway import store as st
 from gateway.config import WebhookConfig
 from gateway.delivery import formats
@@ -65,7 +64,7 @@ class Route:
     # window (see run); the "auto" commit delay is as long. Each take is a commit with
     # bookkeeping pages of its own: fewer takes write fewer disk bytes per packet, for
     # up to a take's interval more latency (docs/performance.md).
-    TAKE_PARTS = config.TAKE_PARTS
+    TAKE_PARTS = st.TAKE_PARTS
     # Open batches beyond `concurrency`: at least 8, so that a freed request slot finds
     # one ready, and as many as hold this many records, so that a take of full batches
     # (a fifth of a window: 200 records, 20 batches, at 1,000 records/s with monoZ)

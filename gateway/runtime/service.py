@@ -11,9 +11,10 @@ from typing import Any
 
 from gateway import __version__, delivery, ingest
 from gateway import store as st
-from gateway.config import Config, WebhookConfig, commit_delay_ms, commit_delay_slow_ms
+from gateway.config import Config, WebhookConfig
+from gateway.runtime import sdnotify
 from gateway.runtime.supervisor import Supervisor
-from gateway.store import Store
+from gateway.store import Store, StoreSettings, commit_delay_ms, commit_delay_slow_ms
 from gateway.usage import cdr, reports
 
 log = logging.getLogger("gateway.service")
@@ -28,18 +29,8 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         store = stack.enter_context(
             Store.open(
                 cfg.gateway.state_dir,
-                max_buffer_bytes=int(cfg.gateway.max_buffer_mb * 1024 * 1024),
-                on_full=cfg.gateway.on_full,
-                commit_max_packets=cfg.gateway.commit_max_packets,
-                min_free_bytes=int(cfg.gateway.min_free_mb * 1024 * 1024),
-                commit_delay_s=commit_delay_ms(cfg.gateway, cfg.webhooks) / 1000,
-                # The broker sends at most receive_maximum packets ahead of their PUBACKs.
-                commit_delay_max_packets=max(1, cfg.mqtt.receive_maximum // 2),
-                commit_delay_slow_s=commit_delay_slow_ms(cfg.gateway, cfg.webhooks) / 1000,
-                receive_maximum=cfg.mqtt.receive_maximum,
-                sessions=cfg.mqtt.ingest_processes,
-                dead_letter_max_bytes=int(cfg.gateway.dead_letter_max_mb * 1024 * 1024),
-                dead_letter_max_age_s=cfg.gateway.dead_letter_max_age,
+                StoreSettings.from_config(cfg),
+                on_progress=migration_notice,
             )
         )
 
@@ -102,6 +93,18 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 tg.create_task(reports.run_schedule(cfg, store, wake), name="reports")
             tg.create_task(sd.run(store, taker), name="systemd")  # systemd: notify, watchdog
     log.info("gateway stopped")
+
+
+def migration_notice(status: str) -> None:
+    """Store.open's on_progress: a store migration may outlast the unit's
+    TimeoutStartSec (and a start killed midway rolls it back), so systemd is asked to
+    wait MIGRATION_TIMEOUT_S longer, and told why."""
+    notifier = sdnotify.Notifier.from_env()
+    notifier.send(
+        f"EXTEND_TIMEOUT_USEC={st.MIGRATION_TIMEOUT_S * 1_000_000}",
+        f"STATUS={status}",
+    )
+    notifier.close()
 
 
 def _trickle_note(store: Store) -> str:

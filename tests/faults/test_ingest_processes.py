@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from gateway.store import PACKET_TABLES
+from gateway.store.tables import PACKET_TABLES
 from tests.conftest import Broker, GatewayProc, db_rows, free_port, wait_for
 from tests.faults.support import Publisher, Tally, delivered_all, restart, seeded, status
 from tests.receiver import Receiver

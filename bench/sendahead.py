@@ -5,7 +5,7 @@
 
 A broker may hold at most the client's Receive Maximum of QoS 1 packets unacknowledged
 (MQTT 5, 3.3.4). The gateway keeps each session's latest packet rows for recognising
-redeliveries (the store's redelivery window, see PIN_WAIT_S in gateway/store.py), and
+redeliveries (the store's redelivery window, see PIN_WAIT_S in gateway/store/redelivery.py), and
 how many it needs depends on whether the broker keeps to that. For each broker
 configuration (mosquitto started here on a free loopback port: `max_inflight_messages
 0`, as the tests and benchmarks run it, and mosquitto's default) and each Receive

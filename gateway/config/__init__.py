@@ -1,0 +1,58 @@
+"""The configuration: one TOML file into frozen dataclasses (`schema`), every value read
+and checked with a message naming its key path (`readers`, `load`), secrets resolved
+from the environment or files and masked wherever the config is shown (`secrets`)."""
+
+from __future__ import annotations
+
+from gateway.config.load import load, parse
+from gateway.config.readers import duration_s
+from gateway.config.schema import (
+    FORMATS,
+    OPS,
+    PAYLOAD_ENCODINGS,
+    RETRY_PRESETS,
+    SOURCES,
+    AuthConfig,
+    BatchPolicy,
+    CdrSection,
+    Condition,
+    Config,
+    GatewaySection,
+    ModemSection,
+    MqttSection,
+    ReportConfig,
+    RetryPolicy,
+    SigningConfig,
+    WebhookConfig,
+    WebSection,
+    is_loopback,
+)
+from gateway.config.secrets import MASK, SECRET_KEYS, masked
+
+__all__ = [
+    "FORMATS",
+    "MASK",
+    "OPS",
+    "PAYLOAD_ENCODINGS",
+    "RETRY_PRESETS",
+    "SECRET_KEYS",
+    "SOURCES",
+    "AuthConfig",
+    "BatchPolicy",
+    "CdrSection",
+    "Condition",
+    "Config",
+    "GatewaySection",
+    "ModemSection",
+    "MqttSection",
+    "ReportConfig",
+    "RetryPolicy",
+    "SigningConfig",
+    "WebSection",
+    "WebhookConfig",
+    "duration_s",
+    "is_loopback",
+    "load",
+    "masked",
+    "parse",
+]

@@ -23,7 +23,7 @@ from typing import Any
 import cbor2
 import orjson
 
-from gateway.store import PacketRow
+from gateway.store.records import PacketRow
 
 CONTENT_TYPE = "application/json; charset=utf-8"
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

@@ -30,7 +30,7 @@ from gateway.ingest.wire import (
     read_frames,
     unpack_ids,
 )
-from gateway.store import Incoming
+from gateway.store.records import Incoming
 
 log = logging.getLogger("gateway.ingest")
 

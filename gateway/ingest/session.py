@@ -36,7 +36,7 @@ from gateway.ingest.client import (
     new_client,
     send_pubacks,
 )
-from gateway.store import Incoming
+from gateway.store.records import Incoming
 
 log = logging.getLogger("gateway.ingest")
 

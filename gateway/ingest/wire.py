@@ -20,7 +20,7 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from gateway.store import Incoming
+from gateway.store.records import Incoming
 
 _HEAD = struct.Struct("!BI")
 _FIXED = struct.Struct("!IHBQHHI")  # a packet's fixed fields

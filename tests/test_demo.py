@@ -158,3 +158,16 @@ def test_the_rate_is_averaged_over_a_window_longer_than_a_batch() -> None:
     window = RateWindow(RATE_WINDOW_S, 0.0)
     rates = [window.add(float(t), 10 * (t // 2)) for t in range(1, 31)]
     assert all(4.0 <= r <= 6.0 for r in rates[10:]), rates
+
+
+def test_the_demo_config_is_package_data_and_valid(tmp_path: Path) -> None:
+    from importlib import resources
+
+    from gateway import config
+
+    # The installed wheel reads it from the package (tests/test_wheel.py runs that).
+    text = resources.files("gateway").joinpath("demo.toml").read_text(encoding="utf-8")
+    path = tmp_path / "demo.toml"
+    path.write_text(text)
+    cfg = config.load(path)
+    assert {h.source for h in cfg.webhooks} == {"packets", "cdrs", "events", "reports"}

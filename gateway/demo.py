@@ -16,14 +16,25 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections import deque
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.web import status as status_mod
 
+# The directory gateway and firmware_sim are imported from (a checkout or site-packages):
+# the demo's children run as `python -m` from there.
 ROOT = Path(__file__).resolve().parent.parent
+# Package data, so that an installed wheel runs the demo without a checkout.
+DEMO_TOML = "demo.toml"
+# Progress when stdout is not a terminal (a log or a pipe): one line this often.
+LOG_EVERY_S = 5.0
+# Rates are averaged over this long: several batch windows (the packets webhook batches
+# per second), so a sample never falls between two batches and reads 0.
+RATE_WINDOW_S = 10.0
 
 
 def free_port() -> int:
@@ -77,7 +88,7 @@ BASIC = "demo:demo-password"
 
 
 def demo_config(
-    base: Path,
+    base: str,
     workdir: Path,
     ports: dict[str, int],
     *,
@@ -86,8 +97,9 @@ def demo_config(
     cdr_interval_s: float | None = None,
     report_every_s: float | None = None,
 ) -> Path:
-    """config/demo.toml with the demo's ports, modem and a temporary state directory."""
-    doc = tomllib.loads(base.read_text(encoding="utf-8"))
+    """The demo config (TOML text) with the demo's ports, modem and a temporary state
+    directory, written to workdir/gateway.toml."""
+    doc = tomllib.loads(base)
     doc.setdefault("gateway", {})["state_dir"] = str(workdir / "state")
     doc["mqtt"]["port"] = ports["broker"]
     doc["mqtt"]["protocol"] = mqtt_protocol
@@ -185,7 +197,7 @@ class Demo:
         )  # fmt: skip
         _wait_port(self.ports["modem_control"], modem, "modem emulator", self.workdir / "modem.log")
         cfg = demo_config(
-            ROOT / "config" / "demo.toml",
+            resources.files("gateway").joinpath(DEMO_TOML).read_text(encoding="utf-8"),
             self.workdir,
             self.ports,
             modem_port=str(link),
@@ -257,10 +269,27 @@ def _workdir(keep: bool, given: Path | None) -> Iterator[Path]:
             shutil.rmtree(d, ignore_errors=True)
 
 
+class RateWindow:
+    """A count's rate of change per second over the last `window` seconds of samples."""
+
+    def __init__(self, window: float, t0: float, count0: int = 0) -> None:
+        self.window = window
+        self.samples: deque[tuple[float, int]] = deque([(t0, count0)])
+
+    def add(self, t: float, count: int) -> float:
+        """Record the count at time t; the rate since the oldest sample in the window."""
+        self.samples.append((t, count))
+        # Keep one sample at or before the window's start, so the span covers the window.
+        while len(self.samples) > 2 and self.samples[1][0] <= t - self.window:
+            self.samples.popleft()
+        t_old, count_old = self.samples[0]
+        return (count - count_old) / (t - t_old) if t > t_old else 0.0
+
+
 def _progress(snap: dict[str, Any], elapsed: float, rps: float) -> str:
     p = snap["packets"]
     return (
-        f"\r{elapsed:6.0f}s  received {p['received']:>7}  delivered {p['delivered']:>7}"
+        f"{elapsed:6.0f}s  received {p['received']:>7}  delivered {p['delivered']:>7}"
         f"  in flight {p['pending']:>5}  dead letters {snap['dead_letters']:>3}"
         f"  CDRs {snap.get('cdrs', {}).get('emitted', 0):>3}  {rps:6.1f} requests/s"
     )
@@ -317,32 +346,43 @@ def run(
             web = demo.ports["web"]
             print(f"  dashboard: http://127.0.0.1:{web}/  (also /metrics and /api/status)")
             print(f"  requests the sink received: {wd}/requests.jsonl   (Ctrl-C to stop)")
+            # A terminal gets one line rewritten every second; a log or a pipe gets a new
+            # line every LOG_EVERY_S, without carriage returns.
+            interactive = sys.stdout.isatty()
+            line_every = 1.0 if interactive else LOG_EVERY_S
             began = time.monotonic()
+            end = began + duration if duration is not None else float("inf")
             next_burst = began + min(5.0, burst_every_s)
-            last_requests, last_t = 0, began
-            while duration is None or time.monotonic() - began < duration:
-                time.sleep(min(2.0, max(0.1, (duration or 2.0) - (time.monotonic() - began))))
+            next_line = began + line_every
+            rates = RateWindow(RATE_WINDOW_S, began)
+            while time.monotonic() < end:
+                t = time.monotonic()
+                time.sleep(max(0.05, min(1.0, end - t, next_line - t)))
                 for name, proc in demo.procs:
                     if proc.poll() is not None and name != "fleet":
                         raise GatewayError(f"{name} exited; see {wd}/{name}.log")
-                if time.monotonic() >= next_burst:
+                now = time.monotonic()
+                if now >= next_burst:
                     demo.modem_traffic(30_000, 60_000)  # a heavy period: big-usage fires
                     next_burst += burst_every_s
-                if not cfg.db_path.exists():
+                if now < next_line or not cfg.db_path.exists():
                     continue
+                next_line += line_every * (int((now - next_line) // line_every) + 1)
                 with contextlib.suppress(Exception):
                     snap = status_mod.read(cfg.db_path, cfg)
                 if not snap:
                     continue
-                now = time.monotonic()
                 requests = sum(w["requests_ok"] + w["requests_failed"] for w in snap["webhooks"])
-                rps = (requests - last_requests) / (now - last_t)
-                last_requests, last_t = requests, now
-                print(_progress(snap, now - began, rps), end="", flush=True)
+                line = _progress(snap, now - began, rates.add(now, requests))
+                if interactive:
+                    print("\r" + line, end="", flush=True)
+                else:
+                    print(line, flush=True)
         except KeyboardInterrupt:
             pass
         finally:
-            print()
+            if sys.stdout.isatty():
+                print()  # ends the line the progress rewrote
             demo.stop_one("fleet")
             if cfg is not None:
                 _drain(cfg, 5.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -124,3 +125,49 @@ def test_auto_picks_mosquitto_from_path_or_sbin_else_the_embedded_broker(tmp_pat
     assert find_mosquitto(path="", sbin=tmp_path) is None
     (tmp_path / "mosquitto").write_text("")
     assert find_mosquitto(path="", sbin=tmp_path) == str(tmp_path / "mosquitto")
+
+
+PROGRESS = re.compile(
+    r"^ *(\d+)s  received +\d+  delivered +\d+  in flight +\d+  dead letters +\d+"
+    r"  CDRs +\d+ +(\d+\.\d) requests/s$"
+)
+
+
+def test_the_demo_logs_one_progress_line_every_5_s_with_a_steady_rate_when_piped(
+    tmp_path: Path,
+) -> None:
+    # stdout is a pipe, as under systemd or `gateway demo > demo.log`.
+    r = subprocess.run(
+        gateway_cmd("demo", "--duration", "16", "--devices", "3", "--rate", "2",
+                    "--workdir", str(tmp_path / "demo")),
+        capture_output=True, text=True, cwd=ROOT, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "\r" not in r.stdout
+    lines = [m for line in r.stdout.splitlines() if (m := PROGRESS.match(line))]
+    assert [int(m.group(1)) for m in lines] == [5, 10, 15], r.stdout
+    # 3 devices at 2 packets/s, batched per second: about one request a second, never a
+    # sample that fell between two batches.
+    assert all(float(m.group(2)) >= 0.5 for m in lines), r.stdout
+
+
+def test_the_rate_is_averaged_over_a_window_longer_than_a_batch() -> None:
+    from gateway.demo import RATE_WINDOW_S, RateWindow
+
+    # A webhook that sends 10 requests at once every 2 s, sampled every second.
+    window = RateWindow(RATE_WINDOW_S, 0.0)
+    rates = [window.add(float(t), 10 * (t // 2)) for t in range(1, 31)]
+    assert all(4.0 <= r <= 6.0 for r in rates[10:]), rates
+
+
+def test_the_demo_config_is_package_data_and_valid(tmp_path: Path) -> None:
+    from importlib import resources
+
+    from gateway import config
+
+    # The installed wheel reads it from the package (tests/test_wheel.py runs that).
+    text = resources.files("gateway").joinpath("demo.toml").read_text(encoding="utf-8")
+    path = tmp_path / "demo.toml"
+    path.write_text(text)
+    cfg = config.load(path)
+    assert {h.source for h in cfg.webhooks} == {"packets", "cdrs", "events", "reports"}

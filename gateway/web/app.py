@@ -337,7 +337,9 @@ class Web:
             httponly=True,
             samesite="Strict",
             secure=request.secure,
-            path="/login",
+            # "/": every login page a browser fetches (a favicon's 401 too) must reuse the
+            # cookie, or the last page's field would no longer match the form shown.
+            path="/",
         )
         return resp
 
@@ -547,11 +549,14 @@ async def serve(cfg: Config, store: Store, http: aiohttp.ClientSession) -> Async
         raise GatewayError(f"web.tls_cert: cannot load the certificate and key: {exc}") from exc
     # keepalive_timeout also bounds how long a new connection may take to send its
     # request's headers: aiohttp closes a connection still waiting for them by then.
+    # lingering_time bounds how long it drains an unread body after answering (the
+    # guard's 408 for a body that stalls).
     runner = web.AppRunner(
         site_.app,
         access_log=None,
         shutdown_timeout=2.0,
         keepalive_timeout=cfg.web.read_timeout_s,
+        lingering_time=cfg.web.read_timeout_s,
     )
     await runner.setup()
     try:

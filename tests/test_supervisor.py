@@ -248,7 +248,12 @@ def test_a_reload_that_adds_a_webhook_shows_it_on_the_dashboard_and_its_test_but
         assert gw.proc is not None
         gw.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: names() == ["r0", "r1"], what="r1 on the dashboard after SIGHUP")
-        test = urllib.request.Request(base + "/api/webhooks/r1/test", method="POST")
+        test = urllib.request.Request(
+            base + "/api/webhooks/r1/test",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(test, timeout=30) as r:
             assert json.load(r)["ok"] is True
         wait_for(lambda: second.requests, what="the test request at the new receiver")

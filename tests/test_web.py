@@ -86,6 +86,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
+async def login_csrf(http: aiohttp.ClientSession, base: str) -> str:
+    """The login form's csrf field (its cookie stays in the session's jar)."""
+    async with http.get(base + "/login") as r:
+        page = await r.text()
+    return page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+
 async def get_json(
     http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
 ) -> Any:
@@ -200,12 +207,13 @@ async def test_the_token_guards_pages_api_and_metrics_but_not_healthz_or_downloa
         page = await r.text()
         assert r.status == 401
         assert 'name="token"' in page
-    async with http.post(base + "/login", data={"token": "nope", "next": "/"}) as r:
+    form = {"csrf": await login_csrf(http, base), "next": "/"}
+    async with http.post(base + "/login", data={**form, "token": "nope"}) as r:
         assert r.status == 401
         assert "Wrong token." in await r.text()
     assert not http.cookie_jar.filter_cookies(URL(base))
     async with http.post(
-        base + "/login", data={"token": TOKEN, "next": "/"}, allow_redirects=False
+        base + "/login", data={**form, "token": TOKEN}, allow_redirects=False
     ) as r:
         assert r.status == 303
         assert r.headers["Location"] == "/"
@@ -227,7 +235,7 @@ async def test_the_token_guards_pages_api_and_metrics_but_not_healthz_or_downloa
     expires, _, sig = value.partition(".")
     past = int(time.time()) - 10
     stale = hmac.new(TOKEN.encode(), f"edge-gateway session {past}".encode(), hashlib.sha256)
-    async with aiohttp.ClientSession() as fresh:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as fresh:
         for cookie_value in (
             value,
             f"{int(expires) + 1}.{sig}",
@@ -242,9 +250,10 @@ async def test_the_token_guards_pages_api_and_metrics_but_not_healthz_or_downloa
                 base + "/api/status", headers={"Cookie": f"{web.SESSION_COOKIE}={cookie_value}"}
             ) as r:
                 assert r.status == (200 if cookie_value == value else 401), cookie_value
+        csrf = await login_csrf(fresh, base)
         async with fresh.post(
             base + "/login",
-            data={"token": TOKEN, "next": "//evil.example/"},
+            data={"token": TOKEN, "next": "//evil.example/", "csrf": csrf},
             allow_redirects=False,
         ) as r:
             assert r.headers["Location"] == "/"
@@ -452,7 +461,7 @@ async def test_the_test_endpoint_sends_one_request_in_the_webhooks_format(
     )
     base = await start(run_gateway, http, cfg)
 
-    async with http.post(base + "/api/webhooks/cloud/test") as r:
+    async with http.post(base + "/api/webhooks/cloud/test", json={}) as r:
         out = await r.json()
     assert r.status == 200
     assert out["ok"] is True
@@ -470,7 +479,7 @@ async def test_the_test_endpoint_sends_one_request_in_the_webhooks_format(
     assert set(body) == {"ICCID", "Timestamp", "Payload"}
     assert body["ICCID"] == int(web.TEST_ICCID)
 
-    async with http.post(base + "/api/webhooks/usage/test") as r:
+    async with http.post(base + "/api/webhooks/usage/test", json={}) as r:
         assert (await r.json())["ok"]
     cdrs = receiver.requests[-1].json
     assert isinstance(cdrs, list)
@@ -478,7 +487,7 @@ async def test_the_test_endpoint_sends_one_request_in_the_webhooks_format(
     assert cdrs[0]["UniqueID"].startswith("CDR-")
     assert len(cdrs[0]["UniqueID"]) == 24
 
-    async with http.post(base + "/api/webhooks/notices/test") as r:
+    async with http.post(base + "/api/webhooks/notices/test", json={}) as r:
         assert (await r.json())["ok"]
     notice = receiver.requests[-1].json
     assert notice["contentType"] == "application/zip"
@@ -486,10 +495,10 @@ async def test_the_test_endpoint_sends_one_request_in_the_webhooks_format(
 
     # A failing receiver is reported, not raised; no delivery figures change.
     receiver.behaviour = lambda n, r: Reply(503, text="maintenance")
-    async with http.post(base + "/api/webhooks/cloud/test") as r:
+    async with http.post(base + "/api/webhooks/cloud/test", json={}) as r:
         out = await r.json()
     assert (r.status, out["ok"], out["status"], out["excerpt"]) == (200, False, 503, "maintenance")
-    async with http.post(base + "/api/webhooks/missing/test") as r:
+    async with http.post(base + "/api/webhooks/missing/test", json={}) as r:
         assert r.status == 404
     s = await status_of(http, cfg)
     assert all(w["requests_ok"] == w["requests_failed"] == 0 for w in s["webhooks"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import fields
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.readers import (
+    Bad,
     Reader,
     choice,
     clock,
@@ -52,6 +54,9 @@ from gateway.config.schema import (
 )
 from gateway.config.secrets import expand
 from gateway.errors import ConfigError
+
+# The shortest web.token accepted: 16 characters.
+MIN_TOKEN_CHARS = 16
 
 
 def _read_webhook(r: Reader, path: str, raw: dict[str, Any]) -> WebhookConfig | None:
@@ -385,9 +390,11 @@ def parse(
         listen=listen,
         public_url=url,
         sample_s=float_value(0.1, 600.0),
+        allowed_hosts=_host_names,
+        read_timeout_s=float_value(0.1, 600.0),
     )
-    if web is not None and web.enabled and not web.token and not web.loopback:
-        r.fail("web.token", f"is required when web.listen is not loopback ({web.listen})")
+    if web is not None:
+        _check_web(r, web)
 
     if r.problems or g is None or m is None or cdr is None or web is None:
         raise ConfigError(r.problems or ["invalid configuration"], source)
@@ -401,6 +408,44 @@ def parse(
         web=web,
         path=Path(source) if source else None,
     )
+
+
+def _host_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+        raise Bad("must be a list of host names")
+    out = []
+    for h in value:
+        name = h.strip().lower().strip("[]")
+        if not name or not re.fullmatch(r"[a-z0-9._:-]+", name):
+            raise Bad(f"'{h}' is not a host name or address (no port, no scheme)")
+        out.append(name)
+    return tuple(out)
+
+
+def _check_web(r: Reader, web: WebSection) -> None:
+    if not web.enabled:
+        return
+    if not web.token and not web.loopback:
+        r.fail("web.token", f"is required when web.listen is not loopback ({web.listen})")
+    # A short token falls to guessing, rate limit or not.
+    if web.token and len(web.token) < MIN_TOKEN_CHARS:
+        r.fail("web.token", f"must be at least {MIN_TOKEN_CHARS} characters long")
+    if bool(web.tls_cert) != bool(web.tls_key):
+        missing = "web.tls_key" if web.tls_cert else "web.tls_cert"
+        r.fail(missing, "is required with the other of web.tls_cert and web.tls_key")
+        return
+    if web.tls_cert:
+        for key in ("tls_cert", "tls_key"):
+            try:
+                Path(getattr(web, key)).read_bytes()
+            except OSError as exc:
+                r.fail(f"web.{key}", f"cannot read it ({exc.strerror})", getattr(web, key))
+                return
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(web.tls_cert, web.tls_key)
+        except (ssl.SSLError, ValueError) as exc:
+            r.fail("web.tls_cert", f"not a certificate matching web.tls_key ({exc})")
 
 
 def load(

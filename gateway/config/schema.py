@@ -197,6 +197,15 @@ class WebSection:
     enabled: bool = True
     # Seconds between the dashboard's throughput samples (one hour of them is kept).
     sample_s: float = 5.0
+    # Host names (besides the listen address, localhost and public_url's host) that the
+    # Host header may carry; any other is answered 421 (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
+    # PEM files: both set, the dashboard is served over HTTPS only.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Seconds a client has to send a request's headers (and, separately, its body);
+    # also how long an idle keep-alive connection stays open.
+    read_timeout_s: float = 15.0
 
     @property
     def loopback(self) -> bool:

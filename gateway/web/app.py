@@ -4,7 +4,9 @@ Handlers read the store through their own read-only SQLite connection in a worke
 (`store.Reader`), so a slow query never stalls the event loop, and write only through the
 store's writer (`Store.call`). With `web.token` set, every page and API call needs
 `Authorization: Bearer <token>` or the session cookie from /login; /healthz and report
-downloads (whose URL token is the credential) stay open.
+downloads (whose URL token is the credential) stay open. Whatever the token, the rules of
+gateway.web.guard come first: the Host header must name this gateway, and a request that
+changes state must be JSON or carry the login form's CSRF field.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import importlib.resources
 import logging
 import secrets
 import sqlite3
-import string
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -32,12 +34,14 @@ from aiohttp import web
 from gateway import __version__
 from gateway import store as st
 from gateway.config import Config, WebhookConfig
-from gateway.delivery import Outcome, Sender, formats, new_webhook_id
+from gateway.delivery import Outcome, Sender, new_webhook_id
 from gateway.errors import GatewayError
 from gateway.ingest import IngestStats, Taker
-from gateway.store import PacketRow, Store
+from gateway.store import Store
 from gateway.usage import reports
-from gateway.web import metrics, openapi, status
+from gateway.web import guard, metrics, openapi, status
+from gateway.web.testsend import TEST_ICCID as TEST_ICCID
+from gateway.web.testsend import test_body
 from gateway.web.throughput import Throughput, take_sample
 
 log = logging.getLogger("gateway.web")
@@ -47,8 +51,6 @@ SESSION_COOKIE = "gateway_session"
 SESSION_TTL_S = 12 * 3600
 HEALTH_TIMEOUT_S = 5.0
 MAX_REPLAY_IDS = 10_000
-TEST_ICCID = "8900000000000000000"
-TEST_PAYLOAD = b'{"test":"edge-gateway test request"}'
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -64,64 +66,6 @@ def store_bytes(db_path: Path) -> int:
 
 def _iso_s(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-def test_body(hook: WebhookConfig, cfg: Config, now_ns: int) -> bytes:
-    """One request body in the webhook's format, clearly marked as a test."""
-    now_iso = formats.iso_ms(now_ns)
-    if hook.source == "packets":
-        template = cfg.mqtt.iccid_from_topic or "gateway/test/{iccid}"
-        row = PacketRow(
-            0, now_ns, template.replace("{iccid}", TEST_ICCID), TEST_ICCID, TEST_PAYLOAD
-        )
-        opts = formats.PayloadOptions(cfg.mqtt.payload_encoding, hook.id_field, hook.iccid_as)
-        if hook.format == "monoz":
-            return formats.monoz([row], opts, single=True)[0]
-        record, _ = formats.packet_record(row, opts)
-    elif hook.source == "cdrs":
-        alnum = string.ascii_uppercase + string.digits
-        record = {
-            "CdrType": "DATA",
-            "UniqueID": "CDR-" + "".join(secrets.choice(alnum) for _ in range(20)),
-            "Iccid": TEST_ICCID,
-            "IMSI": "",
-            "MSISDN": "",
-            "IMEI": "",
-            "MNO": "",
-            "MnoName": "",
-            "MCC": "",
-            "MNC": "",
-            "ThingName": "edge-gateway test",
-            "ThingId": "",
-            "ThingsGroupId": "",
-            "ThingsGroupName": "",
-            "Timestamp": now_ns // 1_000_000,
-            "Usage": 0,
-            "APN": "",
-        }
-        if hook.format == "monogoto":
-            return formats.monogoto([record])
-    elif hook.source == "reports":
-        return formats.report_notice(
-            {
-                "contentType": "application/zip",
-                "httpMethod": "GET",
-                "callbackURL": cfg.web.public_url.rstrip("/") + reports.DOWNLOAD_PREFIX + "test",
-                "validUntil": formats.iso_ms(now_ns + reports.VALID_FOR_NS),
-                "fileName": "test.zip",
-                "fileSizeInBytes": 0,
-                "numberOfLines": 0,
-                "taskName": "edge-gateway test",
-                "taskId": 0,
-                "error": "test notice: no report was generated",
-            }
-        )
-    else:
-        record = {"kind": "test", "Timestamp": now_iso, "text": "edge-gateway test request"}
-    kind = {"packets": "packet", "cdrs": "cdr"}.get(hook.source, "event")
-    if hook.format == "envelope":
-        return formats.envelope(record, hook.meta, hook.name, kind)
-    return formats.flat(record)
 
 
 def _dashboard_html() -> str:
@@ -144,6 +88,7 @@ margin:6px 0 12px;font:inherit}button{padding:8px 16px;font:inherit}
 <label for="token">Dashboard token (<code>web.token</code>)</label>
 <input id="token" name="token" type="password" autocomplete="current-password" autofocus>
 <input type="hidden" name="next" value="__NEXT__">
+<input type="hidden" name="csrf" value="__CSRF__">
 <button id="sign-in" type="submit">Sign in</button>
 </form></body></html>
 """
@@ -194,13 +139,6 @@ def _ids(value: Any) -> list[int] | None:
     return out
 
 
-def _safe_next(value: str) -> str:
-    # Only paths on this site: no scheme, no host, no protocol-relative "//".
-    if value.startswith("/") and not value.startswith("//") and "\\" not in value:
-        return value
-    return "/"
-
-
 def _ingest_state(stats: IngestStats) -> dict[str, Any]:
     """What /api/status shows of the ingest as a whole, and of each MQTT session."""
     return {
@@ -229,6 +167,9 @@ class Web:
         self.hooks: dict[str, WebhookConfig] = {}
         self.set_webhooks(cfg.webhooks)
         self.token = cfg.web.token.encode()
+        self.hosts = guard.HostCheck(cfg.web)
+        self.csrf = guard.Csrf()
+        self.limiter = guard.LoginLimiter()
         self.html = _dashboard_html()
         self.app = self._app()
 
@@ -334,37 +275,114 @@ class Web:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         open_path = path in ("/healthz", "/login") or path.startswith(reports.DOWNLOAD_PREFIX)
-        if open_path or self.authorized(request):
-            resp = await handler(request)
-        elif path.startswith("/api/") or path == "/metrics":
-            resp = _error(401, "missing or wrong token (Authorization: Bearer <web.token>)")
-            resp.headers["WWW-Authenticate"] = 'Bearer realm="edge-gateway"'
-        else:
-            resp = self._login_page(path, "", 401)
+        refused: web.StreamResponse | None = None
+        # /healthz answers whatever the Host: monitors and container probes address the
+        # gateway by names the config cannot list, and it shows nothing worth rebinding for.
+        if path != "/healthz" and not self.hosts.allows(request):
+            refused = _error(
+                421, "this gateway does not answer to that Host name (see web.allowed_hosts)"
+            )
+        elif not (open_path or self.authorized(request)):
+            if path.startswith("/api/") or path == "/metrics":
+                refused = _error(401, "missing or wrong token (Authorization: Bearer <web.token>)")
+                refused.headers["WWW-Authenticate"] = 'Bearer realm="edge-gateway"'
+            else:
+                refused = self._login_page(request, path, "", 401)
+        elif request.method in guard.UNSAFE_METHODS:
+            refused = await self._cross_site(request)
+        resp = refused if refused is not None else await handler(request)
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         # Download URLs carry their token: never leak it in a Referer.
         resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault("Cache-Control", "no-store")
+        if request.secure:
+            resp.headers.setdefault("Strict-Transport-Security", guard.HSTS)
         return resp
 
-    def _login_page(self, next_path: str, error: str, status_code: int) -> web.Response:
-        text = LOGIN_PAGE.replace("__NEXT__", html.escape(_safe_next(next_path), quote=True))
+    async def _cross_site(self, request: web.Request) -> web.StreamResponse | None:
+        """Why a state-changing request is refused, or None. A page on another site can
+        post a form (urlencoded, multipart or text/plain) without asking; it cannot send
+        application/json without a CORS preflight, which this server never grants."""
+        try:
+            async with asyncio.timeout(self.cfg.web.read_timeout_s):
+                body = await request.read()
+        except TimeoutError:
+            resp = _error(408, "the request body did not arrive in time")
+            resp.force_close()
+            return resp
+        if request.content_type == "application/json":
+            return None
+        if request.content_type == "application/x-www-form-urlencoded":
+            form = guard.form_fields(body)
+            request[guard.FORM] = form
+            if self.csrf.valid(request, form.get(guard.CSRF_FIELD, "")):
+                return None
+            if request.path == "/login":
+                expired = "The sign-in form expired: please sign in again."
+                return self._login_page(request, form.get("next", "/"), expired, 403)
+            return _error(403, "a form post needs the login form's csrf field; send JSON instead")
+        return _error(415, "send the body as application/json")
+
+    def _login_page(
+        self, request: web.Request, next_path: str, error: str, status_code: int
+    ) -> web.Response:
+        cookie = self.csrf.cookie_of(request) or self.csrf.new_cookie()
+        text = LOGIN_PAGE.replace("__NEXT__", html.escape(guard.safe_next(next_path), quote=True))
+        text = text.replace("__CSRF__", self.csrf.field(cookie))
         err = f'<p class="err" id="login-error">{html.escape(error)}</p>' if error else ""
-        return _page(text.replace("__ERROR__", err), status_code)
+        resp = _page(text.replace("__ERROR__", err), status_code)
+        resp.set_cookie(
+            guard.CSRF_COOKIE,
+            cookie,
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+            # "/": every login page a browser fetches (a favicon's 401 too) must reuse the
+            # cookie, or the last page's field would no longer match the form shown.
+            path="/",
+        )
+        return resp
 
     async def login_form(self, request: web.Request) -> web.StreamResponse:
         if not self.token:
             raise web.HTTPSeeOther("/")
-        return self._login_page(request.query.get("next", "/"), "", 200)
+        return self._login_page(request, request.query.get("next", "/"), "", 200)
 
     async def login(self, request: web.Request) -> web.StreamResponse:
+        """The login form (urlencoded, with its csrf field) or JSON {"token", "next"}."""
         if not self.token:
             raise web.HTTPSeeOther("/")
-        form = await request.post()
-        given = str(form.get("token", "")).strip().encode()
-        next_path = _safe_next(str(form.get("next", "/")))
+        form = request.get(guard.FORM)
+        if form is None:
+            try:
+                doc = orjson.loads(await request.read())
+            except orjson.JSONDecodeError:
+                doc = None
+            if not isinstance(doc, dict):
+                return _error(400, 'body: must be {"token": TOKEN, "next": PATH}')
+            fields = {k: v for k, v in doc.items() if isinstance(v, str)}
+        else:
+            fields = form
+        next_path = guard.safe_next(fields.get("next", "/"))
+        client = guard.LoginLimiter.key(request.remote)
+        wait = self.limiter.retry_after(client)
+        if wait > 0:
+            msg = f"Too many wrong tokens: try again in {guard.retry_after_header(wait)} s."
+            resp = self._login_page(request, next_path, msg, 429) if form else _error(429, msg)
+            resp.headers["Retry-After"] = guard.retry_after_header(wait)
+            return resp
+        given = fields.get("token", "").strip().encode()
         if not hmac.compare_digest(given, self.token):
-            log.warning("web: wrong token at /login from %s", request.remote)
-            return self._login_page(next_path, "Wrong token.", 401)
+            locked = self.limiter.failed(client)
+            log.warning(
+                "web: wrong token at /login from %s%s",
+                request.remote,
+                f" (locked out for {locked:g} s)" if locked else "",
+            )
+            if form is None:
+                return _error(401, "wrong token")
+            return self._login_page(request, next_path, "Wrong token.", 401)
+        self.limiter.succeeded(client)
         resp = web.Response(status=303, headers={"Location": next_path})
         expires = int(time.time()) + SESSION_TTL_S
         resp.set_cookie(
@@ -525,17 +543,38 @@ async def serve(cfg: Config, store: Store, http: aiohttp.ClientSession) -> Async
     """Listen on web.listen for the duration of the context."""
     site_ = Web(cfg, store, http)
     host, _, port = cfg.web.listen.rpartition(":")
-    runner = web.AppRunner(site_.app, access_log=None, shutdown_timeout=2.0)
+    try:
+        tls = guard.tls_context(cfg.web)
+    except (OSError, ssl.SSLError) as exc:
+        raise GatewayError(f"web.tls_cert: cannot load the certificate and key: {exc}") from exc
+    # keepalive_timeout also bounds how long a new connection may take to send its
+    # request's headers: aiohttp closes a connection still waiting for them by then.
+    # lingering_time bounds how long it drains an unread body after answering (the
+    # guard's 408 for a body that stalls).
+    runner = web.AppRunner(
+        site_.app,
+        access_log=None,
+        shutdown_timeout=2.0,
+        keepalive_timeout=cfg.web.read_timeout_s,
+        lingering_time=cfg.web.read_timeout_s,
+    )
     await runner.setup()
     try:
         try:
-            await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+            await web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=tls).start()
         except OSError as exc:
             raise GatewayError(
                 f"web.listen: cannot listen on {cfg.web.listen}: {exc.strerror or exc}"
             ) from exc
         sampler = asyncio.create_task(site_.sample_forever(), name="web-sampler")
-        log.info("dashboard on http://%s/", cfg.web.listen)
+        scheme = "https" if tls else "http"
+        log.info("dashboard on %s://%s/", scheme, cfg.web.listen)
+        if tls is None and not cfg.web.loopback:
+            log.warning(
+                "web: the dashboard listens on %s without TLS: its token and session"
+                " cookie cross the network in clear text (set web.tls_cert and web.tls_key)",
+                cfg.web.listen,
+            )
         try:
             yield site_
         finally:

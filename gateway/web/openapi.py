@@ -295,6 +295,14 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 _UNAUTHORIZED = _json(_ERROR, "missing or wrong token (only when web.token is set)")
+_MISDIRECTED = _json(_ERROR, "the Host header names neither this gateway nor web.allowed_hosts")
+# What every POST may also answer: the guard takes only JSON bodies, read in time.
+_POST_REFUSALS = {
+    "403": _json(_ERROR, "a form post without the login form's csrf field"),
+    "408": _json(_ERROR, "the request body did not arrive within web.read_timeout_s"),
+    "415": _json(_ERROR, "the body must be application/json"),
+    "421": _MISDIRECTED,
+}
 
 
 def document() -> dict[str, Any]:
@@ -305,7 +313,9 @@ def document() -> dict[str, Any]:
             "title": "edge-gateway API",
             "version": __version__,
             "description": "Status, dead letters and webhook tests of one gateway. With"
-            " web.token set, send `Authorization: Bearer <token>` (or the login cookie).",
+            " web.token set, send `Authorization: Bearer <token>` (or the login cookie)."
+            " Every POST takes a JSON body (Content-Type: application/json), whatever the"
+            " token; a Host header that names another site is answered 421.",
         },
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}, {}],
@@ -314,7 +324,11 @@ def document() -> dict[str, Any]:
                 "get": {
                     "operationId": "status",
                     "summary": "Everything the dashboard shows",
-                    "responses": {"200": _json(_STATUS, "status"), "401": _UNAUTHORIZED},
+                    "responses": {
+                        "200": _json(_STATUS, "status"),
+                        "401": _UNAUTHORIZED,
+                        "421": _MISDIRECTED,
+                    },
                 }
             },
             "/api/dead-letters": {
@@ -348,6 +362,7 @@ def document() -> dict[str, Any]:
                         ),
                         "400": _json(_ERROR, "bad query parameter"),
                         "401": _UNAUTHORIZED,
+                        "421": _MISDIRECTED,
                     },
                 },
                 "post": {
@@ -389,7 +404,7 @@ def document() -> dict[str, Any]:
                         "400": _json(_ERROR, "bad request body"),
                         "401": _UNAUTHORIZED,
                         "404": _json(_ERROR, "no such webhook in the configuration"),
-                        "415": _json(_ERROR, "the body must be application/json"),
+                        **_POST_REFUSALS,
                     },
                 },
             },
@@ -405,6 +420,11 @@ def document() -> dict[str, Any]:
                             "schema": {"type": "string"},
                         }
                     ],
+                    "requestBody": {
+                        "required": True,
+                        "description": "ignored; JSON only so that no cross-site form can post",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
                     "responses": {
                         "200": _json(
                             {
@@ -424,6 +444,7 @@ def document() -> dict[str, Any]:
                         ),
                         "401": _UNAUTHORIZED,
                         "404": _json(_ERROR, "no such webhook in the configuration"),
+                        **_POST_REFUSALS,
                     },
                 }
             },
@@ -434,6 +455,7 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": _json({"type": "object"}, "OpenAPI 3.1"),
                         "401": _UNAUTHORIZED,
+                        "421": _MISDIRECTED,
                     },
                 }
             },

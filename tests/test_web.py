@@ -211,7 +211,7 @@ async def test_the_token_guards_pages_api_and_metrics_but_not_healthz_or_downloa
     async with http.post(base + "/login", data={**form, "token": "nope"}) as r:
         assert r.status == 401
         assert "Wrong token." in await r.text()
-    assert not http.cookie_jar.filter_cookies(URL(base))
+    assert "gateway_session" not in http.cookie_jar.filter_cookies(URL(base))
     async with http.post(
         base + "/login", data={**form, "token": TOKEN}, allow_redirects=False
     ) as r:

@@ -206,6 +206,10 @@ headers = {{ Authorization = "Bearer hdr-bearer-88" }}
         assert "/hook?code=***" in excerpt
         text = cli("dlq", "list", "-c", str(cfg)).stdout
         assert token not in text
+        status = json.loads(cli("status", "--json", "-c", str(cfg)).stdout)
+        last_error = status["webhooks"][0]["last_error"]
+        assert "HTTP 400" in last_error
+        assert token not in last_error
         assert rx.requests[0].headers["authorization"] == "Bearer hdr-bearer-88"
     finally:
         rx.stop()

@@ -181,7 +181,8 @@ def describe(o: Outcome) -> str:
     """An outcome in words for the webhook's last error: the status and the reply's start."""
     if o.status is None:
         return o.error
-    text = o.excerpt.strip().replace("\n", " ")
+    # A reply may quote the URL it was called at, query token and all.
+    text = mask_urls(o.excerpt.strip().replace("\n", " "))
     return f"HTTP {o.status}: {text}" if text else f"HTTP {o.status}"
 
 

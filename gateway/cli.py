@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,6 +146,7 @@ def _cdr_cmd(args: argparse.Namespace) -> int:
         raise GatewayError(f"--report: no [[reports]] entry named {args.report!r} ({names})")
     import time
 
+    _require_store_owner(cfg, args)
     conn = store_mod.connect(cfg.db_path)
     try:
         store_mod.migrate(conn)
@@ -175,6 +179,31 @@ def _log_options(p: argparse.ArgumentParser, default: Any) -> None:
         default=default,
         choices=list(logs.FORMATS),
         help="text (default) or json lines; overrides gateway.log_format",
+    )
+
+
+def _require_store_owner(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    """Refuse to write a store that belongs to another user, root included: SQLite's
+    -wal and -shm files, report zips and a new database made by this process would be
+    this user's, and the service could no longer write them."""
+    target = cfg.db_path
+    if not target.exists():
+        target = cfg.gateway.state_dir
+        if not target.is_dir():
+            return
+    uid = target.stat().st_uid
+    if uid == os.geteuid():
+        return
+    import pwd
+
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"#{uid}"  # as sudo -u takes a uid without a name
+    command = shlex.join(["gateway", *args.argv])
+    raise GatewayError(
+        f"{target} belongs to {name}, and this command writes the store: run it as {name}:"
+        f" sudo -u {shlex.quote(name)} {command}"
     )
 
 
@@ -275,6 +304,8 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.command == "check-config":
         cfg = _load(args)
         print(json.dumps(config_mod.masked(cfg), indent=2, default=str))
+        for warning in config_mod.warnings(cfg):
+            print(f"gateway: warning: {warning}", file=sys.stderr)
         return 0
     if args.command == "run":
         cfg = _load(args)
@@ -284,6 +315,9 @@ def _cmd(args: argparse.Namespace) -> int:
             level_fixed=args.log_level is not None,
             secret_values=logs.secret_values(cfg),
         )
+        for warning in config_mod.warnings(cfg):
+            logging.getLogger("gateway.config").warning("%s", warning)
+        _require_store_owner(cfg, args)
         from gateway.runtime import service
 
         return service.main(cfg)
@@ -333,6 +367,7 @@ def _cmd(args: argparse.Namespace) -> int:
             return 0
         if args.dlq_command == "purge":
             return _purge(cfg, args)
+        _require_store_owner(cfg, args)
         conn = store_mod.connect(cfg.db_path)
         try:
             store_mod.migrate(conn)
@@ -380,6 +415,7 @@ def _purge(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     if not cfg.db_path.exists():
         print("purged 0 dead letter(s)")
         return 0
+    _require_store_owner(cfg, args)
     conn = store_mod.connect(cfg.db_path)
     try:
         store_mod.migrate(conn)
@@ -395,6 +431,7 @@ def _purge(cfg: config_mod.Config, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gateway` console script."""
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to name the command again
     try:
         return _cmd(args)
     except ConfigError as exc:

@@ -3,24 +3,25 @@
 Text lines read `LEVEL component: message key=value …`. Under journald (stderr is the
 stream named by $JOURNAL_STREAM) the time stamp is left to the journal and each line
 starts with a `<N>` syslog priority, so `journalctl -p warning` works. `json` writes one
-object per line. Values of secret config keys are replaced by `***` in every line.
+object per line. Values of secret config keys (and auth-like headers) are replaced by
+`***` in every line, and so are the userinfo and query values of any URL in it.
 Identical warnings and errors are rate-limited: the first goes out, then one line per
 interval with how many more there were.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, TextIO
+
+from gateway.config.secrets import is_secret_name, is_secret_value, mask_urls, url_secrets
 
 FORMATS = ("text", "json")
 MASK = "***"
@@ -28,6 +29,9 @@ REPEAT_INTERVAL_S = 60.0
 
 # Secrets shorter than this are not masked: "***" in place of every "a" helps nobody.
 _MIN_SECRET_LEN = 4
+# A URL's query value this long is masked wherever it shows; a shorter one (`json` in
+# `?format=json`) only inside URLs, which every line has masked anyway.
+_MIN_QUERY_SECRET_LEN = 8
 _SYSLOG_PRIORITY = {
     logging.DEBUG: 7,
     logging.INFO: 6,
@@ -72,6 +76,7 @@ class Secrets:
         self._values = tuple(sorted(merged, key=len, reverse=True))
 
     def mask(self, text: str) -> str:
+        text = mask_urls(text)
         for value in self._values:
             if value in text:
                 text = text.replace(value, MASK)
@@ -287,9 +292,9 @@ def flush_repeats() -> None:
 
 
 def secret_values(cfg: object) -> set[str]:
-    """Every non-empty value of a secret key (password, token, secret, key) in a config."""
-    from gateway.config import SECRET_KEYS
-
+    """Every secret a config holds: the values of secret-like keys at any depth (password,
+    token, secret, key, api_key in meta …), of auth-like headers, and URL passwords and
+    long query values."""
     found: set[str] = set()
 
     def walk(value: Any, key: str = "") -> None:
@@ -300,16 +305,23 @@ def secret_values(cfg: object) -> set[str]:
             for k, v in value.items():
                 walk(v, str(k))
         elif isinstance(value, tuple | list):
+            if key == "headers" and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+                for name, v in value:
+                    if is_secret_name(str(name)) and v:
+                        found.add(str(v))
+                        # The scheme word ("Bearer", "Basic") is no secret; what follows is.
+                        found.update(str(v).split()[1:])
+                    walk(v)
+                return
             for v in value:
                 walk(v, key)
-        elif isinstance(value, str) and value and key in SECRET_KEYS:
-            found.add(value)
-            found.update(value.split())  # standard-webhooks: several secrets, space-separated
-        elif isinstance(value, str) and key == "url":
-            with contextlib.suppress(ValueError):
-                password = urllib.parse.urlsplit(value).password
-                if password:
-                    found.add(password)
+        elif is_secret_name(key) and is_secret_value(value):
+            found.add(str(value))
+            found.update(str(value).split())  # standard-webhooks: several, space-separated
+        elif isinstance(value, str) and "://" in value:
+            passwords, query = url_secrets(value)
+            found.update(passwords)
+            found.update(v for v in query if len(v) >= _MIN_QUERY_SECRET_LEN)
 
     walk(cfg)
     return found

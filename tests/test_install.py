@@ -180,7 +180,7 @@ def test_install_lays_out_a_root_idempotently_keeps_an_edited_config_and_uninsta
     first = tree(root)
     assert {path: mode for path, (mode, _) in first.items()} == {
         "etc/edge-gateway/credentials/mqtt-password": "0o600",
-        "etc/edge-gateway/gateway.toml": "0o644",
+        "etc/edge-gateway/gateway.toml": "0o640",
         "etc/systemd/system/edge-gateway.service": "0o644",
         "etc/sysusers.d/edge-gateway.conf": "0o644",
         "etc/udev/rules.d/99-edge-gateway-modem.rules": "0o644",

@@ -294,11 +294,16 @@ def parse(
             reconnect_max_s=float_value(0, 3600, above=True),
             ingest_processes=int_value(1, 16),
         )
-        if m is not None and m.tls:
-            for key in ("ca_file", "cert_file", "key_file"):
-                p = getattr(m, key)
-                if p and not Path(p).is_file():
-                    r.fail(f"mqtt.{key}", "file does not exist", p)
+        for key in ("ca_file", "cert_file", "key_file"):
+            p = getattr(m, key) if m is not None else ""
+            if m is None or not p:
+                continue
+            if not m.tls:
+                # The connection would be plain: the CA or the client certificate the
+                # operator set up would silently not be used.
+                r.fail(f"mqtt.{key}", "is set but mqtt.tls is not true (set mqtt.tls = true)", p)
+            elif not Path(p).is_file():
+                r.fail(f"mqtt.{key}", "file does not exist", p)
         if m is not None and m.ingest_processes > 1 and not m.shared_group:
             r.fail(
                 "mqtt.ingest_processes",

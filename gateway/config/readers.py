@@ -11,7 +11,7 @@ from dataclasses import fields, is_dataclass
 from typing import Any
 
 from gateway.config.schema import T
-from gateway.config.secrets import MASK, SECRET_KEYS
+from gateway.config.secrets import MASK, is_secret_name, is_secret_value, mask_urls
 
 
 class Reader:
@@ -83,9 +83,9 @@ def join(parent: str, key: str) -> str:
 
 
 def show(path: str, value: Any) -> str:
-    if path.rsplit(".", 1)[-1] in SECRET_KEYS and isinstance(value, str) and value:
+    if is_secret_name(path.rsplit(".", 1)[-1]) and is_secret_value(value):
         return repr(MASK)
-    text = repr(value)
+    text = repr(mask_urls(value) if isinstance(value, str) else value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway import __version__
-from gateway.config import RetryPolicy, WebhookConfig
+from gateway.config import RetryPolicy, WebhookConfig, mask_urls
 from gateway.delivery import formats, signing
 
 log = logging.getLogger("gateway.delivery")
@@ -167,20 +167,22 @@ class Sender:
                 latency_s=time.monotonic() - began,
             )
         except aiohttp.ClientError as exc:
-            return Outcome(
-                None, f"{exc.__class__.__name__}: {exc}"[:300], latency_s=time.monotonic() - began
-            )
+            return Outcome(None, _error_text(exc), latency_s=time.monotonic() - began)
         except (OSError, ValueError) as exc:
-            return Outcome(
-                None, f"{exc.__class__.__name__}: {exc}"[:300], latency_s=time.monotonic() - began
-            )
+            return Outcome(None, _error_text(exc), latency_s=time.monotonic() - began)
+
+
+def _error_text(exc: Exception) -> str:
+    """An exception as a webhook's last error: aiohttp's quote the URL, query and all."""
+    return mask_urls(f"{exc.__class__.__name__}: {exc}")[:300]
 
 
 def describe(o: Outcome) -> str:
     """An outcome in words for the webhook's last error: the status and the reply's start."""
     if o.status is None:
         return o.error
-    text = o.excerpt.strip().replace("\n", " ")
+    # A reply may quote the URL it was called at, query token and all.
+    text = mask_urls(o.excerpt.strip().replace("\n", " "))
     return f"HTTP {o.status}: {text}" if text else f"HTTP {o.status}"
 
 

@@ -3,12 +3,16 @@ read-only readers for worker threads.
 
 A connection that writes uses `synchronous=FULL`: a commit is on disk before the ingest
 is told to acknowledge its packets.
+
+The store holds payloads and dead letters in clear: its directory is made 0700 and its
+files 0600 whatever the umask of whoever opens it first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +39,41 @@ PAGE_SIZE = 1024
 # keeps the size it reached.
 WAL_CHECKPOINT_PAGES = 20_000
 
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+# SQLite's files beside the database; it makes them with the database file's mode.
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (and missing parents) with mode 0700 for the directories it makes; an
+    existing directory keeps its mode (systemd's StateDirectoryMode= sets the service's)."""
+    missing = []
+    p = path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for made in missing:
+        # mkdir(mode=) is cut by the umask; chmod is not.
+        made.chmod(DIR_MODE)
+
+
+def private_file(path: Path) -> None:
+    """Create `path` empty with mode 0600 if it is missing; take group and other bits off
+    an existing one (a store made under a umask of 022 was 0644)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        st = path.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            path.chmod(st.st_mode & 0o700)
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """A connection with the store's pragmas (WAL, busy timeout)."""
@@ -44,7 +83,11 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
                 f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
             )
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
+            # SQLite gives -wal and -shm the database file's mode: 0600 for the lot.
+            for name in (path, *(path.with_name(path.name + s) for s in SIDE_FILES)):
+                if name == path or name.exists():
+                    private_file(name)
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 10000")
         if not readonly:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.config.secrets import mask_urls
 from gateway.errors import StoreError
 from gateway.store.counting import COUNTED, DEAD_BYTES, _bump, _mark, _set_mark, count_received
 from gateway.store.db import transaction
@@ -41,7 +42,7 @@ DEAD_LETTER_EVICT_ROWS = 1000
 def list_dead_letters(
     conn: sqlite3.Connection, webhook: str | None = None, limit: int = 1000
 ) -> list[dict[str, Any]]:
-    """Dead letters, newest first, without their bodies."""
+    """Dead letters, newest first, without their bodies; URLs in their excerpts masked."""
     # A store `gateway dlq list` reads before the gateway migrated it has no size or hash.
     cols = {r[1] for r in conn.execute("PRAGMA table_info(dead_letters)")}
     extra = "size, sha256" if "sha256" in cols else "NULL, NULL"
@@ -72,7 +73,12 @@ def list_dead_letters(
         "size",  # an oversize packet's payload size; `bytes` of it are kept
         "sha256",  # of an oversize packet's whole payload
     )
-    return [dict(zip(keys, r, strict=True)) for r in conn.execute(sql, args)]
+    rows = [dict(zip(keys, r, strict=True)) for r in conn.execute(sql, args)]
+    for row in rows:
+        # An error's text may quote the webhook's URL, with its token in the query.
+        if row["excerpt"]:
+            row["excerpt"] = mask_urls(str(row["excerpt"]))
+    return rows
 
 
 def replay_dead_letters(

@@ -25,6 +25,7 @@ from gateway.config import Config, ReportConfig
 from gateway.delivery import formats, new_webhook_id
 from gateway.errors import GatewayError
 from gateway.store import Store, transaction
+from gateway.store.db import FILE_MODE, private_dir
 from gateway.usage import cdr
 
 log = logging.getLogger("gateway.reports")
@@ -95,9 +96,12 @@ def _write_zip(path: Path, csv_name: str, rows: list[dict[str, Any]]) -> int:
     w.writeheader()
     for r in rows:
         w.writerow({k: r.get(k, "") for k in cdr.FIELDS})
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # CDRs name every SIM and its usage: readable by the gateway's user only.
+    private_dir(path.parent)
     tmp = path.with_suffix(".part")
-    with tmp.open("wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.writestr(csv_name, text.getvalue())
         f.flush()

@@ -1,0 +1,108 @@
+"""What a configuration leaves open to others on the network or the machine: secrets
+sent in clear (MQTT without TLS, plain http:// webhooks) and a config file that holds
+secrets inline while every user can read it. Warnings only: `gateway check-config` prints
+them and `gateway run` logs them at start."""
+
+from __future__ import annotations
+
+import shlex
+import stat
+import tomllib
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from gateway.config.schema import Config, WebhookConfig, is_loopback
+from gateway.config.secrets import is_secret_name, is_secret_value, url_secrets
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Every warning for `cfg`, transport first, then the config file's mode."""
+    out = transport_warnings(cfg)
+    if cfg.path is not None:
+        note = file_warning(cfg.path)
+        if note:
+            out.append(note)
+    return out
+
+
+def transport_warnings(cfg: Config) -> list[str]:
+    """Credentials that would cross the network in clear to another machine."""
+    out = []
+    m = cfg.mqtt
+    if m.password and not m.tls and not is_loopback(m.host):
+        out.append(
+            f"mqtt.password is sent in clear to {m.host}:{m.port}: mqtt.tls is not true and"
+            " the broker is not on this machine (set mqtt.tls = true)"
+        )
+    for i, w in enumerate(cfg.webhooks):
+        try:
+            parts = urllib.parse.urlsplit(w.url)
+            host = parts.hostname or ""
+        except ValueError:
+            continue
+        if parts.scheme != "http" or is_loopback(host):
+            continue
+        what = _credentials(w)
+        if what:
+            out.append(
+                f"webhooks[{i}].url: {what} over plain http:// to {host}: anyone on the way"
+                " can read or replay them (use https://)"
+            )
+    return out
+
+
+def _credentials(w: WebhookConfig) -> str:
+    """What a webhook sends that should not travel in clear, in words ("" for nothing)."""
+    found = []
+    if w.auth.type != "none":
+        found.append(f"auth '{w.auth.type}'")
+    if w.signing.scheme != "none":
+        found.append(f"signing '{w.signing.scheme}'")
+    names = [name for name, value in w.headers if value and is_secret_name(name)]
+    if names:
+        found.append("header " + ", ".join(names))
+    passwords, query = url_secrets(w.url)
+    if passwords or query:
+        found.append("the URL's credentials")
+    return " and ".join(found)
+
+
+def file_warning(path: Path) -> str:
+    """A warning when the config file holds a secret inline (not `${ENV}` or `file:`) and
+    every user of the machine can read it, with the chmod that fixes it; "" otherwise."""
+    try:
+        mode = path.stat().st_mode
+        if not mode & stat.S_IROTH:
+            return ""
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ""
+    keys = inline_secrets(raw)
+    if not keys:
+        return ""
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    fixed = stat.S_IMODE(mode) & ~0o007
+    return (
+        f"{path} holds secrets inline ({shown}) and every user can read it"
+        f" (mode {stat.S_IMODE(mode):04o}): run chmod {fixed:04o} {shlex.quote(str(path))}"
+        " (or move them to ${ENV} or file: references)"
+    )
+
+
+def inline_secrets(raw: Any, path: str = "") -> list[str]:
+    """The key paths of a parsed TOML document whose secrets are written in the file."""
+    key = path.rpartition(".")[2].partition("[")[0]
+    if isinstance(raw, dict):
+        return [
+            hit for k, v in raw.items() for hit in inline_secrets(v, f"{path}.{k}" if path else k)
+        ]
+    if isinstance(raw, list):
+        return [hit for i, v in enumerate(raw) for hit in inline_secrets(v, f"{path}[{i}]")]
+    if isinstance(raw, str) and ("${" in raw or raw.startswith("file:")):
+        return []
+    if is_secret_name(key) and is_secret_value(raw):
+        return [path]
+    if isinstance(raw, str) and "://" in raw and any(url_secrets(raw)):
+        return [path]
+    return []

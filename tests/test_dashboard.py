@@ -40,9 +40,9 @@ def _browser_missing() -> str:
     return ""
 
 
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    """Headless Chromium through the system chromedriver (no browser download)."""
+def headless_chromium(*extra: str) -> Iterator[Any]:
+    """Headless Chromium through the system chromedriver (no browser download), with
+    `extra` command-line switches; skipped where it is missing, except in CI."""
     missing = _browser_missing()
     if missing and os.environ.get("CI"):
         pytest.fail(f"CI must run the browser test: {missing}; .ci/run sets WITH_BROWSER=1")
@@ -58,15 +58,20 @@ def browser() -> Iterator[Any]:
         "--no-sandbox",  # tests run as root in CI
         "--disable-gpu",
         "--disable-dev-shm-usage",
-        "--window-size=1440,2000",
-        "--lang=en-US",
+        *extra,
     ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(15)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    yield from headless_chromium("--window-size=1440,2000", "--lang=en-US")
 
 
 def get(url: str, token: str = TOKEN) -> tuple[int, bytes]:

@@ -18,7 +18,6 @@ import subprocess
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +76,6 @@ def base_url(cfg: config.Config) -> str:
 
 def bearer(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    # unsafe=True: keep cookies set by an IP-address host (the login test needs them).
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
-        yield s
 
 
 async def login_csrf(http: aiohttp.ClientSession, base: str) -> str:

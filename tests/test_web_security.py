@@ -10,7 +10,6 @@ attacker, it is Debian's headless Chromium. Everything listens on loopback only:
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 import subprocess
@@ -29,7 +28,8 @@ from gateway.web import app as web
 from gateway.web import guard
 from tests.conftest import ROOT, Broker, free_port, gateway_cmd, write_config
 from tests.receiver import Receiver
-from tests.test_dashboard import CHROMEDRIVER, CHROMIUM, _browser_missing
+from tests.test_dashboard import headless_chromium
+from tests.test_web import login_csrf
 
 TOKEN = "lan-dashboard-token-0123"
 # Names Chromium resolves to 127.0.0.1: one the gateway was told about, one it was not.
@@ -71,45 +71,11 @@ async def start(run_gateway: Any, cfg: config.Config, ssl_ctx: ssl.SSLContext | 
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    # unsafe=True: keep cookies set by an IP-address host.
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
-        yield s
-
-
-async def login_csrf(http: aiohttp.ClientSession, base: str) -> str:
-    async with http.get(base + "/login") as r:
-        page = await r.text()
-    return page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
-
-
-@pytest.fixture
 def chromium() -> Iterator[Any]:
     """Headless Chromium whose resolver sends KNOWN_NAME and REBOUND_NAME to 127.0.0.1."""
-    missing = _browser_missing()
-    if missing and os.environ.get("CI"):
-        pytest.fail(f"CI must run the browser test: {missing}")
-    if missing:
-        pytest.skip(missing)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        f"--host-resolver-rules=MAP {KNOWN_NAME} 127.0.0.1, MAP {REBOUND_NAME} 127.0.0.1",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(15)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    yield from headless_chromium(
+        f"--host-resolver-rules=MAP {KNOWN_NAME} 127.0.0.1, MAP {REBOUND_NAME} 127.0.0.1"
+    )
 
 
 # -- open redirect ------------------------------------------------------------------------

@@ -490,6 +490,12 @@ async def test_the_test_endpoint_sends_one_request_in_the_webhooks_format(
     async with http.post(base + "/api/webhooks/cloud/test", json={}) as r:
         out = await r.json()
     assert (r.status, out["ok"], out["status"], out["excerpt"]) == (200, False, 503, "maintenance")
+    # A reply quoting the URL it was called at shows its query values as ***.
+    receiver.behaviour = lambda n, r: Reply(404, text=f"no route {receiver.url}?code=fn-key-42")
+    async with http.post(base + "/api/webhooks/cloud/test", json={}) as r:
+        out = await r.json()
+    assert "fn-key-42" not in out["excerpt"]
+    assert out["excerpt"] == f"no route {receiver.url}?code=***"
     async with http.post(base + "/api/webhooks/missing/test", json={}) as r:
         assert r.status == 404
     s = await status_of(http, cfg)

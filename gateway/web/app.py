@@ -34,6 +34,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway import store as st
 from gateway.config import Config, WebhookConfig
+from gateway.config.secrets import mask_urls
 from gateway.delivery import Outcome, Sender, new_webhook_id
 from gateway.errors import GatewayError
 from gateway.ingest import IngestStats, Taker
@@ -468,7 +469,8 @@ class Web:
                 "ok": outcome.ok,
                 "status": outcome.status,
                 "latency_ms": round(outcome.latency_s * 1000, 1),
-                "excerpt": outcome.excerpt,
+                # A receiver may quote the URL it was called at, query token and all.
+                "excerpt": mask_urls(outcome.excerpt),
                 "error": outcome.error,
             }
         )

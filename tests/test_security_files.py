@@ -350,6 +350,25 @@ def umask_022() -> Iterator[None]:
         os.umask(old)
 
 
+def report_config(path: Path, state: Path, mode: int) -> Path:
+    """A config with the store in `state` and one report, written with `mode`."""
+    return write_mode(
+        path,
+        f"""
+[gateway]
+state_dir = "{state}"
+[mqtt]
+host = "127.0.0.1"
+[web]
+enabled = false
+[[reports]]
+name = "daily"
+every = "24h"
+""",
+        mode,
+    )
+
+
 def test_store_and_report_files_are_private_under_umask_022(
     tmp_path: Path, umask_022: None
 ) -> None:
@@ -364,21 +383,7 @@ def test_store_and_report_files_are_private_under_umask_022(
     assert mode_of(state.parent) == 0o700
     assert mode_of(db) == 0o600
 
-    cfg = write_mode(
-        tmp_path / "gw.toml",
-        f"""
-[gateway]
-state_dir = "{state}"
-[mqtt]
-host = "127.0.0.1"
-[web]
-enabled = false
-[[reports]]
-name = "daily"
-every = "24h"
-""",
-        0o600,
-    )
+    cfg = report_config(tmp_path / "gw.toml", state, 0o600)
     done = cli("cdr", "export", "-c", str(cfg), "--report", "daily")
     assert done.returncode == 0, done.stderr
     zips = list((state / "reports").glob("*.zip"))
@@ -419,21 +424,7 @@ def store_of_nobody(d: Path) -> Path:
         pass
     for p in (state, *state.rglob("*")):
         os.chown(p, NOBODY, NOBODY)
-    return write_mode(
-        d / "gw.toml",
-        f"""
-[gateway]
-state_dir = "{state}"
-[mqtt]
-host = "127.0.0.1"
-[web]
-enabled = false
-[[reports]]
-name = "daily"
-every = "24h"
-""",
-        0o644,
-    )
+    return report_config(d / "gw.toml", state, 0o644)
 
 
 WRITES = [

@@ -40,8 +40,9 @@ from gateway.usage import cdr
 
 log = logging.getLogger("gateway.modem")
 
-# Read every poll; the rest of STEPS only at start and when one of these changes.
-FAST_STEPS = ("sim_state", "iccid", "signal", "registration", "counters")
+# Read every poll; the rest of STEPS only at start and when one of these changes. The
+# radio step costs two or three short commands once the modem's unsupported ones are known.
+FAST_STEPS = ("sim_state", "iccid", "signal", "registration", "radio", "counters")
 # How often URCs are looked at between polls (they can make the next poll come early).
 URC_CHECK_S = 0.5
 # Snapshots kept in the store (about two weeks at the default 60 s poll).
@@ -296,7 +297,8 @@ class _Poller:
                 self.dirty.set()
         elif head in ("+CREG", "+CEREG", "+CGREG"):
             fields = split_fields(payload)
-            # URC forms: "<stat>" or "<stat>,<lac>,..." (lac quoted).
+            # URC forms: "<stat>" or, with n=2 (the gateway sets it for +CEREG),
+            # "<stat>,"<tac>","<ci>",<AcT>" with the location quoted.
             stat = fields[0].strip()
             if len(fields) >= 2 and fields[1].strip().isdigit():
                 stat = fields[1].strip()

@@ -821,6 +821,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for URCs and garbage")
     p.add_argument("--slow-s", type=float, default=2.0, help="answer delay of the slow fault")
     p.add_argument("--fault", action="append", default=[], choices=FAULTS)
+    p.add_argument(
+        "--radio",
+        action="append",
+        default=[],
+        metavar="SETTING",
+        help='a radio setting as on the control port, e.g. "rat lte-m" or "rsrp -95"',
+    )
     return p
 
 
@@ -865,6 +872,11 @@ def main(argv: list[str]) -> int:
         link=args.link,
         faults=tuple(args.fault),
     )
+    for setting in args.radio:
+        reply = emu.control(f"radio {setting}")
+        if reply != "ok":
+            print(f"modem emulator: --radio {setting!r}: {reply}", file=sys.stderr)
+            return 2
     stop = threading.Event()
 
     def on_signal(_sig: int, _frame: object) -> None:

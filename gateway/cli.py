@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     mi.add_argument("--json", action="store_true")
     mi.add_argument("--timeout", type=float, default=5.0, help="per-command timeout, seconds")
     mi.add_argument("--interface", default="wwan0", help="network interface for sysfs counters")
+    ms = msub.add_parser("signal", help="the radio over time, from the stored snapshots")
+    with_config(ms)
+    ms.add_argument("--since", default="1h", help="ISO date/time (UTC), epoch ms, or an age")
+    ms.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="run broker, fleet, sink and gateway locally")
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
@@ -283,6 +287,11 @@ def _print_status(snap: dict[str, Any]) -> None:
             f"  signal {i.get('signal_dbm')} dBm"
             + (f"  {today} bytes today" if today is not None else "")
         )
+        from gateway.modem.signal import summary
+
+        radio = summary(i, m.get("signal_quality"))
+        if radio:
+            print(f"radio    {radio}")
     c = snap["cdrs"]
     print(f"cdrs     {c['count']} stored, {c['pending_usage']} bytes not yet in a CDR")
     if snap["reports"]:
@@ -298,6 +307,20 @@ def _print_status(snap: dict[str, Any]) -> None:
     print()
     for line in _webhook_table(hooks):
         print(line)
+
+
+def _modem_signal(args: argparse.Namespace) -> int:
+    from gateway.modem import signal
+
+    cfg = _load(args)
+    since_ns = _since_ms(args.since) * 1_000_000
+    if not cfg.db_path.exists():
+        raise GatewayError(f"no store at {cfg.db_path} (has the gateway run with this state_dir?)")
+    conn = store_mod.connect(cfg.db_path, readonly=True)
+    try:
+        return signal.command(conn, since_ns, args.json)
+    finally:
+        conn.close()
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -329,6 +352,8 @@ def _cmd(args: argparse.Namespace) -> int:
         else:
             _print_status(snap)
         return 0
+    if args.command == "modem" and args.modem_command == "signal":
+        return _modem_signal(args)
     if args.command == "modem":
         from gateway.modem import info
 

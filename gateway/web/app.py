@@ -249,6 +249,7 @@ class Web:
                 snap["modem"]["updated"] = status.iso(live.updated_ns)
                 if live.info is not None:
                     snap["modem"]["info"] = live.info.to_dict()
+                    snap["modem"]["signal_quality"] = status.quality_of(snap["modem"]["info"])
         return snap
 
     # -- auth ---------------------------------------------------------------------------

@@ -208,6 +208,7 @@ def _modem(m: dict[str, Any] | None) -> Iterator[Metric]:
     )
     yield from _gauge("gateway_modem_signal_dbm", "Signal strength (dBm).", info.get("signal_dbm"))
     yield from _gauge("gateway_modem_signal_csq", "AT+CSQ rssi (0-31).", info.get("csq"))
+    yield from _radio(info)
     registered = info.get("registration") in ("home", "roaming")
     yield from _gauge("gateway_modem_registered", "1 while registered.", registered)
     for key, name, doc in (
@@ -221,6 +222,31 @@ def _modem(m: dict[str, Any] | None) -> Iterator[Metric]:
     yield from _gauge(
         "gateway_modem_bytes_today", "Bytes (tx + rx) since local midnight.", m.get("bytes_today")
     )
+
+
+# (modem info key, metric name, help) of the radio levels; no sample while unknown.
+RADIO_GAUGES = (
+    ("rsrp_dbm", "gateway_modem_rsrp_dbm", "LTE reference signal received power (dBm)."),
+    ("rsrq_db", "gateway_modem_rsrq_db", "LTE reference signal received quality (dB)."),
+    ("sinr_db", "gateway_modem_sinr_db", "LTE signal to interference and noise ratio (dB)."),
+    ("rscp_dbm", "gateway_modem_rscp_dbm", "UMTS received signal code power (dBm)."),
+    ("ecno_db", "gateway_modem_ecno_db", "UMTS Ec/No (dB)."),
+)
+
+
+def _radio(info: dict[str, Any]) -> Iterator[Metric]:
+    for key, name, doc in RADIO_GAUGES:
+        value = info.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            yield from _gauge(name, doc, value)
+    tech = info.get("access_technology")
+    if isinstance(tech, str) and tech:
+        yield from _gauge(
+            "gateway_modem_access_technology",
+            "The radio access technology in use (value 1).",
+            1,
+            technology=tech,
+        )
 
 
 class _StatusCollector:

@@ -196,7 +196,18 @@ _STATUS = {
                 "state": {"type": "string"},
                 "updated": {"type": "string"},
                 "last_error": {"type": "string"},
-                "info": {"type": ["object", "null"], "description": "identity and counters"},
+                "info": {
+                    "type": ["object", "null"],
+                    "description": "identity, counters and radio: access_technology (gsm, umts,"
+                    " lte, lte-m, nb-iot, 5g-nr), rsrp_dbm, rsrq_db, sinr_db, rscp_dbm, ecno_db,"
+                    " cell_id, tac, band, earfcn, pci; null when unknown",
+                },
+                "signal_quality": {
+                    "type": ["string", "null"],
+                    "enum": ["excellent", "good", "fair", "poor", None],
+                    "description": "grade from RSRP and SINR (the worse of the two);"
+                    " null without either",
+                },
                 "bytes_today": _NULLABLE_INT,
             },
         },

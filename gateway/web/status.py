@@ -13,6 +13,7 @@ import orjson
 
 from gateway import store as store_mod
 from gateway.config import Config
+from gateway.modem.radio import signal_quality
 
 # Less than this is a full disk: SQLite cannot add a page to its WAL.
 FULL_BELOW_BYTES = 256 * 1024
@@ -126,16 +127,25 @@ def bytes_since(conn: sqlite3.Connection, since_ns: int) -> int | None:
     return total
 
 
+def quality_of(info: Any) -> str | None:
+    """The plain-words signal grade of a modem reading (None when it has no RSRP/SINR)."""
+    if not isinstance(info, dict):
+        return None
+    return signal_quality(info.get("rsrp_dbm"), info.get("sinr_db"))
+
+
 def modem_rows(conn: sqlite3.Connection, cfg: Config | None, now_ns: int) -> dict[str, Any]:
     """The newest modem snapshot and today's bytes (local day of the gateway host)."""
     row = conn.execute(
         "SELECT ts_ns, state, data FROM modem_snapshots ORDER BY id DESC LIMIT 1"
     ).fetchone()
+    info = orjson.loads(row[2]) if row else None
     return {
         "configured": cfg.modem is not None if cfg else row is not None,
         "state": row[1] if row else "",
         "updated": iso(row[0]) if row else "",
-        "info": orjson.loads(row[2]) if row else None,
+        "info": info,
+        "signal_quality": quality_of(info),
         "bytes_today": bytes_since(conn, local_midnight_ns(now_ns)),
     }
 

@@ -710,7 +710,7 @@ class ModemEmulator:
             if not self._registered():
                 return ["+COPS: 0"], "OK"
             oper = ident.plmn if self.cops_format == 2 else ident.operator
-            return [f'+COPS: 0,{self.cops_format},"{oper}",{self.radio.act}'], "OK"
+            return [f'+COPS: 0,{self.cops_format},"{oper}"{self.radio.cops_act}'], "OK"
         if u == "AT+CSQ":
             sep = ", " if v == "huawei" else ","
             return [f"+CSQ: {ident.csq}{sep}99"], "OK"

@@ -113,9 +113,9 @@ class RadioSim:
     # -- answers --------------------------------------------------------------------------
 
     @property
-    def act(self) -> int:
-        """The <AcT> of +COPS (7 with the radio answers off, as before they existed)."""
-        return RATS[self.cond.rat] if self.cond.enabled else 7
+    def cops_act(self) -> str:
+        """',<AcT>' to end a +COPS answer with; nothing with the radio answers off."""
+        return f",{RATS[self.cond.rat]}" if self.cond.enabled else ""
 
     def cereg_urc(self, stat: int, registered: bool) -> str:
         """+CEREG: <stat>, with the location when n=2 and camped on an LTE cell."""

@@ -172,6 +172,7 @@ def test_modem_info_without_a_sim_names_what_failed(
 
 def test_garbage_bursts_and_urcs_do_not_change_what_is_read(emulator: Factory) -> None:
     emu = emulator("quectel", faults=("garbage",), urc_interval=0.02, tx_rate=0, rx_rate=0)
+    assert emu.control("radio rsrp -95") == emu.control("radio sinr 13") == "ok"
     with AtChannel.open(emu.start_pty(), timeout=1.0) as ch:
         ch.init()
         for _ in range(5):
@@ -183,6 +184,7 @@ def test_garbage_bursts_and_urcs_do_not_change_what_is_read(emulator: Factory) -
                 IDENT.operator,
                 BIG,
             )
+            assert (info.rsrp_dbm, info.sinr_db, info.band) == (-95.0, 13.0, 3)
     assert ch.urcs  # they arrived, and went to the URC list
 
 

@@ -459,6 +459,11 @@ class RadioProbe:
 
     unsupported: set[str] = field(default_factory=set)
     set_up: set[str] = field(default_factory=set)
+    timeouts: dict[str, int] = field(default_factory=dict)
+
+
+# A command that times out this many polls in a row is not sent again on the connection.
+MAX_TIMEOUTS = 2
 
 
 def _not_supported(exc: AtCommandError) -> bool:
@@ -471,7 +476,8 @@ def read(ch: AtChannel, vendor: str, probe: RadioProbe) -> dict[str, Any]:
     """Every radio field (None when unknown), 3GPP first, then the vendor's command.
 
     Raises RadioUnsupported when the modem answers none of the commands, and AtTimeout
-    when one times out (that command is not sent again on this connection).
+    when one times out (after MAX_TIMEOUTS polls in a row it is not sent again on this
+    connection).
     """
     found: dict[str, Any] = {}
     errors: list[str] = []
@@ -485,7 +491,9 @@ def read(ch: AtChannel, vendor: str, probe: RadioProbe) -> dict[str, Any]:
         try:
             lines = ch.command(cmd, **kw)
         except AtTimeout:
-            probe.unsupported.add(cmd)
+            probe.timeouts[cmd] = probe.timeouts.get(cmd, 0) + 1
+            if probe.timeouts[cmd] >= MAX_TIMEOUTS:
+                probe.unsupported.add(cmd)
             raise
         except AtCommandError as exc:
             if _not_supported(exc):
@@ -493,6 +501,7 @@ def read(ch: AtChannel, vendor: str, probe: RadioProbe) -> dict[str, Any]:
             errors.append(str(exc))
             return None
         answered = True
+        probe.timeouts.pop(cmd, None)
         try:
             return parse(lines)
         except (ValueError, IndexError, TypeError, ArithmeticError) as exc:

@@ -310,3 +310,42 @@ def test_the_poller_reads_registration_urcs_in_the_n2_form(tmp_path: Path) -> No
         assert p.dirty.is_set()
     finally:
         store.close()
+
+
+async def test_after_a_modem_reset_the_poller_sets_its_radio_modes_again(
+    tmp_path: Path, emulators: list[ModemEmulator]
+) -> None:
+    url = pinned("ublox", emulators, "pci 77")
+    emu = emulators[-1]
+    store = Store(tmp_path / "gateway.db")
+    state = ModemState()
+    cfg = ModemSection(port=url, poll_interval_s=0.05, command_timeout_s=0.5)
+    task = asyncio.create_task(poller.run(cfg, store, state=state, sysfs_root=tmp_path))
+
+    async def until(what: str, pred: Any) -> None:
+        deadline = time.monotonic() + 10
+        while not pred():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.02)
+
+    def located() -> bool:
+        i = state.info
+        return i is not None and i.pci == 77 and i.cell_id is not None
+
+    try:
+        await until("the first located reading", located)
+        emu.reboot()  # +CEREG back to n=0, +UCGED back to mode 0
+        await until(
+            "the modes set again", lambda: emu.radio.cereg_n == 2 and emu.radio.ucged_mode == 5
+        )
+        sent = list(emu.commands)
+        assert sent.count("AT+CEREG=2") == sent.count("AT+UCGED=5") == 2
+        after = time.time_ns()
+        await until(
+            "a located reading after the reset", lambda: state.updated_ns > after and located()
+        )
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        store.close()

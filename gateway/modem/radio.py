@@ -539,6 +539,8 @@ def read(ch: AtChannel, vendor: str, probe: RadioProbe) -> dict[str, Any]:
             except AtCommandError as exc:
                 log.debug("%s: %s", vc.setup, exc)
         extra = ask(vc.command, vc.parse, prefix=vc.prefix, bare=vc.bare)
+        if vc.setup and not extra:
+            probe.set_up.discard(vc.setup)  # a modem reset forgets it: sent again next poll
         for key, value in (extra or {}).items():
             found.setdefault(key, value)
         if found.get("sinr_db") is not None:

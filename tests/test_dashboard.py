@@ -152,7 +152,7 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
             mosquitto.port,
             tmp_path / "state",
             web=f'listen = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\nsample_s = 0.5',
-            extra=f'[modem]\nport = "{pty}"\npoll_interval_s = 1\n\n{hooks}',
+            extra=f'[modem]\nport = "{pty}"\npoll_interval_s = 1\ndata_budget_mb = 1\n\n{hooks}',
         )
         gw = gateway_proc(cfg)
         gw.start()
@@ -231,6 +231,17 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
         wait.until(lambda d: d.find_element(By.ID, "modem-iccid").text.startswith("89"))
         assert browser.find_element(By.ID, "modem-operator").text == "NTT DOCOMO"
         assert browser.find_elements(By.CSS_SELECTOR, "#modem-bars span.on")
+        # The data budget's bar: the emulator's traffic against data_budget_mb = 1.
+        assert " of 1.0 MB (" in browser.find_element(By.ID, "budget-text").text
+        assert browser.find_element(By.ID, "budget").is_displayed()
+        wait.until(
+            lambda d: (
+                float(
+                    d.find_element(By.ID, "budget-fill").value_of_css_property("width").strip("px")
+                )
+                > 0
+            )
+        )
         cdr_text = browser.find_element(By.ID, "cdrs").text
         assert "CDR-TESTTESTTESTTESTTEST" in cdr_text
         assert "<i>Test Mobile</i>" in cdr_text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import ssl
@@ -57,6 +58,9 @@ from gateway.errors import ConfigError
 
 # The shortest web.token accepted: 16 characters.
 MIN_TOKEN_CHARS = 16
+# The largest modem.data_budget_mb: a petabyte, far past any SIM plan; it keeps byte
+# figures well inside SQLite's 64-bit integers.
+MAX_DATA_BUDGET_MB = 1e9
 
 
 def _read_webhook(r: Reader, path: str, raw: dict[str, Any]) -> WebhookConfig | None:
@@ -324,6 +328,8 @@ def parse(
             profile=choice("auto", "generic", "quectel", "ublox", "simcom", "telit", "huawei"),
             poll_interval_s=float_value(0, 86400, above=True),
             command_timeout_s=float_value(0, 600, above=True),
+            data_budget_mb=_data_budget_mb,
+            billing_day=_billing_day,
         )
 
     cdr = r.read(
@@ -413,6 +419,30 @@ def parse(
         web=web,
         path=Path(source) if source else None,
     )
+
+
+def _data_budget_mb(value: Any) -> float:
+    """MB (of 1,048,576 bytes) per billing cycle, fractions allowed; 0 is off."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Bad("must be a number of MB (0 for no budget)")
+    if not math.isfinite(value):
+        raise Bad("must be a finite number of MB (0 for no budget)")
+    if value < 0:
+        raise Bad("must be at least 0 (0 for no budget)")
+    if value > MAX_DATA_BUDGET_MB:
+        raise Bad(f"must be at most {MAX_DATA_BUDGET_MB:g}")
+    if 0 < value * 1024 * 1024 < 1:
+        raise Bad("must be 0 or at least 1 byte (0.000001 MB)")
+    return float(value)
+
+
+def _billing_day(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Bad("must be a day of the month, 1-28")
+    if not 1 <= value <= 28:
+        # A cycle starting on the 29th-31st would have no start in a shorter month.
+        raise Bad("must be 1-28 (the 29th-31st do not exist in every month)")
+    return value
 
 
 def _host_names(value: Any) -> tuple[str, ...]:

@@ -84,6 +84,10 @@ class ModemSection:
     poll_interval_s: float = 60.0
     interface: str = "wwan0"
     command_timeout_s: float = 5.0
+    # The SIM plan's data per billing cycle, in MB of 1,048,576 bytes; 0: no budget.
+    data_budget_mb: float = 0.0
+    # The day of the month (UTC) a billing cycle starts; 1-28, so it exists every month.
+    billing_day: int = 1
 
 
 @dataclass(frozen=True, slots=True)

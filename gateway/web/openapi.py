@@ -73,6 +73,7 @@ _STATUS = {
         "reports",
         "rates",
         "throughput",
+        "data_budget",
     ],
     "properties": {
         "gateway": {
@@ -198,6 +199,26 @@ _STATUS = {
                 "last_error": {"type": "string"},
                 "info": {"type": ["object", "null"], "description": "identity and counters"},
                 "bytes_today": _NULLABLE_INT,
+            },
+        },
+        "data_budget": {
+            "type": ["object", "null"],
+            "description": "the billing cycle's modem data against modem.data_budget_mb;"
+            " null without [modem]",
+            "required": ["used_bytes", "budget_bytes", "percent", "cycle_start", "cycle_end"],
+            "properties": {
+                "used_bytes": {"type": "integer", "description": "tx + rx in this cycle"},
+                "budget_bytes": {
+                    "type": ["integer", "null"],
+                    "description": "null: no data_budget_mb",
+                },
+                "percent": {
+                    "type": ["number", "null"],
+                    "description": "of the budget, rounded down to 0.1",
+                },
+                "cycle_start": {"type": "string", "description": "ISO 8601 UTC"},
+                "cycle_end": {"type": "string", "description": "the next cycle's start"},
+                "iccid": {"type": "string", "description": "the SIM counted"},
             },
         },
         "cdrs": {

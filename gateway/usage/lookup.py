@@ -74,7 +74,8 @@ def parse_query(q: Mapping[str, str]) -> Query:
     if unknown:
         raise BadQuery(f"{unknown[0]}: unknown parameter (since, iccid, after, limit)")
     since = _since_ms(q["since"]) if q.get("since") else 0
-    iccid = q.get("iccid", "")
+    # Surrounding white space (a pasted ICCID's line end) is no part of it.
+    iccid = q.get("iccid", "").strip()
     if iccid and not _ICCID.fullmatch(iccid):
         raise BadQuery("iccid: must be up to 22 digits (an ICCID)")
     after = _bounded_int("after", q["after"], 0, _MAX_ID) if "after" in q else 0

@@ -501,13 +501,23 @@ def document() -> dict[str, Any]:
                     "parameters": [
                         _query(
                             "since",
-                            {"type": "string"},
-                            "Timestamp at or after: epoch ms or ISO 8601 (UTC unless it says)",
+                            {
+                                "anyOf": [
+                                    {"type": "integer", "minimum": 0, "maximum": 10**15 - 1},
+                                    {"type": "string", "format": "date"},
+                                ]
+                            },
+                            "Timestamp at or after: epoch ms or an ISO 8601 date (a date-time"
+                            " such as 2026-03-01T12:00:00Z is taken too; UTC unless it says)",
                         ),
-                        _query("iccid", {"type": "string"}, "only this SIM's CDRs"),
+                        _query(
+                            "iccid",
+                            {"type": "string", "pattern": "^[0-9A-Fa-f]{1,22}$"},
+                            "only this SIM's CDRs",
+                        ),
                         _query(
                             "after",
-                            {"type": "integer", "minimum": 0},
+                            {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                             "the previous page's next_after",
                         ),
                         _query(

@@ -28,7 +28,7 @@ from gateway.config import Condition
 from gateway.delivery import signing
 from gateway.errors import ConfigError
 from gateway.usage import periods, reports
-from tests.conftest import ROOT, Broker, gateway_cmd, until, write_config
+from tests.conftest import ROOT, Broker, db_rows, gateway_cmd, until, write_config
 from tests.receiver import Receiver, Recorded, Reply
 from tests.test_cdr import NEW, OLD, preload_cdrs
 
@@ -477,3 +477,55 @@ delivery = "{delivery}"
     (line,) = [x for x in done.stderr.splitlines() if "download links" in x]
     assert line.startswith("gateway: warning: web.public_url (https://192.168.1.20) is a private")
     assert "set delivery = 'push'" in line
+
+
+async def test_a_previous_day_report_runs_once_on_schedule_and_not_again_after_a_restart(
+    mosquitto: Broker, tmp_path: Path, receiver: Receiver, run_gateway
+) -> None:
+    db = tmp_path / "state" / "gateway.db"
+    c = preload_cdrs(db, [(OLD, 100, "440"), (NEW, 30, "222")])
+    now = dt.datetime.now(dt.UTC)
+    yesterday = (now - dt.timedelta(days=1)).replace(hour=12, tzinfo=None).isoformat()
+    _restamp(db, [(c[0]["UniqueID"], yesterday)])
+    path = write_config(
+        tmp_path / "gw.toml",
+        mosquitto.port,
+        tmp_path / "state",
+        extra=f"""
+[[webhooks]]
+name = "signed"
+url = "{receiver.url}"
+source = "reports"
+format = "report"
+signing = {{ scheme = "cdr-manager", secret = "{SECRET}" }}
+
+[[reports]]
+name = "daily"
+period = "previous_day"
+webhook = "signed"
+delivery = "push"
+
+# Runs five times a second, after "daily" in each pass of the schedule: a pass seen here is a
+# pass in which "daily" was looked at too.
+[[reports]]
+name = "tick"
+every = "0.2s"
+""",
+    )
+
+    def runs(name: str) -> int:
+        return int(db_rows(db, "SELECT COUNT(*) FROM reports WHERE name = ?", (name,))[0][0])
+
+    first = await run_gateway(config.load(path))
+    # In the first minute of a UTC day the run waits for periods.SETTLE_NS: up to 60 s.
+    await until(lambda: receiver.ok(), timeout=90, what="the daily push")
+    push = await parse_push(receiver.ok()[0])
+    assert push.notice["taskName"] == "daily"
+    assert [r["UniqueID"] for r in push.rows] == [c[0]["UniqueID"]]  # yesterday's only
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    ticks = runs("tick")
+    await run_gateway(config.load(path))
+    await until(lambda: runs("tick") >= ticks + 2, timeout=15, what="two schedule passes")
+    assert runs("daily") == 1
+    assert len(receiver.requests) == 1

@@ -161,9 +161,11 @@ def _cdr_cmd(args: argparse.Namespace) -> int:
             f"report {rc.name}: {n['fileName']}, {n['numberOfLines']} CDR(s), "
             f"{n['fileSizeInBytes']} bytes at {out.path}"
         )
-        print(f"download (until {n['validUntil']}): {out.url}")
+        if out.url:
+            print(f"download (until {n['validUntil']}): {out.url}")
     if rc.webhook:
-        print(f"notice queued for webhook {rc.webhook!r} (sent by the running gateway)")
+        what = "push (notice and zip)" if rc.delivery == "push" else "notice"
+        print(f"{what} queued for webhook {rc.webhook!r} (sent by the running gateway)")
     return 1 if n["error"] else 0
 
 

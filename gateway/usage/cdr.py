@@ -23,32 +23,14 @@ from typing import Any
 import orjson
 
 from gateway import store as st
-from gateway.config import CdrSection
+from gateway.config import CDR_FIELDS, CdrSection
 from gateway.errors import GatewayError
 from gateway.store import Store, transaction
 
 log = logging.getLogger("gateway.cdr")
 
 # The field order of a Monogoto DATA CDR; also the CSV columns of a report.
-FIELDS = (
-    "CdrType",
-    "UniqueID",
-    "Iccid",
-    "IMSI",
-    "MSISDN",
-    "IMEI",
-    "MNO",
-    "MnoName",
-    "MCC",
-    "MNC",
-    "ThingName",
-    "ThingId",
-    "ThingsGroupId",
-    "ThingsGroupName",
-    "Timestamp",
-    "Usage",
-    "APN",
-)
+FIELDS = CDR_FIELDS
 _ALPHANUM = string.ascii_uppercase + string.ascii_lowercase + string.digits
 IDENTITY_KEYS = ("iccid", "imsi", "msisdn", "imei", "operator", "mcc", "mnc", "apn")
 

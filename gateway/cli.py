@@ -165,9 +165,11 @@ def _cdr_cmd(args: argparse.Namespace) -> int:
             f"report {rc.name}: {n['fileName']}, {n['numberOfLines']} CDR(s), "
             f"{n['fileSizeInBytes']} bytes at {out.path}"
         )
-        print(f"download (until {n['validUntil']}): {out.url}")
+        if out.url:
+            print(f"download (until {n['validUntil']}): {out.url}")
     if rc.webhook:
-        print(f"notice queued for webhook {rc.webhook!r} (sent by the running gateway)")
+        what = "push (notice and zip)" if rc.delivery == "push" else "notice"
+        print(f"{what} queued for webhook {rc.webhook!r} (sent by the running gateway)")
     return 1 if n["error"] else 0
 
 
@@ -257,6 +259,26 @@ def _webhook_table(hooks: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _data_size(n: int) -> str:
+    """Bytes in the MB of modem.data_budget_mb (1,048,576 bytes), KB below one MB."""
+    mb = n / (1024 * 1024)
+    if mb >= 100:
+        return f"{mb:.0f} MB"
+    if mb >= 1:
+        return f"{mb:.1f} MB"
+    return f"{n / 1024:.1f} KB" if n >= 1024 else f"{n} bytes"
+
+
+def _data_budget_line(d: dict[str, Any]) -> str:
+    """'data     this cycle: 412 MB of 500 MB (82 %), cycle from 2026-12-01'."""
+    used = _data_size(d["used_bytes"])
+    if d["budget_bytes"]:
+        used += f" of {_data_size(d['budget_bytes'])} ({int(d['percent'])} %)"
+    else:
+        used += " (no data_budget_mb)"
+    return f"data     this cycle: {used}, cycle from {d['cycle_start'][:10]}"
+
+
 def _print_status(snap: dict[str, Any]) -> None:
     p = snap["packets"]
     print("packets  " + "  ".join(f"{k}={v}" for k, v in p.items()))
@@ -292,6 +314,8 @@ def _print_status(snap: dict[str, Any]) -> None:
         radio = summary(i, m.get("signal_quality"))
         if radio:
             print(f"radio    {radio}")
+    if snap.get("data_budget"):
+        print(_data_budget_line(snap["data_budget"]))
     c = snap["cdrs"]
     print(f"cdrs     {c['count']} stored, {c['pending_usage']} bytes not yet in a CDR")
     if snap["reports"]:

@@ -154,7 +154,7 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
             mosquitto.port,
             tmp_path / "state",
             web=f'listen = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\nsample_s = 0.5',
-            extra=f'[modem]\nport = "{pty}"\npoll_interval_s = 1\n\n{hooks}',
+            extra=f'[modem]\nport = "{pty}"\npoll_interval_s = 1\ndata_budget_mb = 1\n\n{hooks}',
         )
         gw = gateway_proc(cfg)
         gw.start()
@@ -235,6 +235,17 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
         assert browser.find_elements(By.CSS_SELECTOR, "#modem-bars span.on")
         wait.until(lambda d: d.find_element(By.ID, "modem-quality").text == "fair")
         assert "RSRP -95 dBm" in browser.find_element(By.ID, "modem-radio").text
+        # The data budget's bar: the emulator's traffic against data_budget_mb = 1.
+        assert " of 1.0 MB (" in browser.find_element(By.ID, "budget-text").text
+        assert browser.find_element(By.ID, "budget").is_displayed()
+        wait.until(
+            lambda d: (
+                float(
+                    d.find_element(By.ID, "budget-fill").value_of_css_property("width").strip("px")
+                )
+                > 0
+            )
+        )
         cdr_text = browser.find_element(By.ID, "cdrs").text
         assert "CDR-TESTTESTTESTTESTTEST" in cdr_text
         assert "<i>Test Mobile</i>" in cdr_text

@@ -146,6 +146,7 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
 
     yield from _webhooks(s["webhooks"])
     yield from _modem(s.get("modem"))
+    yield from _data_budget(s.get("data_budget"))
     c = CounterMetricFamily("gateway_cdrs_emitted", "Usage CDRs built (rows in the cdrs table).")
     c.add_metric([], s["cdrs"]["count"])
     yield c
@@ -247,6 +248,31 @@ def _radio(info: dict[str, Any]) -> Iterator[Metric]:
             1,
             technology=tech,
         )
+
+
+def _data_budget(d: dict[str, Any] | None) -> Iterator[Metric]:
+    if not d:
+        return
+    yield from _gauge(
+        "gateway_data_cycle_used_bytes",
+        "Modem bytes (tx + rx) counted in the current billing cycle.",
+        d["used_bytes"],
+    )
+    yield from _gauge(
+        "gateway_data_budget_bytes",
+        "modem.data_budget_mb in bytes (absent: no budget).",
+        d["budget_bytes"],
+    )
+    yield from _gauge(
+        "gateway_data_cycle_start_timestamp_seconds",
+        "Start of the current billing cycle, Unix time.",
+        _timestamp(d["cycle_start"]),
+    )
+    yield from _gauge(
+        "gateway_data_cycle_end_timestamp_seconds",
+        "End of the current billing cycle (start of the next), Unix time.",
+        _timestamp(d["cycle_end"]),
+    )
 
 
 class _StatusCollector:

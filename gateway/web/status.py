@@ -14,6 +14,7 @@ import orjson
 from gateway import store as store_mod
 from gateway.config import Config
 from gateway.modem.radio import signal_quality
+from gateway.usage import budget
 
 # Less than this is a full disk: SQLite cannot add a page to its WAL.
 FULL_BELOW_BYTES = 256 * 1024
@@ -204,6 +205,15 @@ def report_rows(
     ]
 
 
+def data_budget(
+    conn: sqlite3.Connection, cfg: Config | None, now_ns: int, tables: set[str]
+) -> dict[str, Any] | None:
+    """The billing cycle's data use against modem.data_budget_mb; None without [modem]."""
+    if cfg is None or cfg.modem is None or not {"cdrs", "cdr_state"} <= tables:
+        return None
+    return budget.cycle_snapshot(conn, cfg.modem, now_ns)
+
+
 def storage(conn: sqlite3.Connection, state_dir: Path, min_free_bytes: int) -> dict[str, Any]:
     """The store's file system as the gateway sees it, and the last failed-write period.
 
@@ -287,6 +297,7 @@ def snapshot(
         },
         "events": c["events_recorded"],
         "reports": report_rows(conn, now_ns) if "reports" in tables else [],
+        "data_budget": data_budget(conn, cfg, now_ns, tables),
     }
     if cfg is not None:
         reserve = int(cfg.gateway.min_free_mb * 1024 * 1024)

@@ -18,7 +18,7 @@ from gateway.config.secrets import is_secret_name, is_secret_value, url_secrets
 
 def warnings(cfg: Config) -> list[str]:
     """Every warning for `cfg`, transport first, then the config file's mode."""
-    out = transport_warnings(cfg)
+    out = transport_warnings(cfg) + key_warnings(cfg)
     if cfg.path is not None:
         note = file_warning(cfg.path)
         if note:
@@ -48,6 +48,25 @@ def transport_warnings(cfg: Config) -> list[str]:
             out.append(
                 f"webhooks[{i}].url: {what} over plain http:// to {host}: anyone on the way"
                 " can read or replay them (use https://)"
+            )
+    return out
+
+
+def key_warnings(cfg: Config) -> list[str]:
+    """Private key files (mqtt.key_file, web.tls_key) that every user can read, with the
+    chmod that fixes each."""
+    out = []
+    for key, value in (("mqtt.key_file", cfg.mqtt.key_file), ("web.tls_key", cfg.web.tls_key)):
+        if not value:
+            continue
+        try:
+            mode = stat.S_IMODE(Path(value).stat().st_mode)
+        except OSError:
+            continue
+        if mode & stat.S_IROTH:
+            out.append(
+                f"{key}: {value} is a private key every user can read (mode {mode:04o}):"
+                f" run chmod 0600 {shlex.quote(value)}"
             )
     return out
 

@@ -16,9 +16,9 @@ accepts it.
 
 The bytes each table holds are kept in `table_sizes` by triggers (schema 12), as the
 dead letters' are (DEAD_BYTES): every writer, the CLI too, keeps them exact without a
-scan. They estimate what the rows take, not the pages: a row's text and blob columns
-plus a constant for its other columns, keys and index entries (SIZE_EXPRESSIONS); a
-report also counts its file while the file is kept.
+scan. They estimate the pages the rows take (size_expression): a row's record as SQLite
+lays it out in the store's pages (overflow pages included), its index entries, and a
+report's file while the file is kept.
 """
 
 from __future__ import annotations
@@ -35,25 +35,53 @@ from gateway.store.db import transaction
 
 log = logging.getLogger("gateway.store")
 
-# The tables under retention, and what one row counts for ({0}: NEW or OLD in a trigger,
-# the table's name in a query). Measured against SQLite's dbstat on 1 KiB pages, each
-# comes within a quarter of the pages its rows and indexes take (docs/operations.md).
-SIZE_EXPRESSIONS = {
-    # data, UniqueID twice (the row and its UNIQUE index), the ICCID, the ts_ms index.
+# The tables under retention: what one row's record holds ({0}: NEW or OLD in a
+# trigger, the table's name in a query), and what its index entries take beside it.
+_RECORDS = {
+    # data, UniqueID and ICCID, the integers and the record's header.
     "cdrs": (
-        "(length(CAST({0}.data AS BLOB)) + 2 * length(CAST({0}.unique_id AS BLOB))"
-        " + length(CAST({0}.iccid AS BLOB)) + 64)"
+        "(length(CAST({0}.data AS BLOB)) + length(CAST({0}.unique_id AS BLOB))"
+        " + length(CAST({0}.iccid AS BLOB)) + 40)"
     ),
-    "events": "(length(CAST({0}.data AS BLOB)) + length(CAST({0}.kind AS BLOB)) + 24)",
-    "modem_snapshots": "(length(CAST({0}.data AS BLOB)) + length(CAST({0}.state AS BLOB)) + 24)",
-    # The row, and its zip file while it is on disk.
+    "events": "(length(CAST({0}.data AS BLOB)) + length(CAST({0}.kind AS BLOB)) + 20)",
+    "modem_snapshots": "(length(CAST({0}.data AS BLOB)) + length(CAST({0}.state AS BLOB)) + 20)",
     "reports": (
         "(length(CAST({0}.path AS BLOB)) + length(CAST({0}.file_name AS BLOB))"
-        " + length(CAST({0}.error AS BLOB)) + 2 * length({0}.token_sha256) + 128"
-        " + CASE WHEN {0}.path != '' THEN {0}.size ELSE 0 END)"
+        " + length(CAST({0}.error AS BLOB)) + length({0}.token_sha256) + length({0}.name) + 80)"
     ),
 }
-RETAINED_TABLES = tuple(SIZE_EXPRESSIONS)
+_INDEXES = {
+    # The UNIQUE index on UniqueID (filled in random order: pages about two thirds
+    # full) and the ts_ms one.
+    "cdrs": "(2 * length(CAST({0}.unique_id AS BLOB)) + 40)",
+    "events": "0",
+    "modem_snapshots": "0",
+    "reports": "(2 * length({0}.token_sha256) + 20)",
+}
+# A report also counts its zip file while the file is kept.
+_FILES = {"reports": "(CASE WHEN {0}.path != '' THEN {0}.size ELSE 0 END)"}
+RETAINED_TABLES = tuple(_RECORDS)
+
+
+def size_expression(table: str, page_size: int) -> str:
+    """What one row of `table` counts for, as SQL ({0}: the row): its record as SQLite
+    stores it in pages of page_size bytes, its index entries, and a report's file.
+
+    A record longer than a page's local room keeps a part in the page and the rest in
+    overflow pages of its own, each taken whole: on 1 KiB pages a 550-byte snapshot
+    takes about 1,150 bytes. The formula is SQLite's (btreeParseCellAdjustSizeForOverflow)."""
+    usable = page_size
+    max_local = (usable - 12) * 64 // 255 - 23
+    min_local = (usable - 12) * 32 // 255 - 23
+    room = usable - 4
+    r = _RECORDS[table]
+    stored = (
+        f"(CASE WHEN {r} <= {max_local} THEN {r} + 4"
+        f" ELSE {min_local} + 4 + (({r} - {min_local} + {room - 1}) / {room}) * {page_size} END)"
+    )
+    return f"({stored} + {_INDEXES[table]} + {_FILES.get(table, '0')})"
+
+
 # The writer looks at retention this often (unless StoreSettings says otherwise), and
 # again at once while a table has more to delete than one chunk.
 RETENTION_CHECK_S = 60.0
@@ -72,13 +100,20 @@ def table_sizes(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
             raise
         # A store `gateway status` reads before the gateway migrated it: counted here.
         have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
         for t in RETAINED_TABLES:
             if t in have:
-                rows, size = conn.execute(
-                    f"SELECT COUNT(*), COALESCE(SUM({SIZE_EXPRESSIONS[t].format(t)}), 0) FROM {t}"
-                ).fetchone()
-                out[t] = (int(rows), int(size))
+                out[t] = measure(conn, t, page)
     return out
+
+
+def measure(conn: sqlite3.Connection, table: str, page_size: int) -> tuple[int, int]:
+    """(rows, bytes) of a retained table, counted row by row (a scan)."""
+    rows, size = conn.execute(
+        f"SELECT COUNT(*), COALESCE(SUM({size_expression(table, page_size).format(table)}), 0)"
+        f" FROM {table}"
+    ).fetchone()
+    return int(rows), int(size)
 
 
 def retained_bytes(conn: sqlite3.Connection) -> int:

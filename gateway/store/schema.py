@@ -18,7 +18,7 @@ from gateway.store.counting import COUNTED, DEAD_BYTES, RELEASED
 from gateway.store.db import get_meta, set_meta, transaction
 from gateway.store.dead_letters import DEAD_LETTER_BYTES
 from gateway.store.redelivery import LAST_EPOCH
-from gateway.store.retention import SIZE_EXPRESSIONS
+from gateway.store.retention import RETAINED_TABLES, size_expression
 from gateway.store.tables import PACKET_TABLES
 
 log = logging.getLogger("gateway.store")
@@ -312,14 +312,17 @@ def _migrate_v11(db: sqlite_utils.Database) -> None:
 
 
 def _migrate_v12(db: sqlite_utils.Database) -> None:
-    # The rows and bytes of each table under retention (see retention.SIZE_EXPRESSIONS),
+    # The rows and bytes of each table under retention (see retention.size_expression),
     # counted once here and then kept by triggers, as the dead letters' bytes are: they
     # count toward max_buffer_mb, and `gateway status` shows them without a scan.
     db.execute(
         "CREATE TABLE table_sizes (name TEXT PRIMARY KEY, rows INTEGER NOT NULL,"
         " bytes INTEGER NOT NULL)"
     )
-    for table, size in SIZE_EXPRESSIONS.items():
+    # The page size is the store's for good (only a VACUUM could change it).
+    page = int(db.execute("PRAGMA page_size").fetchone()[0])
+    for table in RETAINED_TABLES:
+        size = size_expression(table, page)
         db.execute(
             "INSERT INTO table_sizes(name, rows, bytes)"
             f" SELECT ?, COUNT(*), COALESCE(SUM({size.format(table)}), 0) FROM {table}",

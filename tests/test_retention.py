@@ -202,10 +202,12 @@ def test_a_long_backlog_is_pruned_in_chunks_while_packets_keep_committing(
         assert store.run_sync(st.table_sizes)["events"] == (0, 0)
 
 
-def test_retained_tables_count_toward_the_buffer_and_retention_frees_it(tmp_path: Path) -> None:
+def test_retained_tables_count_toward_the_buffer_and_retention_frees_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """With 40 KB of modem snapshots in a 60 KB buffer, only about 20 KB of packets are
-    taken (on_full = backpressure: the rest stay unacknowledged); once retention deletes
-    the old snapshots, the held packets are committed."""
+    taken (on_full = backpressure: the rest stay unacknowledged), and the log says what
+    to change; once retention deletes the old snapshots, the held packets are committed."""
     old = time.time_ns() - 40 * DAY_NS
 
     def fill(conn: sqlite3.Connection) -> None:
@@ -229,6 +231,7 @@ def test_retained_tables_count_toward_the_buffer_and_retention_frees_it(tmp_path
         time.sleep(0.3)  # turns of the writer: the rest stay held
         assert 10 <= len(committed) < 30
         assert store.used_bytes + 1000 > store.max_buffer_bytes  # the next does not fit
+        assert "raise max_buffer_mb or lower gateway.retention_days" in caplog.text
         store.retention_s = 86400.0
         wait_for(lambda: len(committed) == 30, what="held packets committed once freed")
         assert store.run_sync(st.table_sizes)["modem_snapshots"] == (0, 0)

@@ -360,6 +360,14 @@ class Buffer(Redelivery):
             self.dead_letter_bytes,
             self.retained_bytes,
         )
+        if high and self.retained_bytes * 2 > self.max_buffer_bytes:
+            # Delivery cannot free these: only retention (or a larger buffer) does.
+            log.error(
+                "CDRs, events, modem snapshots and reports hold %d of the %d bytes of"
+                " gateway.max_buffer_mb: raise max_buffer_mb or lower gateway.retention_days",
+                self.retained_bytes,
+                self.max_buffer_bytes,
+            )
         with contextlib.suppress(sqlite3.Error):
             add_event(self.conn, "buffer_high" if high else "buffer_ok", data)
 

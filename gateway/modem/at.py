@@ -10,6 +10,7 @@ collects every line that is not a known URC. URCs go to ``AtChannel.urcs`` and `
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import re
 import threading
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 import serial
 
@@ -338,9 +339,20 @@ class AtChannel:
         """Open a pyserial URL (a tty, a pty path, socket://, rfc2217://) as an AT channel."""
         try:
             port = serial.serial_for_url(
-                url, baudrate=baudrate, timeout=READ_SLICE_S, write_timeout=timeout
+                url,
+                baudrate=baudrate,
+                timeout=READ_SLICE_S,
+                write_timeout=timeout,
+                do_not_open=True,
             )
         except (serial.SerialException, OSError, ValueError) as exc:
+            raise PortError(f"cannot open modem port {url}: {exc}") from exc
+        try:
+            port.open()
+        except (serial.SerialException, OSError, ValueError) as exc:
+            # pyserial leaves a half-open port (a socket:// one whose peer went away during
+            # open) to the garbage collector; close what it holds now.
+            _discard(port)
             raise PortError(f"cannot open modem port {url}: {exc}") from exc
         ch = cls(port, name=url, timeout=timeout, on_urc=on_urc)
         try:
@@ -370,10 +382,7 @@ class AtChannel:
         if self._closed:
             return
         self._closed = True
-        try:
-            self.port.close()
-        except (serial.SerialException, OSError):
-            pass
+        _discard(self.port)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -533,6 +542,18 @@ class AtChannel:
             return self.port.read(max(1, min(waiting, 4096)))
         except (serial.SerialException, OSError, ValueError, TypeError) as exc:
             raise PortError(f"cannot read modem port {self.name}: {exc}") from exc
+
+
+def _discard(port: Any) -> None:
+    """Close a port, and the socket a socket:// port holds: pyserial skips closing it when
+    shutdown() fails (the peer already gone) or when open() failed half-way, and leaves
+    it to the garbage collector."""
+    sock = getattr(port, "_socket", None)
+    with contextlib.suppress(serial.SerialException, OSError, AttributeError):
+        port.close()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 def values(lines: list[str], prefix: str) -> list[str]:

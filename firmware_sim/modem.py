@@ -20,12 +20,18 @@ Fault switches (``--fault NAME``, repeatable, or at runtime):
     silence     input is read and ignored; nothing is sent
     garbage     bursts of garbage bytes between and inside answers and at random moments
     disconnect  the port goes away (pty closed, TCP listener closed); off plugs it back in
-Actions: reset_counters (counters to 0), reboot (counters to 0, echo on, boot URCs).
+    unregistered, unregistered_until_reset, hung, unresponsive: cleared by a radio cycle,
+                a reset or a power cycle as firmware_sim.modem_power describes
+Actions: reset_counters (counters to 0), reboot (counters to 0, echo on, boot URCs, at once
+and without dropping the port), power_cycle (the port goes away for --reboot-s, as after
+AT+CFUN=1,1; see firmware_sim.modem_power).
 
 Runtime control of the subprocess form: ``--control HOST:PORT`` listens for text commands,
 one per line, each answered with ``ok``, ``error: …`` or (``state``) a JSON line:
-    fault NAME on|off · reset_counters · reboot · traffic TX RX · swap_sim ICCID [IMSI]
-    registration home|roaming|searching|denied|not_registered · csq N · state
+    fault NAME on|off · reset_counters · reboot · power_cycle · traffic TX RX
+    swap_sim ICCID [IMSI] · registration home|roaming|searching|denied|not_registered
+    csq N · state
+From a shell: ``python -m firmware_sim modem-control HOST:PORT COMMAND …``.
 In-process (tests): ``ModemEmulator(...).start_pty()`` / ``.start_tcp()`` and the methods of
 the same names.
 """
@@ -40,7 +46,6 @@ import random
 import select
 import signal
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -51,8 +56,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from firmware_sim.control import ControlServer
+from firmware_sim.modem_power import POWER_FAULTS, Power
+
 VENDORS = ("generic", "quectel", "ublox", "simcom", "telit", "huawei")
-FAULTS = ("no_sim", "sim_busy", "slow", "silence", "garbage", "disconnect")
+FAULTS = ("no_sim", "sim_busy", "slow", "silence", "garbage", "disconnect", *POWER_FAULTS)
 REG_STATES = {
     "not_registered": 0,
     "home": 1,
@@ -122,6 +130,7 @@ class ModemEmulator:
         slow_s: float = 2.0,
         link: Path | str | None = None,
         faults: tuple[str, ...] = (),
+        reboot_s: float = 0.5,
     ) -> None:
         if vendor not in SPECS:
             raise ValueError(f"unknown vendor {vendor!r}; choose from {', '.join(VENDORS)}")
@@ -146,6 +155,9 @@ class ModemEmulator:
         self._lock = threading.RLock()
         self._tx = float(counter_start)
         self._rx = float(counter_start)
+        # Bytes counted since start, across counter resets: what a carrier would bill.
+        self.counted = 0.0
+        self.power = Power(self, reboot_s)
         self._accrued_at = time.monotonic()
         self._session_start = time.monotonic()
         self._out: list[tuple[float, bytes]] = []
@@ -233,6 +245,10 @@ class ModemEmulator:
         for name in list(self.faults):
             self.set_fault(name, False)
 
+    def power_cycle(self) -> None:
+        """Power off and on: the port goes away for reboot_s, then the modem boots."""
+        self._in_thread(self.power.power_cycle)
+
     def reset_counters(self) -> None:
         """Byte counters back to zero, as after a modem reboot."""
         with self._lock:
@@ -257,6 +273,7 @@ class ModemEmulator:
             self._accrue()
             self._tx += tx
             self._rx += rx
+            self.counted += tx + rx
 
     def counters(self) -> tuple[int, int]:
         """The current (tx, rx) byte counters."""
@@ -298,6 +315,7 @@ class ModemEmulator:
                 "faults": sorted(self.faults),
                 "echo": self.echo,
                 "cmee": self.cmee,
+                **self.power.state(),
                 "tx_bytes": tx,
                 "rx_bytes": rx,
                 "identity": asdict(self.identity),
@@ -316,6 +334,8 @@ class ModemEmulator:
                 self.reset_counters()
             elif cmd == "reboot" and not args:
                 self.reboot()
+            elif cmd == "power_cycle" and not args:
+                self.power_cycle()
             elif cmd == "traffic" and len(args) == 2:
                 self.add_traffic(int(args[0]), int(args[1]))
             elif cmd == "swap_sim" and len(args) in (1, 2):
@@ -365,6 +385,9 @@ class ModemEmulator:
                     self._plug()
             elif name == "no_sim":
                 self._emit(b"\r\n+CPIN: NOT INSERTED\r\n" if on else b"\r\n+CPIN: READY\r\n")
+            elif name.startswith("unregistered"):
+                stat = self._stat()
+                self._emit(f"\r\n+CREG: {stat}\r\n\r\n+CEREG: {stat}\r\n".encode())
 
     # -- transport (serving thread) -------------------------------------------------------
 
@@ -445,6 +468,9 @@ class ModemEmulator:
                     wait = min(wait, max(0.0, self._out[0][0] - now))
                 if self.urcs_enabled:
                     wait = min(wait, max(0.0, self._next_urc - now))
+                due = self.power.next_due()
+                if due is not None:
+                    wait = min(wait, max(0.0, due - now))
             rlist = [self._wake_r]
             for fd in (self._master, self._listener, self._client):
                 if fd is not None:
@@ -496,7 +522,7 @@ class ModemEmulator:
 
     def _received(self, data: bytes) -> None:
         with self._lock:
-            if "silence" in self.faults:
+            if "silence" in self.faults or not self.power.hears():
                 return
             if self.echo:
                 self._emit(data)
@@ -510,11 +536,15 @@ class ModemEmulator:
                 raw = bytes(self._inbuf[:i])
                 del self._inbuf[: i + 1]
                 line = raw.decode("latin-1").replace("\n", "").strip()
-                if line.upper().startswith("AT"):
+                if not line.upper().startswith("AT"):
+                    continue
+                if self.power.mute():
+                    self.power.heard_while_hung(line)
+                else:
                     self._command(line)
 
     def _emit(self, data: bytes, delay: float = 0.0) -> None:
-        if "silence" in self.faults:
+        if "silence" in self.faults or self.power.mute():
             return
         due = time.monotonic() + delay
         if self._out:
@@ -524,7 +554,8 @@ class ModemEmulator:
     def _tick(self, now: float) -> None:
         while self._out and self._out[0][0] <= now:
             self._send(self._out.pop(0)[1])
-        if "silence" in self.faults:
+        self.power.tick(now)
+        if "silence" in self.faults or self.power.mute():
             return
         if self.urcs_enabled and now >= self._next_urc:
             self._next_urc = now + self._urc_gap()
@@ -574,12 +605,13 @@ class ModemEmulator:
         return None
 
     def _registered(self) -> bool:
-        return self._sim_error() != 10 and self.identity.registration in ("home", "roaming")
+        return self._stat() in (REG_STATES["home"], REG_STATES["roaming"])
 
     def _stat(self) -> int:
         if self._sim_error() == 10:
             return 0
-        return REG_STATES[self.identity.registration]
+        forced = self.power.stat()
+        return forced if forced is not None else REG_STATES[self.identity.registration]
 
     def _accrue(self) -> None:
         now = time.monotonic()
@@ -588,6 +620,7 @@ class ModemEmulator:
         if self._registered():
             self._tx += self.tx_rate * dt
             self._rx += self.rx_rate * dt
+            self.counted += (self.tx_rate + self.rx_rate) * dt
 
     def _cme(self, code: int) -> str:
         if self.cmee == 0:
@@ -672,8 +705,9 @@ class ModemEmulator:
             return [ident.imei], "OK"
         if u == "AT+CGSN=1":
             return [f'+CGSN: "{ident.imei}"'], "OK"
-        if u == "AT+CFUN?":
-            return ["+CFUN: 1"], "OK"
+        power = self.power.answer(u)
+        if power is not None:
+            return power
         if u == "AT+CPIN?":
             return ([], self._cme(sim)) if sim else (["+CPIN: READY"], "OK")
         if u == "AT+CIMI":
@@ -806,21 +840,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for URCs and garbage")
     p.add_argument("--slow-s", type=float, default=2.0, help="answer delay of the slow fault")
     p.add_argument("--fault", action="append", default=[], choices=FAULTS)
+    p.add_argument(
+        "--reboot-s", type=float, default=0.5, help="how long a reset or power cycle is down"
+    )
     return p
-
-
-class _ControlHandler(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        emu: ModemEmulator = self.server.emulator  # type: ignore[attr-defined]
-        for raw in self.rfile:
-            reply = emu.control(raw.decode("utf-8", "replace"))
-            self.wfile.write(reply.encode() + b"\n")
-            self.wfile.flush()
-
-
-class _ControlServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
 
 
 def main(argv: list[str]) -> int:
@@ -849,6 +872,7 @@ def main(argv: list[str]) -> int:
         slow_s=args.slow_s,
         link=args.link,
         faults=tuple(args.fault),
+        reboot_s=args.reboot_s,
     )
     stop = threading.Event()
 
@@ -857,12 +881,11 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    control: _ControlServer | None = None
+    control: ControlServer | None = None
     try:
         url = emu.start_tcp(*args.tcp) if args.tcp else emu.start_pty()
         if args.control:
-            control = _ControlServer(args.control, _ControlHandler)
-            control.emulator = emu  # type: ignore[attr-defined]
+            control = ControlServer(args.control, emu)
             threading.Thread(target=control.serve_forever, args=(0.2,), daemon=True).start()
             host, port = control.socket.getsockname()[:2]
             print(f"control: {host}:{port}", file=sys.stderr, flush=True)

@@ -51,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     mi.add_argument("--json", action="store_true")
     mi.add_argument("--timeout", type=float, default=5.0, help="per-command timeout, seconds")
     mi.add_argument("--interface", default="wwan0", help="network interface for sysfs counters")
+    mr = msub.add_parser(
+        "reset",
+        help="one recovery step now (counted toward modem.recovery.max_resets_per_hour)",
+    )
+    with_config(mr)
+    mr.add_argument(
+        "--step",
+        choices=["radio_cycle", "reset"],
+        default="reset",
+        help="radio_cycle: AT+CFUN=0 then 1; reset (default): the profile's reset command",
+    )
 
     demo = sub.add_parser("demo", help="run broker, fleet, sink and gateway locally")
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
@@ -283,6 +294,8 @@ def _print_status(snap: dict[str, Any]) -> None:
             f"  signal {i.get('signal_dbm')} dBm"
             + (f"  {today} bytes today" if today is not None else "")
         )
+    if m and m.get("recovery"):
+        print(_recovery_line(m["recovery"]))
     c = snap["cdrs"]
     print(f"cdrs     {c['count']} stored, {c['pending_usage']} bytes not yet in a CDR")
     if snap["reports"]:
@@ -298,6 +311,27 @@ def _print_status(snap: dict[str, Any]) -> None:
     print()
     for line in _webhook_table(hooks):
         print(line)
+
+
+def _recovery_line(r: dict[str, Any]) -> str:
+    """`gateway status`'s line for the modem recovery ladder."""
+    if r.get("enabled") is False:
+        head = "off"
+    elif r["state"] == "gave_up":
+        head = f"gave up until {status_mod.iso(int(r['resume_at'] * 1e9))}"
+    elif r["state"] == "recovering":
+        head = f"recovering ({r['problem']})"
+    else:
+        head = "idle"
+    last = r.get("last")
+    if last:
+        when = status_mod.iso(int(float(last.get("at", 0)) * 1e9))
+        outcome = f", {last['outcome']}" if last.get("outcome") else ""
+        head += f"; last step {last.get('step')} at {when}{outcome}"
+    limit = r.get("max_resets_per_hour")
+    used = f"{r['resets_last_hour']} of {limit}" if limit is not None else r["resets_last_hour"]
+    totals = " ".join(f"{k}={v}" for k, v in r["totals"].items())
+    return f"recovery {head}; resets this hour {used}; total {totals}"
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -329,6 +363,12 @@ def _cmd(args: argparse.Namespace) -> int:
         else:
             _print_status(snap)
         return 0
+    if args.command == "modem" and args.modem_command == "reset":
+        from gateway.modem import reset
+
+        cfg = _load(args)
+        _require_store_owner(cfg, args)
+        return reset.command(cfg, args.step)
     if args.command == "modem":
         from gateway.modem import info
 

@@ -13,6 +13,7 @@ import orjson
 
 from gateway import store as store_mod
 from gateway.config import Config
+from gateway.modem import recovery
 
 # Less than this is a full disk: SQLite cannot add a page to its WAL.
 FULL_BELOW_BYTES = 256 * 1024
@@ -137,6 +138,9 @@ def modem_rows(conn: sqlite3.Connection, cfg: Config | None, now_ns: int) -> dic
         "updated": iso(row[0]) if row else "",
         "info": orjson.loads(row[2]) if row else None,
         "bytes_today": bytes_since(conn, local_midnight_ns(now_ns)),
+        "recovery": recovery.status(
+            conn, cfg.modem.recovery if cfg and cfg.modem else None, now_ns / 1e9
+        ),
     }
 
 

@@ -9,8 +9,10 @@
 A reboot answers OK, then the modem goes away for `reboot_s` seconds: a TCP port stops
 listening and a pty with a link is closed (the link removed), then both come back (a new
 pty, the link pointing at it); a pty without a link cannot be found again under a new
-name, so it stays and is deaf and silent instead. Back up, the modem sends its boot URCs
-(RDY …) with echo on, AT+CMEE=0 and its byte counters at zero. `power_cycle` (a control
+name, so it stays and is deaf and silent instead. Back up, the modem has echo on,
+AT+CMEE=0 and its byte counters at zero, and sends its boot URCs (RDY …): over TCP to the
+first host that connects, on a pty at once (where, as on a USB modem, a host that opens
+the port later misses them). `power_cycle` (a control
 command, standing in for a USB power switch) does the same at once, whatever the modem is
 doing.
 
@@ -60,6 +62,7 @@ class Power:
         self.reboots = 0
         self.power_cycles = 0
         self._unplugged = False
+        self._announce = False  # boot URCs still to send
         self._timers: list[tuple[float, Callable[[], None]]] = []
 
     # -- what the rest of the emulator asks -------------------------------------------------
@@ -153,6 +156,12 @@ class Power:
         while self._timers and self._timers[0][0] <= now:
             _, fn = self._timers.pop(0)
             fn()
+        emu = self.emu
+        # A TCP port's boot URCs go to the first host that connects after the boot.
+        if self._announce and (emu._transport != "tcp" or emu._client is not None):
+            self._announce = False
+            for line in emu._boot_urcs():
+                emu._emit(f"\r\n{line}\r\n".encode())
 
     def next_due(self) -> float | None:
         return self._timers[0][0] if self._timers else None
@@ -171,6 +180,7 @@ class Power:
         emu.cops_format = 0
         self.cfun = 1
         self.booting = True
+        self._announce = False
         emu._out.clear()
         emu._inbuf.clear()
         if self.movable_port() and not self._unplugged:
@@ -185,5 +195,4 @@ class Power:
         if self._unplugged and "disconnect" not in emu.faults:
             emu._plug()
         self._unplugged = False
-        for line in emu._boot_urcs():
-            emu._emit(f"\r\n{line}\r\n".encode())
+        self._announce = True

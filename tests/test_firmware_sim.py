@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import gzip
 import json
 import os
@@ -589,7 +589,8 @@ def test_emulated_reset_drops_the_tcp_port_and_boots_with_echo_on_and_zero_count
         ch = wait_for(back, 5, "the port to listen again")
         try:
             assert ch.wait_boot(5)  # RDY
-            assert emu.echo and emu.cmee == 0
+            assert emu.echo
+            assert emu.cmee == 0
             ch.init()
             assert ch.command("AT+CMEE?") == ["+CMEE: 1"]
             assert _registration(ch) == "1"  # the reset cleared the fault

@@ -286,3 +286,36 @@ async def test_a_spent_budget_gives_up_and_stays_so_across_a_restart_then_a_manu
     assert m.emu.state()["faults"] == []
     manual = events(cfg, "modem_recovery")[-1][1]
     assert (manual["step"], manual["reason"]) == ("reset", "manual: gateway modem reset")
+
+
+async def test_usage_across_a_recovery_reset_is_neither_lost_nor_counted_twice(
+    mosquitto: Broker, tmp_path: Path, modem: Any, run_gateway: Any
+) -> None:
+    m = modem(counter_start=7000)
+    cfg = gw_config(tmp_path, mosquitto, m)
+    await run_gateway(cfg)
+    await wait_ok(cfg)  # the baseline reading: 7000 bytes the gateway never bills
+
+    def billed() -> int:
+        rows = db_rows(
+            cfg.db_path,
+            "SELECT (SELECT COALESCE(SUM(usage), 0) FROM cdrs)"
+            " + (SELECT COALESCE(SUM(pending), 0) FROM cdr_state)",
+        )
+        return int(rows[0][0])  # type: ignore[call-overload]
+
+    m.emu.add_traffic(1000, 2500)
+    await until(lambda: billed() == 3500, 20, "the first traffic billed")
+    m.emu.set_fault("unregistered_until_reset")
+    m.emu.add_traffic(400, 0)  # counted by the modem before it is reset
+    await until(lambda: events(cfg, "registration_regained"), 30, "registration_regained")
+    assert steps(cfg) == ["radio_cycle", "reset"]
+    assert events(cfg, "counters_reset")  # the reset zeroed the modem's counters
+    m.emu.add_traffic(300, 1200)
+    counted = int(m.emu.state()["counted_bytes"])
+    assert counted == 3500 + 400 + 1500
+    await until(lambda: billed() == counted, 20, f"{counted} bytes billed (got {billed()})")
+    await until(
+        lambda: db_rows(cfg.db_path, "SELECT COUNT(*) FROM cdrs")[0][0], 20, "a CDR emitted"
+    )
+    assert billed() == counted

@@ -10,9 +10,11 @@ collects every line that is not a known URC. URCs go to ``AtChannel.urcs`` and `
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -385,10 +387,16 @@ class AtChannel:
         if self._closed:
             return
         self._closed = True
+        # pyserial's socket:// close() skips closing a socket whose peer hung up (its
+        # shutdown() fails first): closed here, it does not leak.
+        sock = getattr(self.port, "_socket", None)
         try:
             self.port.close()
         except (serial.SerialException, OSError):
             pass
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.close()
 
     # -- commands -------------------------------------------------------------------------
 

@@ -206,13 +206,13 @@ async def test_a_silent_modem_is_reopened_then_reset_then_power_cycled(
     mosquitto: Broker,
     tmp_path: Path,
     modem: Any,
-    run_gateway: Any,
+    gateway_proc: Any,
     fault: str,
     want: list[str],
 ) -> None:
     m = modem()
     cfg = gw_config(tmp_path, mosquitto, m, power_cycle_command=m.power_command)
-    await run_gateway(cfg)
+    gateway_proc(cfg.path).start()  # `gateway run`, as the service runs it
     await wait_ok(cfg)
     m.emu.set_fault(fault)
     await until(lambda: events(cfg, "modem_recovered"), 40, "modem_recovered")
@@ -226,6 +226,12 @@ async def test_a_silent_modem_is_reopened_then_reset_then_power_cycled(
     assert state["power_cycles"] == (1 if fault == "unresponsive" else 0)
     reason = events(cfg, "modem_recovery")[0][1]["reason"]
     assert reason.startswith("no valid AT answer")
+
+    def outcome() -> str:
+        last = status_mod.read(cfg.db_path, cfg)["modem"]["recovery"]["last"] or {}
+        return str(last.get("outcome"))
+
+    await until(lambda: outcome() == "recovered", 20, "the ladder to end")
 
 
 async def test_a_spent_budget_gives_up_and_stays_so_across_a_restart_then_a_manual_reset(

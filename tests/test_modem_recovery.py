@@ -1,4 +1,4 @@
-"""The modem recovery ladder end to end: the gateway against the emulated modem on a pty
+"""The modem recovery ladder end to end: `gateway run` against the emulated modem on a pty
 (behind a link, as udev gives one), a real broker, an events webhook on a real receiver."""
 
 from __future__ import annotations
@@ -141,13 +141,13 @@ async def test_lost_registration_is_radio_cycled_and_reported_to_the_events_webh
     tmp_path: Path,
     modem: Any,
     receiver: Receiver,
-    run_gateway: Any,
+    gateway_proc: Any,
     http: aiohttp.ClientSession,
 ) -> None:
     m = modem()
     web = free_port()
     cfg = gw_config(tmp_path, mosquitto, m, receiver, web_port=web)
-    await run_gateway(cfg)
+    gateway_proc(cfg.path).start()
     await wait_ok(cfg)
     m.emu.set_fault("unregistered")
     await until(
@@ -181,11 +181,11 @@ async def test_lost_registration_is_radio_cycled_and_reported_to_the_events_webh
 
 
 async def test_registration_a_radio_cycle_cannot_bring_back_is_reset(
-    mosquitto: Broker, tmp_path: Path, modem: Any, run_gateway: Any
+    mosquitto: Broker, tmp_path: Path, modem: Any, gateway_proc: Any
 ) -> None:
     m = modem()
     cfg = gw_config(tmp_path, mosquitto, m)
-    await run_gateway(cfg)
+    gateway_proc(cfg.path).start()
     await wait_ok(cfg)
     m.emu.set_fault("unregistered_until_reset")
     await until(lambda: events(cfg, "registration_regained"), 30, "registration_regained")
@@ -212,7 +212,7 @@ async def test_a_silent_modem_is_reopened_then_reset_then_power_cycled(
 ) -> None:
     m = modem()
     cfg = gw_config(tmp_path, mosquitto, m, power_cycle_command=m.power_command)
-    gateway_proc(cfg.path).start()  # `gateway run`, as the service runs it
+    gateway_proc(cfg.path).start()
     await wait_ok(cfg)
     m.emu.set_fault(fault)
     await until(lambda: events(cfg, "modem_recovered"), 40, "modem_recovered")
@@ -235,11 +235,12 @@ async def test_a_silent_modem_is_reopened_then_reset_then_power_cycled(
 
 
 async def test_a_spent_budget_gives_up_and_stays_so_across_a_restart_then_a_manual_reset(
-    mosquitto: Broker, tmp_path: Path, modem: Any, run_gateway: Any
+    mosquitto: Broker, tmp_path: Path, modem: Any, gateway_proc: Any
 ) -> None:
     m = modem()
     cfg = gw_config(tmp_path, mosquitto, m, max_resets_per_hour=1)
-    first = await run_gateway(cfg)
+    first = gateway_proc(cfg.path)
+    first.start()
     await wait_ok(cfg)
     m.emu.set_fault("unregistered_until_reset")
     await until(lambda: "gave_up" in steps(cfg), 30, "gave_up")
@@ -248,10 +249,10 @@ async def test_a_spent_budget_gives_up_and_stays_so_across_a_restart_then_a_manu
     assert "1 radio cycle(s) and reset(s) in the last hour" in gave_up["reason"]
     assert not m.sent("AT+CFUN=1,1")
 
-    first.cancel()
-    await asyncio.gather(first, return_exceptions=True)
+    assert first.terminate() == 0
     polled = len(_states(cfg))
-    second = await run_gateway(cfg)
+    second = gateway_proc(cfg.path)
+    second.start()
     # Longer than unregistered_s and settle_s together after the restart: a ladder that
     # started over would have cycled the radio again by now.
     await until(lambda: len(_states(cfg)) > polled + 20, 20, "polls after the restart")
@@ -282,8 +283,7 @@ async def test_a_spent_budget_gives_up_and_stays_so_across_a_restart_then_a_manu
     assert "in use by another process" in busy.stderr
     assert "Stop the gateway" in busy.stderr
 
-    second.cancel()
-    await asyncio.gather(second, return_exceptions=True)
+    assert second.terminate() == 0
     done = await cli("modem", "reset")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 radio cycle(s) and reset(s) in the last hour, limit 1 (over the limit" in done.stdout
@@ -295,11 +295,11 @@ async def test_a_spent_budget_gives_up_and_stays_so_across_a_restart_then_a_manu
 
 
 async def test_usage_across_a_recovery_reset_is_neither_lost_nor_counted_twice(
-    mosquitto: Broker, tmp_path: Path, modem: Any, run_gateway: Any
+    mosquitto: Broker, tmp_path: Path, modem: Any, gateway_proc: Any
 ) -> None:
     m = modem(counter_start=7000)
     cfg = gw_config(tmp_path, mosquitto, m)
-    await run_gateway(cfg)
+    gateway_proc(cfg.path).start()
     await wait_ok(cfg)  # the baseline reading: 7000 bytes the gateway never bills
 
     def billed() -> int:

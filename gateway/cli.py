@@ -325,7 +325,7 @@ def _recovery_line(r: dict[str, Any]) -> str:
         head = "idle"
     last = r.get("last")
     if last:
-        when = status_mod.iso(int(float(last.get("at", 0)) * 1e9))
+        when = status_mod.iso(int(last.get("at", 0) * 1e9)) or "?"
         outcome = f", {last['outcome']}" if last.get("outcome") else ""
         head += f"; last step {last.get('step')} at {when}{outcome}"
     limit = r.get("max_resets_per_hour")

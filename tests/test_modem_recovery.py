@@ -325,3 +325,45 @@ async def test_usage_across_a_recovery_reset_is_neither_lost_nor_counted_twice(
         lambda: db_rows(cfg.db_path, "SELECT COUNT(*) FROM cdrs")[0][0], 20, "a CDR emitted"
     )
     assert billed() == counted
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "not json",
+        "[1, 2]",
+        '{"budget": "x", "last": {"step": 5}, "resume_at": "soon", "attempt": null}',
+        '{"budget": [1e12, "a", true], "last": {"step": "reset", "at": "yesterday"},'
+        ' "resume_at": 1e12, "attempt": "2", "last_step": "explode", "step_at": 1e12,'
+        ' "problem": "unregistered"}',
+    ],
+)
+def test_a_damaged_recovery_row_never_fails_the_status_or_the_ladder(
+    tmp_path: Path, stored: str
+) -> None:
+    from gateway.modem import recovery
+    from gateway.store import connect, migrate, set_meta
+
+    cfg = config.parse(
+        {"mqtt": {"host": "h"}, "modem": {}, "gateway": {"state_dir": str(tmp_path)}}, {}
+    )
+    conn = connect(cfg.db_path)
+    try:
+        migrate(conn)
+        set_meta(conn, recovery.META_KEY, stored)
+        conn.commit()
+        now = 1_700_000_000.0
+        rec = status_mod.snapshot(conn, cfg, int(now * 1e9))["modem"]["recovery"]
+        saved = recovery.load_saved(conn)
+    finally:
+        conn.close()
+    assert rec["state"] in ("idle", "gave_up")
+    if rec["resume_at"] is not None:
+        assert rec["resume_at"] <= now + recovery.WINDOW_S  # a clock set back: an hour at most
+    assert rec["resets_last_hour"] in (0, 1)  # a timestamp in the future counts as now
+    assert rec["last"] is None or set(rec["last"]) <= {"step", "attempt", "reason", "at"}
+    assert cfg.modem is not None
+    ladder = recovery.Ladder(cfg.modem.recovery, saved, now)
+    assert ladder.resume_wall <= now + recovery.WINDOW_S
+    assert ladder.observe("unregistered", 10.0, now) in (None, "radio_cycle")
+    assert ladder.observe("", 11.0, now) in (None, "recovered")

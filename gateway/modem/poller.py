@@ -266,21 +266,18 @@ class _Poller:
             except (GatewayError, sqlite3.Error) as exc:
                 log.warning("modem: cannot store the recovery ladder's state: %s", exc)
         elif step is not None:
-            await self._take(step, self._reason(ladder.problem, registration))
+            reason = recovery.describe_problem(
+                ladder.problem,
+                ladder.threshold(ladder.problem),
+                registration,
+                self.state.last_error or self.state.state,
+            )
+            if step == "gave_up":
+                reason = f"every step taken; {reason}"
+            await self._take(step, reason)
             # A look soon after the step shows whether it worked.
             return min(self.base, ladder.wait_s(time.monotonic(), time.time()))
         return ladder.wait_s(time.monotonic(), time.time())
-
-    def _reason(self, problem: str, registration: str | None) -> str:
-        ladder = self.ladder
-        assert ladder is not None
-        if problem == "unresponsive":
-            return (
-                f"no valid AT answer for {ladder.threshold(problem):g} s or more:"
-                f" {self.state.last_error or self.state.state}"
-            )
-        limit = ladder.threshold(problem)
-        return f"not registered ({registration or 'unknown'}) for {limit:g} s or more"
 
     async def _take(self, step: str, reason: str) -> None:
         """Record a step, then take it; a step the budget does not allow gives up instead."""
@@ -381,26 +378,10 @@ class _Poller:
         """Worker thread: the profile's reset command on the open port (or a fresh one)."""
         profile = self.profile
         if profile is None:
-            name = self.cfg.profile if self.cfg.profile != "auto" else "generic"
-            profile = make_profile(name)
-        ch = self.ch
+            profile = make_profile(self.cfg.profile if self.cfg.profile != "auto" else "generic")
         with self._ch_lock:
-            self.ch = None
-        try:
-            if ch is None:
-                ch = AtChannel.open(
-                    self.cfg.port,
-                    baudrate=self.cfg.baudrate,
-                    timeout=self.cfg.command_timeout_s,
-                    exclusive=True,
-                )
-        except PortError as exc:
-            return describe(exc)
-        try:
-            down = max(0.0, min(recovery.DOWN_WAIT_S, deadline - time.monotonic()))
-            return recovery.send_reset(ch, profile.reset_command, self.cfg.command_timeout_s, down)
-        finally:
-            ch.close()
+            ch, self.ch = self.ch, None
+        return recovery.reset(ch, self.cfg, profile.reset_command, deadline)
 
     def _retry(self) -> float:
         self.failures += 1

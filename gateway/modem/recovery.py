@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from gateway.config import RecoverySection
+from gateway.config import ModemSection, RecoverySection
 from gateway.errors import ModemError
 from gateway.modem.at import AtChannel, AtTimeout, PortError, describe
 from gateway.store import add_event, bump, counters, get_meta, set_meta, transaction
@@ -147,6 +147,28 @@ def record_recovered(conn: sqlite3.Connection, ts_ns: int) -> None:
         set_meta(conn, META_KEY, orjson.dumps(saved).decode())
 
 
+def _last(value: Any) -> dict[str, Any] | None:
+    """The newest step as the meta row keeps it, with only well-typed fields."""
+    if not isinstance(value, dict) or not isinstance(value.get("step"), str):
+        return None
+    out: dict[str, Any] = {"step": value["step"]}
+    for key, kind in (
+        ("reason", str),
+        ("attempt", int),
+        ("at", float),
+        ("outcome", str),
+        ("recovered_at", float),
+    ):
+        v = value.get(key)
+        if isinstance(v, bool):
+            continue
+        if kind is float and isinstance(v, int | float):
+            out[key] = float(v)
+        elif isinstance(v, kind):
+            out[key] = v
+    return out
+
+
 def status(
     conn: sqlite3.Connection, cfg: RecoverySection | None, now: float | None = None
 ) -> dict[str, Any]:
@@ -154,8 +176,12 @@ def status(
     now = time.time() if now is None else now
     saved = load_saved(conn)
     totals = counters(conn)
-    last = saved.get("last") if isinstance(saved.get("last"), dict) else None
+    last = _last(saved.get("last"))
     resume = saved.get("resume_at")
+    if not isinstance(resume, int | float) or isinstance(resume, bool):
+        resume = None
+    elif resume > now + WINDOW_S:
+        resume = now + WINDOW_S  # a clock set back: the ladder waits an hour at most
     state = "idle"
     if isinstance(resume, int | float) and resume > now:
         state = "gave_up"
@@ -287,6 +313,33 @@ def radio_cycle(ch: AtChannel, timeout: float) -> None:
     ch.command("AT+CFUN=0", timeout=limit)
     time.sleep(RADIO_OFF_S)
     ch.command("AT+CFUN=1", timeout=limit)
+
+
+def describe_problem(problem: str, threshold: float, registration: str | None, error: str) -> str:
+    """The `reason` of a step: what has lasted how long."""
+    if problem == "unresponsive":
+        return f"no valid AT answer for {threshold:g} s or more: {error}"
+    return f"not registered ({registration or 'unknown'}) for {threshold:g} s or more"
+
+
+def reset(ch: AtChannel | None, modem: ModemSection, command: str, deadline: float) -> str:
+    """The reset command on `ch`, or on the port opened for it (closed either way), then
+    the wait for the modem to go down; '' or why it will not reboot."""
+    if ch is None:
+        try:
+            ch = AtChannel.open(
+                modem.port,
+                baudrate=modem.baudrate,
+                timeout=modem.command_timeout_s,
+                exclusive=True,
+            )
+        except PortError as exc:
+            return describe(exc)
+    try:
+        down = max(0.0, min(DOWN_WAIT_S, deadline - time.monotonic()))
+        return send_reset(ch, command, modem.command_timeout_s, down)
+    finally:
+        ch.close()
 
 
 def send_reset(ch: AtChannel, command: str, timeout: float, down_s: float) -> str:

@@ -58,6 +58,25 @@ _WEBHOOK_ROW = {
     },
 }
 
+_RECOVERY = {
+    "type": "object",
+    "description": "the modem recovery ladder ([modem.recovery])",
+    "required": ["state", "resets_last_hour", "last", "totals"],
+    "properties": {
+        "enabled": {"type": ["boolean", "null"]},
+        "state": {"type": "string", "enum": ["idle", "recovering", "gave_up"]},
+        "problem": {"type": "string", "description": "unregistered, unresponsive or ''"},
+        "resume_at": {"type": ["number", "null"], "description": "gave up until (Unix s)"},
+        "resets_last_hour": {"type": "integer"},
+        "max_resets_per_hour": _NULLABLE_INT,
+        "last": {
+            "type": ["object", "null"],
+            "description": "the newest step: step, reason, attempt, at (Unix s), outcome",
+        },
+        "totals": {"type": "object", "additionalProperties": {"type": "integer"}},
+    },
+}
+
 _STATUS = {
     "type": "object",
     "required": [
@@ -198,6 +217,7 @@ _STATUS = {
                 "last_error": {"type": "string"},
                 "info": {"type": ["object", "null"], "description": "identity and counters"},
                 "bytes_today": _NULLABLE_INT,
+                "recovery": _RECOVERY,
             },
         },
         "cdrs": {

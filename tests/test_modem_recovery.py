@@ -367,3 +367,27 @@ def test_a_damaged_recovery_row_never_fails_the_status_or_the_ladder(
     assert ladder.resume_wall <= now + recovery.WINDOW_S
     assert ladder.observe("unregistered", 10.0, now) in (None, "radio_cycle")
     assert ladder.observe("", 11.0, now) in (None, "recovered")
+
+
+def test_manual_radio_cycle_brings_registration_back_and_is_counted(
+    mosquitto: Broker, tmp_path: Path, modem: Any
+) -> None:
+    m = modem()
+    cfg = gw_config(tmp_path, mosquitto, m)
+    m.emu.set_fault("unregistered")
+    assert cfg.path is not None
+    run = subprocess.run(
+        gateway_cmd("modem", "reset", "-c", str(cfg.path), "--step", "radio_cycle"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "radio_cycle: 1 radio cycle(s) and reset(s) in the last hour, limit 2\n" in run.stdout
+    assert "radio cycle done; registration: home" in run.stdout
+    assert m.sent("AT+CFUN=") == ["AT+CFUN=0", "AT+CFUN=1"]
+    assert steps(cfg) == ["radio_cycle"]
+    rec = status_mod.read(cfg.db_path, cfg)["modem"]["recovery"]
+    assert (rec["resets_last_hour"], rec["totals"]["radio_cycle"]) == (1, 1)

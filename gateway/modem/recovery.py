@@ -67,8 +67,10 @@ def problem_of(state: str, registration: str | None) -> str | None:
     or None when the poll cannot tell (the registration was unreadable)."""
     if state in ("unreachable", "error"):
         return "unresponsive"
+    if state in ("starting", "sim_busy"):
+        return None  # a SIM still starting up after a reset says nothing yet
     if state != "ok":
-        return ""  # starting, or a SIM problem: no reset puts a SIM in
+        return ""  # no SIM, or one asking for a PIN: no reset puts a SIM in
     if registration is None:
         return None
     return "" if registration in ("home", "roaming") else "unregistered"

@@ -92,24 +92,26 @@ def command(cfg: Config, step: str = "reset") -> int:
     try:
         profile = _profile(ch, cfg)
         used = _record(cfg, step)
-        limit = rcfg.max_resets_per_hour
-        over = " (over the limit: the recovery ladder waits)" if used > limit else ""
-        print(f"{step}: {used} radio cycle(s) and reset(s) in the last hour, limit {limit}{over}")
-        started = time.monotonic()
-        if step == "radio_cycle":
-            try:
-                recovery.radio_cycle(ch, m.command_timeout_s)
-                reg = _registration(ch, profile, rcfg.settle_s)
-            except ModemError as exc:
-                print(f"radio cycle failed: {describe(exc)}")
-                return 2
-            print(f"radio cycle done; registration: {reg}")
-            return 0 if reg in REGISTERED else 1
-        deadline = started + rcfg.settle_s
-        down = min(recovery.DOWN_WAIT_S, rcfg.settle_s)
-        error = recovery.send_reset(ch, profile.reset_command, m.command_timeout_s, down)
-    finally:
+    except BaseException:
         ch.close()
+        raise
+    limit = rcfg.max_resets_per_hour
+    over = " (over the limit: the recovery ladder waits)" if used > limit else ""
+    print(f"{step}: {used} radio cycle(s) and reset(s) in the last hour, limit {limit}{over}")
+    started = time.monotonic()
+    if step == "radio_cycle":
+        try:
+            recovery.radio_cycle(ch, m.command_timeout_s)
+            reg = _registration(ch, profile, rcfg.settle_s)
+        except ModemError as exc:
+            print(f"radio cycle failed: {describe(exc)}")
+            return 2
+        finally:
+            ch.close()
+        print(f"radio cycle done; registration: {reg}")
+        return 0 if reg in REGISTERED else 1
+    deadline = started + rcfg.settle_s
+    error = recovery.reset(ch, m, profile.reset_command, deadline)  # closes ch
     if error:
         print(f"{profile.reset_command} failed: {error}")
         return 2

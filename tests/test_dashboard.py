@@ -231,6 +231,8 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
         wait.until(lambda d: d.find_element(By.ID, "modem-iccid").text.startswith("89"))
         assert browser.find_element(By.ID, "modem-operator").text == "NTT DOCOMO"
         assert browser.find_elements(By.CSS_SELECTOR, "#modem-bars span.on")
+        recovery = browser.find_element(By.ID, "modem-recovery").text
+        assert recovery == "idle; 0 of 2 resets this hour"
         cdr_text = browser.find_element(By.ID, "cdrs").text
         assert "CDR-TESTTESTTESTTESTTEST" in cdr_text
         assert "<i>Test Mobile</i>" in cdr_text

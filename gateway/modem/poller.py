@@ -3,7 +3,8 @@
 Serial I/O runs in worker threads; SQLite writes go through the store's writer thread.
 Every modem fault (unplugged or silent port, no SIM, SIM busy, garbage) is a state, logged
 once when it begins, and retried with capped, jittered backoff: ``run`` only ever ends by
-cancellation.
+cancellation. A modem that stays off the network or silent is acted on after each poll by
+the recovery ladder (gateway.modem.recovery), whose steps the poller takes.
 """
 
 from __future__ import annotations

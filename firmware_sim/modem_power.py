@@ -120,8 +120,8 @@ class Power:
         self.cfun = fun
         if fun != 1:
             emu.faults -= CLEARED_BY_RADIO
-        stat = emu._stat()
-        emu._emit(f"\r\n+CFUN: {fun}\r\n\r\n+CEREG: {stat}\r\n".encode())
+        cereg = emu.radio.cereg_urc(emu._stat(), emu._registered())
+        emu._emit(f"\r\n+CFUN: {fun}\r\n\r\n{cereg}\r\n".encode())
 
     def reboot(self) -> None:
         """A reboot asked for by a command: down after its OK, up after reboot_s."""
@@ -178,6 +178,7 @@ class Power:
         emu.echo = True
         emu.cmee = 0
         emu.cops_format = 0
+        emu.radio.reboot()
         self.cfun = 1
         self.booting = True
         self._announce = False

@@ -297,45 +297,22 @@ class _Poller:
         """Record a step, then take it; a step the budget does not allow gives up instead."""
         ladder = self.ladder
         assert ladder is not None
-        rcfg = self.cfg.recovery
         port = self.cfg.port
-        budget: list[float] | None = None
-        for attempt_step in (step, "gave_up"):
-            if attempt_step == "gave_up" and step != "gave_up":
-                reason = (
-                    f"{rcfg.max_resets_per_hour} radio cycle(s) and reset(s) in the last hour"
-                    f" already; {reason}"
-                )
-            data: dict[str, Any] = {
-                "port": port,
-                "step": attempt_step,
-                "reason": reason,
-                "attempt": ladder.attempt + 1,
-            }
-            run = ladder.run_fields(attempt_step, time.time())
-            try:
-                budget = await asyncio.shield(
-                    asyncio.wrap_future(
-                        self.store.call(
-                            recovery.record,
-                            time.time_ns(),
-                            data,
-                            run,
-                            rcfg.max_resets_per_hour,
-                        )
-                    )
-                )
-            except (GatewayError, sqlite3.Error) as exc:
-                # Unrecorded, a step could repeat after a restart without limit: not taken.
-                log.warning("modem %s: cannot record recovery step %s: %s", port, step, exc)
-                return
-            if budget is not None:
-                step = attempt_step
-                break
-        assert budget is not None
+        try:
+            step, data, budget = await recovery.store_step(
+                self.store, ladder, step, reason, port, self.cfg.recovery.max_resets_per_hour
+            )
+        except (GatewayError, sqlite3.Error) as exc:
+            # Unrecorded, a step could repeat after a restart without limit: not taken.
+            log.warning("modem %s: cannot record recovery step %s: %s", port, step, exc)
+            return
         ladder.taken(step, time.monotonic(), time.time(), budget)
         log.warning(
-            "modem %s: recovery step %s (attempt %d): %s", port, step, ladder.attempt, reason
+            "modem %s: recovery step %s (attempt %d): %s",
+            port,
+            step,
+            ladder.attempt,
+            data["reason"],
         )
         if self.on_event is not None:
             try:

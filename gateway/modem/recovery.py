@@ -22,6 +22,7 @@ the ladder goes on from the step after the last one, and a ladder that gave up s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import shlex
@@ -36,7 +37,7 @@ import orjson
 from gateway.config import ModemSection, RecoverySection
 from gateway.errors import ModemError
 from gateway.modem.at import AtChannel, AtTimeout, PortError, describe
-from gateway.store import add_event, bump, counters, get_meta, set_meta, transaction
+from gateway.store import Store, add_event, bump, counters, get_meta, set_meta, transaction
 
 log = logging.getLogger("gateway.modem")
 
@@ -304,6 +305,30 @@ class Ladder:
                 continue
             return step
         return "gave_up"
+
+
+async def store_step(
+    store: Store, ladder: Ladder, step: str, reason: str, port: str, limit: int
+) -> tuple[str, dict[str, Any], list[float]]:
+    """Record `step` before it is taken, or `gave_up` when the hour's budget refuses it;
+    (the step recorded, its event data, the budget's entries of the last hour). Shielded:
+    a poller cancelled at shutdown still records what it was about to do."""
+    for recorded in (step, "gave_up"):
+        if recorded != step:
+            reason = f"{limit} radio cycle(s) and reset(s) in the last hour already; {reason}"
+        data: dict[str, Any] = {
+            "port": port,
+            "step": recorded,
+            "reason": reason,
+            "attempt": ladder.attempt + 1,
+        }
+        run = ladder.run_fields(recorded, time.time())
+        budget = await asyncio.shield(
+            asyncio.wrap_future(store.call(record, time.time_ns(), data, run, limit))
+        )
+        if budget is not None:
+            return recorded, data, budget
+    raise AssertionError("gave_up is never refused")
 
 
 # -- the steps (worker threads) -------------------------------------------------------------

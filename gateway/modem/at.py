@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import re
 import threading
@@ -63,6 +64,10 @@ class AtParseError(ModemError):
 
 class PortError(ModemError):
     """The serial port cannot be opened, read or written (unplugged, wrong URL, closed)."""
+
+
+class PortBusy(PortError):
+    """Another process holds the port's exclusive lock (a running gateway's poller)."""
 
 
 # 3GPP TS 27.007 §9.2: numeric +CME ERROR codes and their verbose (AT+CMEE=2) texts.
@@ -335,8 +340,12 @@ class AtChannel:
         baudrate: int = 115200,
         timeout: float = 5.0,
         on_urc: Callable[[str], None] | None = None,
+        exclusive: bool = False,
     ) -> AtChannel:
-        """Open a pyserial URL (a tty, a pty path, socket://, rfc2217://) as an AT channel."""
+        """Open a pyserial URL (a tty, a pty path, socket://, rfc2217://) as an AT channel.
+
+        exclusive: hold an flock on a tty while it is open (socket:// ignores it); opening
+        one another process holds so raises PortBusy."""
         try:
             port = serial.serial_for_url(
                 url,
@@ -344,6 +353,7 @@ class AtChannel:
                 timeout=READ_SLICE_S,
                 write_timeout=timeout,
                 do_not_open=True,
+                exclusive=exclusive or None,
             )
         except (serial.SerialException, OSError, ValueError) as exc:
             raise PortError(f"cannot open modem port {url}: {exc}") from exc
@@ -353,6 +363,8 @@ class AtChannel:
             # pyserial leaves a half-open port (a socket:// one whose peer went away during
             # open) to the garbage collector; close what it holds now.
             _discard(port)
+            if exclusive and getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise PortBusy(f"modem port {url} is in use by another process") from exc
             raise PortError(f"cannot open modem port {url}: {exc}") from exc
         ch = cls(port, name=url, timeout=timeout, on_urc=on_urc)
         try:
@@ -436,6 +448,25 @@ class AtChannel:
         with self._lock:
             try:
                 return self._drain()
+            finally:
+                if self._closing:
+                    self._close_port()
+
+    def wait_boot(self, seconds: float) -> bool:
+        """Listen without sending for up to `seconds`: True once the modem announces a
+        (re)boot (RDY, ^SYSSTART), False when it does not; PortError when the port goes
+        away, as a rebooting USB modem's does."""
+        with self._lock:
+            try:
+                self._check_open()
+                deadline = time.monotonic() + seconds
+                while (line := self._next_line(deadline)) is not None:
+                    kind, text = classify(line, None)
+                    if kind is Kind.URC:
+                        self._urc(text)
+                        if text.upper() in _BOOT_URCS:
+                            return True
+                return False
             finally:
                 if self._closing:
                     self._close_port()

@@ -307,6 +307,10 @@ def preload_cdrs(db: Path, rows: list[tuple[str, int, str]]) -> list[dict[str, A
     conn = open_db(db)
     out = []
     for iccid, usage, mcc in rows:
+        if out:
+            # A millisecond apart, so each has a Timestamp of its own to select by.
+            while time.time_ns() // 1_000_000 <= out[-1]["Timestamp"]:
+                time.sleep(0.001)
         feed(conn, reading(iccid, 0, 0, mcc=mcc))
         feed(conn, reading(iccid, usage, 0, mcc=mcc))
         rec = cdr.close_period(conn, CFG, time.time_ns())

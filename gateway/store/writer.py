@@ -257,6 +257,9 @@ class Store(Pacing, Buffer, DeadLetters):
                 self._release_pending(len(packets) - len(self._held))
             else:
                 self._run_calls(calls)
+                # Delivery's completions free the buffer without a packet commit: a
+                # buffer back below 70 % says so then, not at the next packet.
+                self._watch_buffer()
             if time.monotonic() >= self._tend_at and not stop:
                 self._tend_dead_letters()
             if stop:

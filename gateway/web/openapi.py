@@ -35,6 +35,7 @@ _WEBHOOK_ROW = {
         "last_error",
         "disabled",
         "disabled_reason",
+        "oldest_pending_s",
     ],
     "properties": {
         "name": {"type": "string"},
@@ -55,6 +56,12 @@ _WEBHOOK_ROW = {
         "last_error": {"type": "string", "description": "HTTP status and response excerpt"},
         "disabled": {"type": "boolean"},
         "disabled_reason": {"type": "string"},
+        "oldest_pending_s": {
+            "type": "number",
+            "minimum": 0,
+            "description": "age in seconds of the oldest record not yet delivered;"
+            " 0 when nothing is pending",
+        },
     },
 }
 

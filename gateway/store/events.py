@@ -59,6 +59,14 @@ def add_heartbeat(conn: sqlite3.Connection, data: dict[str, Any]) -> int:
     that was away gets the newest figures instead of every heartbeat it missed. They are
     not counted in `events_recorded`."""
     with transaction(conn):
+        # Inserted before the earlier ones go: the events table has no AUTOINCREMENT, and
+        # deleting its newest row would let the next event take that id again, one an
+        # events webhook's cursor may have passed already.
+        cur = conn.execute(
+            "INSERT INTO events(ts_ns, kind, data) VALUES (?, ?, ?)",
+            (time.time_ns(), HEARTBEAT, dumps(data)),
+        )
+        eid = int(cur.lastrowid or 0)
         kept = orjson.loads(get_meta(conn, _HEARTBEAT_ROWS, "[]"))
         held: set[int] = set()
         for item_ids, first_id, count in conn.execute(
@@ -71,13 +79,8 @@ def add_heartbeat(conn: sqlite3.Connection, data: dict[str, Any]) -> int:
             elif item_ids:
                 held.update(int(i) for i in orjson.loads(item_ids))
         stay = [int(i) for i in kept if int(i) in held]
-        gone = [int(i) for i in kept if int(i) not in held]
-        for i in gone:
-            conn.execute("DELETE FROM events WHERE id = ? AND kind = ?", (i, HEARTBEAT))
-        cur = conn.execute(
-            "INSERT INTO events(ts_ns, kind, data) VALUES (?, ?, ?)",
-            (time.time_ns(), HEARTBEAT, dumps(data)),
-        )
-        eid = int(cur.lastrowid or 0)
+        for i in kept:
+            if int(i) not in held:
+                conn.execute("DELETE FROM events WHERE id = ? AND kind = ?", (int(i), HEARTBEAT))
         set_meta(conn, _HEARTBEAT_ROWS, dumps([*stay, eid]))
     return eid

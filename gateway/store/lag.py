@@ -4,7 +4,8 @@ Read on every status request, `/metrics` scrape and lag check, so it is a handfu
 lookups by primary key, never a scan of a backlog: the first record after the route's
 cursor (the oldest it has not taken), and the oldest record of its open batches (taken,
 not yet accepted). The batches table holds a few dozen rows per webhook (see
-Route.max_open), so reading a route's rows there is bounded too.
+Route.max_open; more only while a `gateway dlq replay` is being sent), so reading a
+route's rows there stays small too.
 """
 
 from __future__ import annotations

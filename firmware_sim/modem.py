@@ -26,6 +26,8 @@ Runtime control of the subprocess form: ``--control HOST:PORT`` listens for text
 one per line, each answered with ``ok``, ``error: …`` or (``state``) a JSON line:
     fault NAME on|off · reset_counters · reboot · traffic TX RX · swap_sim ICCID [IMSI]
     registration home|roaming|searching|denied|not_registered · csq N · state
+    radio rat gsm|umts|lte|lte-m|nb-iot|5g-nr · radio rsrp|rsrq|sinr|rscp|ecno N (pins it)
+    radio cell_id|tac HEX · radio band|earfcn|pci N · radio on|off (answer radio commands)
 In-process (tests): ``ModemEmulator(...).start_pty()`` / ``.start_tcp()`` and the methods of
 the same names.
 """
@@ -50,6 +52,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from firmware_sim.radio import RadioSim
 
 VENDORS = ("generic", "quectel", "ublox", "simcom", "telit", "huawei")
 FAULTS = ("no_sim", "sim_busy", "slow", "silence", "garbage", "disconnect")
@@ -143,6 +147,7 @@ class ModemEmulator:
         self.cmee = 0
         self.cops_format = 0
         self._rng = random.Random(seed)
+        self.radio = RadioSim(vendor, seed)
         self._lock = threading.RLock()
         self._tx = float(counter_start)
         self._rx = float(counter_start)
@@ -247,6 +252,7 @@ class ModemEmulator:
             self.echo = True
             self.cmee = 0
             self.cops_format = 0
+            self.radio.reboot()
             for line in self._boot_urcs():
                 self._emit(f"\r\n{line}\r\n".encode())
         self._wake()
@@ -280,7 +286,8 @@ class ModemEmulator:
             self._accrue()
             self.identity = replace(self.identity, registration=state)
             stat = self._stat()
-            self._emit(f"\r\n+CREG: {stat}\r\n\r\n+CEREG: {stat}\r\n".encode())
+            cereg = self.radio.cereg_urc(stat, self._registered())
+            self._emit(f"\r\n+CREG: {stat}\r\n\r\n{cereg}\r\n".encode())
         self._wake()
 
     def set_csq(self, csq: int) -> None:
@@ -301,6 +308,7 @@ class ModemEmulator:
                 "tx_bytes": tx,
                 "rx_bytes": rx,
                 "identity": asdict(self.identity),
+                "radio": self.radio.state(),
             }
 
     def control(self, line: str) -> str:
@@ -324,6 +332,9 @@ class ModemEmulator:
                 self.set_registration(args[0])
             elif cmd == "csq" and len(args) == 1:
                 self.set_csq(int(args[0]))
+            elif cmd == "radio" and len(args) in (1, 2):
+                with self._lock:
+                    self.radio.set(args[0], args[1] if len(args) == 2 else "")
             elif cmd == "state" and not args:
                 return json.dumps(self.state())
             else:
@@ -611,7 +622,8 @@ class ModemEmulator:
     def _random_urc(self) -> str:
         ident = self.identity
         stat = self._stat()
-        common = [f"+CREG: {stat}", f"+CEREG: {stat}", "+CGEV: ME PDN ACT 1", "RING", "+CFUN: 1"]
+        cereg = self.radio.cereg_urc(stat, self._registered())
+        common = [f"+CREG: {stat}", cereg, "+CGEV: ME PDN ACT 1", "RING", "+CFUN: 1"]
         if self._sim_error() is None:
             common.append("+CPIN: READY")
         extra = {
@@ -621,7 +633,7 @@ class ModemEmulator:
             "telit": ["#QSS: 1", "+CIEV: signal,3"],
             "huawei": [
                 f"^RSSI: {ident.csq}",
-                '^HCSQ: "LTE",50,40,120,20',
+                self.radio.hcsq_urc(self._registered()),
                 "^DSFLOWRPT: 0000003C,00000000,00000000,0000000000001F40,"
                 "0000000000002EE0,0003E800,0003E800",
                 "^MODE: 17,17",
@@ -637,6 +649,9 @@ class ModemEmulator:
         ident = self.identity
         v = self.vendor
         sim = self._sim_error()
+        radio = self.radio.answer(u, self._stat(), self._registered(), ident.plmn)
+        if radio is not None:
+            return radio
         if u == "AT":
             return [], "OK"
         if u in ("ATE0", "ATE1", "ATE"):
@@ -695,7 +710,7 @@ class ModemEmulator:
             if not self._registered():
                 return ["+COPS: 0"], "OK"
             oper = ident.plmn if self.cops_format == 2 else ident.operator
-            return [f'+COPS: 0,{self.cops_format},"{oper}",7'], "OK"
+            return [f'+COPS: 0,{self.cops_format},"{oper}"{self.radio.cops_act}'], "OK"
         if u == "AT+CSQ":
             sep = ", " if v == "huawei" else ","
             return [f"+CSQ: {ident.csq}{sep}99"], "OK"
@@ -806,6 +821,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for URCs and garbage")
     p.add_argument("--slow-s", type=float, default=2.0, help="answer delay of the slow fault")
     p.add_argument("--fault", action="append", default=[], choices=FAULTS)
+    p.add_argument(
+        "--radio",
+        action="append",
+        default=[],
+        metavar="SETTING",
+        help='a radio setting as on the control port, e.g. "rat lte-m" or "rsrp -95"',
+    )
     return p
 
 
@@ -850,6 +872,11 @@ def main(argv: list[str]) -> int:
         link=args.link,
         faults=tuple(args.fault),
     )
+    for setting in args.radio:
+        reply = emu.control(f"radio {setting}")
+        if reply != "ok":
+            print(f"modem emulator: --radio {setting!r}: {reply}", file=sys.stderr)
+            return 2
     stop = threading.Event()
 
     def on_signal(_sig: int, _frame: object) -> None:

@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     mi.add_argument("--json", action="store_true")
     mi.add_argument("--timeout", type=float, default=5.0, help="per-command timeout, seconds")
     mi.add_argument("--interface", default="wwan0", help="network interface for sysfs counters")
+    ms = msub.add_parser("signal", help="the radio over time, from the stored snapshots")
+    with_config(ms)
+    ms.add_argument("--since", default="1h", help="ISO date/time (UTC), epoch ms, or an age")
+    ms.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="run broker, fleet, sink and gateway locally")
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
@@ -161,9 +165,11 @@ def _cdr_cmd(args: argparse.Namespace) -> int:
             f"report {rc.name}: {n['fileName']}, {n['numberOfLines']} CDR(s), "
             f"{n['fileSizeInBytes']} bytes at {out.path}"
         )
-        print(f"download (until {n['validUntil']}): {out.url}")
+        if out.url:
+            print(f"download (until {n['validUntil']}): {out.url}")
     if rc.webhook:
-        print(f"notice queued for webhook {rc.webhook!r} (sent by the running gateway)")
+        what = "push (notice and zip)" if rc.delivery == "push" else "notice"
+        print(f"{what} queued for webhook {rc.webhook!r} (sent by the running gateway)")
     return 1 if n["error"] else 0
 
 
@@ -256,6 +262,26 @@ def _webhook_table(hooks: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _data_size(n: int) -> str:
+    """Bytes in the MB of modem.data_budget_mb (1,048,576 bytes), KB below one MB."""
+    mb = n / (1024 * 1024)
+    if mb >= 100:
+        return f"{mb:.0f} MB"
+    if mb >= 1:
+        return f"{mb:.1f} MB"
+    return f"{n / 1024:.1f} KB" if n >= 1024 else f"{n} bytes"
+
+
+def _data_budget_line(d: dict[str, Any]) -> str:
+    """'data     this cycle: 412 MB of 500 MB (82 %), cycle from 2026-12-01'."""
+    used = _data_size(d["used_bytes"])
+    if d["budget_bytes"]:
+        used += f" of {_data_size(d['budget_bytes'])} ({int(d['percent'])} %)"
+    else:
+        used += " (no data_budget_mb)"
+    return f"data     this cycle: {used}, cycle from {d['cycle_start'][:10]}"
+
+
 def _print_status(snap: dict[str, Any]) -> None:
     p = snap["packets"]
     print("packets  " + "  ".join(f"{k}={v}" for k, v in p.items()))
@@ -286,6 +312,13 @@ def _print_status(snap: dict[str, Any]) -> None:
             f"  signal {i.get('signal_dbm')} dBm"
             + (f"  {today} bytes today" if today is not None else "")
         )
+        from gateway.modem.signal import summary
+
+        radio = summary(i, m.get("signal_quality"))
+        if radio:
+            print(f"radio    {radio}")
+    if snap.get("data_budget"):
+        print(_data_budget_line(snap["data_budget"]))
     c = snap["cdrs"]
     print(f"cdrs     {c['count']} stored, {c['pending_usage']} bytes not yet in a CDR")
     if snap["reports"]:
@@ -301,6 +334,20 @@ def _print_status(snap: dict[str, Any]) -> None:
     print()
     for line in _webhook_table(hooks):
         print(line)
+
+
+def _modem_signal(args: argparse.Namespace) -> int:
+    from gateway.modem import signal
+
+    cfg = _load(args)
+    since_ns = _since_ms(args.since) * 1_000_000
+    if not cfg.db_path.exists():
+        raise GatewayError(f"no store at {cfg.db_path} (has the gateway run with this state_dir?)")
+    conn = store_mod.connect(cfg.db_path, readonly=True)
+    try:
+        return signal.command(conn, since_ns, args.json)
+    finally:
+        conn.close()
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -332,6 +379,8 @@ def _cmd(args: argparse.Namespace) -> int:
         else:
             _print_status(snap)
         return 0
+    if args.command == "modem" and args.modem_command == "signal":
+        return _modem_signal(args)
     if args.command == "modem":
         from gateway.modem import info
 

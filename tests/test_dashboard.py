@@ -133,8 +133,10 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
     good, flaky = Receiver().start(), Receiver().start()
     # Markup in an error excerpt must show as text, never as HTML.
     flaky.behaviour = lambda n, r: Reply(400, text="<b>bad</b> request")
+    # RSRP -95 dBm is fair, SINR 25 dB excellent: the grade is the worse of the two.
+    radio = ["--radio", "rsrp -95", "--radio", "sinr 25"]
     modem = subprocess.Popen(
-        [sys.executable, "-m", "firmware_sim", "modem", "--vendor", "quectel", "--pty"],
+        [sys.executable, "-m", "firmware_sim", "modem", "--vendor", "quectel", "--pty", *radio],
         stdout=subprocess.PIPE,
         cwd=ROOT,
     )
@@ -153,7 +155,7 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
             mosquitto.port,
             tmp_path / "state",
             web=f'listen = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\nsample_s = 0.5',
-            extra=f'[modem]\nport = "{pty}"\npoll_interval_s = 1\n\n{hooks}',
+            extra=f'[modem]\nport = "{pty}"\npoll_interval_s = 1\ndata_budget_mb = 1\n\n{hooks}',
         )
         gw = gateway_proc(cfg)
         gw.start()
@@ -238,6 +240,19 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
         wait.until(lambda d: d.find_element(By.ID, "modem-iccid").text.startswith("89"))
         assert browser.find_element(By.ID, "modem-operator").text == "NTT DOCOMO"
         assert browser.find_elements(By.CSS_SELECTOR, "#modem-bars span.on")
+        wait.until(lambda d: d.find_element(By.ID, "modem-quality").text == "fair")
+        assert "RSRP -95 dBm" in browser.find_element(By.ID, "modem-radio").text
+        # The data budget's bar: the emulator's traffic against data_budget_mb = 1.
+        assert " of 1.0 MB (" in browser.find_element(By.ID, "budget-text").text
+        assert browser.find_element(By.ID, "budget").is_displayed()
+        wait.until(
+            lambda d: (
+                float(
+                    d.find_element(By.ID, "budget-fill").value_of_css_property("width").strip("px")
+                )
+                > 0
+            )
+        )
         cdr_text = browser.find_element(By.ID, "cdrs").text
         assert "CDR-TESTTESTTESTTESTTEST" in cdr_text
         assert "<i>Test Mobile</i>" in cdr_text

@@ -22,7 +22,6 @@ from gateway.modem.profiles import (
     parse_cops,
     parse_cpin,
     parse_crsm_iccid,
-    parse_csq,
     parse_dsflowqry,
     parse_gdatavol,
     parse_iccid,
@@ -36,6 +35,7 @@ from gateway.modem.profiles import (
     sysfs_counters,
     vendor_profile,
 )
+from gateway.modem.radio import parse_csq
 from tests.test_modem_at import modem
 
 # -- ICCID ----------------------------------------------------------------------------------

@@ -638,6 +638,8 @@ async def test_the_api_holds_to_its_openapi_document_under_generated_requests(
         ("GET", "/api/dead-letters"),
         ("POST", "/api/dead-letters"),
         ("POST", "/api/webhooks/{name}/test"),
+        ("GET", "/api/cdrs"),
+        ("GET", "/api/cdrs/{unique_id}"),
     }
 
 

@@ -9,6 +9,8 @@ from gateway.config.exposure import warnings
 from gateway.config.load import load, parse
 from gateway.config.readers import duration_s
 from gateway.config.schema import (
+    CDR_FIELDS,
+    CDR_NUMBER_FIELDS,
     FORMATS,
     OPS,
     PAYLOAD_ENCODINGS,
@@ -32,6 +34,8 @@ from gateway.config.schema import (
 from gateway.config.secrets import MASK, SECRET_KEYS, is_secret_name, mask_url, mask_urls, masked
 
 __all__ = [
+    "CDR_FIELDS",
+    "CDR_NUMBER_FIELDS",
     "FORMATS",
     "MASK",
     "OPS",

@@ -5,6 +5,7 @@ them and `gateway run` logs them at start."""
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 import stat
 import tomllib
@@ -17,8 +18,10 @@ from gateway.config.secrets import is_secret_name, is_secret_value, url_secrets
 
 
 def warnings(cfg: Config) -> list[str]:
-    """Every warning for `cfg`, transport first, then the config file's mode."""
+    """Every warning for `cfg`, transport first, then report links, then the config
+    file's mode."""
     out = transport_warnings(cfg)
+    out += report_link_warnings(cfg)
     if cfg.path is not None:
         note = file_warning(cfg.path)
         if note:
@@ -50,6 +53,75 @@ def transport_warnings(cfg: Config) -> list[str]:
                 " can read or replay them (use https://)"
             )
     return out
+
+
+# Addresses another network cannot reach: loopback, RFC 1918, carrier-grade NAT (RFC 6598),
+# link-local and IPv6 unique local addresses.
+_UNREACHABLE = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
+
+
+def unreachable_host(host: str) -> str:
+    """Why a receiver elsewhere cannot reach `host` (a loopback or private address), or
+    "" (a public address, or a name: names are not resolved here)."""
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return "a loopback name"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for net in _UNREACHABLE:
+        if addr.version == net.version and addr in net:
+            if addr.is_loopback:
+                return "a loopback address"
+            if net.prefixlen == 10 and addr.version == 4:
+                return "a carrier-grade NAT address (100.64.0.0/10)"
+            if addr.is_link_local:
+                return "a link-local address"
+            if addr.version == 6:
+                return "a unique local address (fc00::/7)"
+            return "a private address"
+    return ""
+
+
+def report_link_warnings(cfg: Config) -> list[str]:
+    """`link` reports whose download URL a receiver on another network cannot open."""
+    links = [r.name for r in cfg.reports if r.delivery == "link" and r.webhook]
+    if not links:
+        return []
+    names = ", ".join(repr(n) for n in links)
+    if not cfg.web.enabled:
+        return [
+            f"reports {names} send download links, but web.enabled is false: nothing"
+            " serves them (enable the web server or set delivery = 'push')"
+        ]
+    try:
+        host = urllib.parse.urlsplit(cfg.web.public_url).hostname or ""
+    except ValueError:
+        return []
+    why = unreachable_host(host)
+    if not why:
+        return []
+    return [
+        f"web.public_url ({cfg.web.public_url}) is {why}: the download links of reports"
+        f" {names} cannot be opened from another network, nor from behind the carrier's"
+        " NAT a cellular gateway usually sits behind (set delivery = 'push', or a"
+        " public_url the receiver can reach)"
+    ]
 
 
 def _credentials(w: WebhookConfig) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import ssl
@@ -33,9 +34,13 @@ from gateway.config.readers import (
     url,
 )
 from gateway.config.schema import (
+    CDR_FIELDS,
+    CDR_NUMBER_FIELDS,
     FORMATS,
     OPS,
     PAYLOAD_ENCODINGS,
+    REPORT_DELIVERIES,
+    REPORT_PERIODS,
     RETRY_PRESETS,
     SOURCES,
     AuthConfig,
@@ -57,6 +62,9 @@ from gateway.errors import ConfigError
 
 # The shortest web.token accepted: 16 characters.
 MIN_TOKEN_CHARS = 16
+# The largest modem.data_budget_mb: a petabyte, far past any SIM plan; it keeps byte
+# figures well inside SQLite's 64-bit integers.
+MAX_DATA_BUDGET_MB = 1e9
 
 
 def _read_webhook(r: Reader, path: str, raw: dict[str, Any]) -> WebhookConfig | None:
@@ -152,30 +160,7 @@ def _read_webhook(r: Reader, path: str, raw: dict[str, Any]) -> WebhookConfig | 
         sub["headers"] = tuple(pairs)
 
     if "when" in raw:
-        conds = []
-        when = raw["when"]
-        if isinstance(when, dict):
-            when = [when]
-        if not isinstance(when, list):
-            r.fail(join(path, "when"), "must be a list of {field, op, value} tables", when)
-        else:
-            for i, c in enumerate(when):
-                cp = f"{path}.when[{i}]"
-                if not isinstance(c, dict):
-                    r.fail(cp, "must be a table {field, op, value}", c)
-                    continue
-                cond = r.read(Condition, cp, c, field=nonempty, op=choice(*OPS), value=None)
-                if cond is None:
-                    continue
-                if cond.op == "regex":
-                    try:
-                        re.compile(str(cond.value))
-                    except re.error as exc:
-                        r.fail(f"{cp}.value", f"is not a valid regex ({exc})", cond.value)
-                if cond.op == "in" and not isinstance(cond.value, list):
-                    r.fail(f"{cp}.value", "must be a list for op 'in'", cond.value)
-                conds.append(cond)
-        sub["when"] = tuple(conds)
+        sub["when"] = _conditions(r, path, "when", raw["when"])
 
     if "meta" in raw:
         sub["meta"] = r.table(path, "meta", raw["meta"])
@@ -218,6 +203,102 @@ def _read_webhook(r: Reader, path: str, raw: dict[str, Any]) -> WebhookConfig | 
     if w.ca_file and not Path(w.ca_file).is_file():
         r.fail(join(path, "ca_file"), "file does not exist", w.ca_file)
     return w
+
+
+def _conditions(r: Reader, path: str, key: str, raw: Any) -> tuple[Condition, ...]:
+    """A `when` or `filter` list of {field, op, value} tables (one table alone too)."""
+    conds = []
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        r.fail(join(path, key), "must be a list of {field, op, value} tables", raw)
+        return ()
+    for i, c in enumerate(raw):
+        cp = f"{join(path, key)}[{i}]"
+        if not isinstance(c, dict):
+            r.fail(cp, "must be a table {field, op, value}", c)
+            continue
+        cond = r.read(Condition, cp, c, field=nonempty, op=choice(*OPS), value=None)
+        if cond is None:
+            continue
+        if cond.op == "regex":
+            try:
+                re.compile(str(cond.value))
+            except re.error as exc:
+                r.fail(f"{cp}.value", f"is not a valid regex ({exc})", cond.value)
+        if cond.op == "in" and not isinstance(cond.value, list):
+            r.fail(f"{cp}.value", "must be a list for op 'in'", cond.value)
+        conds.append(cond)
+    return tuple(conds)
+
+
+def _cdr_filter(r: Reader, path: str, raw: Any) -> tuple[Condition, ...]:
+    """A report's `filter`: conditions on CDR fields (names matched regardless of case and
+    kept in the CDR's spelling), each value of the field's type: a filter that can never
+    match because 222 is not "222" is a mistake to name now, not an empty report later."""
+    out = []
+    by_lower = {f.lower(): f for f in CDR_FIELDS}
+    bad = len(r.problems)
+    conds = _conditions(r, path, "filter", raw)
+    if len(r.problems) > bad:
+        return conds
+    for i, c in enumerate(conds):
+        cp = f"{join(path, 'filter')}[{i}]"
+        name = by_lower.get(c.field.lower())
+        if name is None:
+            known = ", ".join(CDR_FIELDS)
+            r.fail(f"{cp}.field", f"is not a CDR field (one of {known})", c.field)
+            continue
+        number = name in CDR_NUMBER_FIELDS
+        values = c.value if c.op == "in" else [c.value]
+        if c.op in ("contains", "startswith", "regex"):
+            want, ok = "a string", all(isinstance(v, str) for v in values)
+        elif number:
+            want = "a number"
+            ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        else:
+            want, ok = "a string", all(isinstance(v, str) for v in values)
+        if not ok:
+            what = f"must be {want}" if c.op != "in" else f"must be a list of {want[2:]}s"
+            r.fail(f"{cp}.value", f"{what} for {name} with op '{c.op}'", c.value)
+            continue
+        out.append(dataclasses.replace(c, field=name))
+    return tuple(out)
+
+
+def _read_report(r: Reader, path: str, rep: dict[str, Any]) -> ReportConfig | None:
+    rep = dict(rep)
+    if "every" in rep:
+        rep["every_s"] = rep.pop("every")
+    bad = len(r.problems)
+    conds = _cdr_filter(r, path, rep.pop("filter")) if "filter" in rep else ()
+    rc = r.read(
+        ReportConfig,
+        path,
+        rep,
+        name=nonempty,
+        task_id=int_value(0, None),
+        every_s=duration,
+        at=clock,
+        webhook=str_value,
+        delivery=choice(*REPORT_DELIVERIES),
+        period=choice(*REPORT_PERIODS),
+        push_max_mb=float_value(0, 1024, above=True),
+    )
+    if rc is None or len(r.problems) > bad:
+        return None
+    if rc.period != "since_last" and "every_s" in rep:
+        r.fail(
+            join(path, "every"),
+            f"does not go with period '{rc.period}', which runs once after each period ends"
+            " (leave it out; `at` may set the local time of day)",
+            rep["every_s"],
+        )
+        return None
+    if rc.delivery == "push" and not rc.webhook:
+        r.fail(join(path, "webhook"), "is required with delivery = 'push'")
+        return None
+    return dataclasses.replace(rc, filter=conds)
 
 
 def _dead_letter_limit(r: Reader, g: GatewaySection, raw: Any) -> GatewaySection:
@@ -328,6 +409,8 @@ def parse(
             profile=choice("auto", "generic", "quectel", "ublox", "simcom", "telit", "huawei"),
             poll_interval_s=float_value(0, 86400, above=True),
             command_timeout_s=float_value(0, 600, above=True),
+            data_budget_mb=_data_budget_mb,
+            billing_day=_billing_day,
         )
 
     cdr = r.read(
@@ -370,19 +453,7 @@ def parse(
         if not isinstance(rep, dict):
             r.fail(path, "must be a table", rep)
             continue
-        rep = dict(rep)
-        if "every" in rep:
-            rep["every_s"] = rep.pop("every")
-        rc = r.read(
-            ReportConfig,
-            path,
-            rep,
-            name=nonempty,
-            task_id=int_value(0, None),
-            every_s=duration,
-            at=clock,
-            webhook=str_value,
-        )
+        rc = _read_report(r, path, rep)
         if rc is None:
             continue
         target = next((w for w in hooks if w.name == rc.webhook), None)
@@ -436,6 +507,30 @@ def _flap_interval(value: Any) -> float:
     if not 1 <= seconds <= 86400:
         raise Bad("must be between 1 s and 1 day")
     return seconds
+
+
+def _data_budget_mb(value: Any) -> float:
+    """MB (of 1,048,576 bytes) per billing cycle, fractions allowed; 0 is off."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Bad("must be a number of MB (0 for no budget)")
+    if not math.isfinite(value):
+        raise Bad("must be a finite number of MB (0 for no budget)")
+    if value < 0:
+        raise Bad("must be at least 0 (0 for no budget)")
+    if value > MAX_DATA_BUDGET_MB:
+        raise Bad(f"must be at most {MAX_DATA_BUDGET_MB:g}")
+    if 0 < value * 1024 * 1024 < 1:
+        raise Bad("must be 0 or at least 1 byte (0.000001 MB)")
+    return float(value)
+
+
+def _billing_day(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Bad("must be a day of the month, 1-28")
+    if not 1 <= value <= 28:
+        # A cycle starting on the 29th-31st would have no start in a shorter month.
+        raise Bad("must be 1-28 (the 29th-31st do not exist in every month)")
+    return value
 
 
 def _host_names(value: Any) -> tuple[str, ...]:

@@ -14,6 +14,30 @@ SOURCES = ("packets", "cdrs", "reports", "events")
 FORMATS = ("monoz", "monogoto", "envelope", "flat", "report")
 PAYLOAD_ENCODINGS = ("auto", "utf8", "base64", "hex", "cbor-json")
 OPS = ("==", "!=", ">", ">=", "<", "<=", "contains", "startswith", "regex", "in")
+# The field order of a Monogoto DATA CDR (the CSV columns of a report); report filters
+# name these, so the configuration knows them. The numeric ones are integers.
+CDR_FIELDS = (
+    "CdrType",
+    "UniqueID",
+    "Iccid",
+    "IMSI",
+    "MSISDN",
+    "IMEI",
+    "MNO",
+    "MnoName",
+    "MCC",
+    "MNC",
+    "ThingName",
+    "ThingId",
+    "ThingsGroupId",
+    "ThingsGroupName",
+    "Timestamp",
+    "Usage",
+    "APN",
+)
+CDR_NUMBER_FIELDS = ("Timestamp", "Usage")
+REPORT_DELIVERIES = ("link", "push")
+REPORT_PERIODS = ("since_last", "previous_day", "previous_month")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +113,10 @@ class ModemSection:
     poll_interval_s: float = 60.0
     interface: str = "wwan0"
     command_timeout_s: float = 5.0
+    # The SIM plan's data per billing cycle, in MB of 1,048,576 bytes; 0: no budget.
+    data_budget_mb: float = 0.0
+    # The day of the month (UTC) a billing cycle starts; 1-28, so it exists every month.
+    billing_day: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +224,15 @@ class ReportConfig:
     every_s: float = 24 * 3600.0
     at: str = ""
     webhook: str = ""
+    # "link": the notice carries a download URL on this gateway (web.public_url);
+    # "push": the notice and the zip go together in one multipart POST.
+    delivery: str = "link"
+    # Which CDRs a run covers: those since the previous run, or the previous UTC day or
+    # month by their Timestamp.
+    period: str = "since_last"
+    filter: tuple[Condition, ...] = ()
+    # A pushed report larger than this is dead-lettered instead of sent.
+    push_max_mb: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,20 @@ def lookup(record: Any, path: str) -> Any:
     return value
 
 
-def _num(v: Any) -> float | None:
+def _num(v: Any) -> int | float | None:
+    """A field as a number, or None. Whole numbers stay ints: as floats, two 20-digit
+    ICCIDs that differ in their last digit would compare equal."""
     if isinstance(v, bool):
         return None
-    if isinstance(v, int | float | str):
+    if isinstance(v, int):
+        return v
+    digits = v.strip().lstrip("+-") if isinstance(v, str) else ""
+    if digits.isascii() and digits.isdigit():
+        try:
+            return int(v)
+        except ValueError:  # beyond int's digit limit
+            return None
+    if isinstance(v, float | str):
         try:
             return float(v)
         except (ValueError, OverflowError):  # not a number, or an int beyond a float's range

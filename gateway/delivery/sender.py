@@ -19,7 +19,7 @@ import aiohttp
 
 from gateway import __version__
 from gateway.config import RetryPolicy, WebhookConfig, mask_urls
-from gateway.delivery import formats, signing
+from gateway.delivery import formats, multipart, signing
 
 log = logging.getLogger("gateway.delivery")
 
@@ -125,6 +125,10 @@ class Sender:
         """All request headers for `body`, including signatures and the webhook-id."""
         h = dict(self.base_headers)
         h["webhook-id"] = webhook_id
+        if self.cfg.source == "reports":
+            pushed = multipart.content_type(body)
+            if pushed is not None:
+                h["Content-Type"] = pushed
         s = self.cfg.signing
         if s.scheme == "cdr-manager":
             h["X-CDR-Signature"] = signing.cdr_manager(s.secret, body)

@@ -36,12 +36,13 @@ from gateway.modem.profiles import (
     read_fields,
 )
 from gateway.store import Store, transaction
-from gateway.usage import cdr
+from gateway.usage import budget, cdr
 
 log = logging.getLogger("gateway.modem")
 
-# Read every poll; the rest of STEPS only at start and when one of these changes.
-FAST_STEPS = ("sim_state", "iccid", "signal", "registration", "counters")
+# Read every poll; the rest of STEPS only at start and when one of these changes. The
+# radio step costs two or three short commands once the modem's unsupported ones are known.
+FAST_STEPS = ("sim_state", "iccid", "signal", "registration", "radio", "counters")
 # How often URCs are looked at between polls (they can make the next poll come early).
 URC_CHECK_S = 0.5
 # Snapshots kept in the store (about two weeks at the default 60 s poll).
@@ -117,12 +118,16 @@ def write_snapshot(
     data: bytes | None,
     events: list[tuple[str, bytes]],
     cdr_cfg: CdrSection | None = None,
-) -> None:
+    data_budget: budget.Budget | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
     """Insert a snapshot (when data) and events in one transaction; prune old snapshots.
 
     With `cdr_cfg`, an answering snapshot's byte counters are accounted for usage CDRs in
-    the same transaction, so the reading and the usage it adds are stored together.
+    the same transaction, so the reading and the usage it adds are stored together; with
+    `data_budget` too, that usage counts toward the billing cycle's data budget. Returns
+    the data budget events recorded with it.
     """
+    raised: list[tuple[str, dict[str, Any]]] = []
     with transaction(conn):
         if data is not None:
             cur = conn.execute(
@@ -139,7 +144,14 @@ def write_snapshot(
         if cdr_cfg is not None and data is not None and state in ANSWERING:
             reading = cdr.Reading.from_snapshot(orjson.loads(data))
             if reading is not None:
-                cdr.account(conn, cdr_cfg, reading, ts_ns)
+                added = cdr.account(conn, cdr_cfg, reading, ts_ns)
+                if data_budget is not None:
+                    raised = budget.add_usage(conn, data_budget, reading.iccid, added, ts_ns)
+                    conn.executemany(
+                        "INSERT INTO events(ts_ns, kind, data) VALUES (?, ?, ?)",
+                        [(ts_ns, kind, orjson.dumps(d).decode()) for kind, d in raised],
+                    )
+    return raised
 
 
 # -- the poller ------------------------------------------------------------------------------
@@ -157,6 +169,7 @@ class _Poller:
     ) -> None:
         self.cfg = cfg
         self.cdr_cfg = cdr_cfg
+        self.data_budget = budget.Budget.from_config(cfg)
         self.store = store
         self.on_event = on_event
         self.state = state
@@ -296,7 +309,8 @@ class _Poller:
                 self.dirty.set()
         elif head in ("+CREG", "+CEREG", "+CGREG"):
             fields = split_fields(payload)
-            # URC forms: "<stat>" or "<stat>,<lac>,..." (lac quoted).
+            # URC forms: "<stat>" or, with n=2 (the gateway sets it for +CEREG),
+            # "<stat>,"<tac>","<ci>",<AcT>" with the location quoted.
             stat = fields[0].strip()
             if len(fields) >= 2 and fields[1].strip().isdigit():
                 stat = fields[1].strip()
@@ -385,15 +399,17 @@ class _Poller:
         try:
             # Shielded: the state above is already visible, so a poller cancelled at
             # shutdown still commits it (the next start compares the SIM against it).
-            await asyncio.shield(
+            raised = await asyncio.shield(
                 asyncio.wrap_future(
-                    self.store.call(write_snapshot, now, new, data, encoded, self.cdr_cfg)
+                    self.store.call(
+                        write_snapshot, now, new, data, encoded, self.cdr_cfg, self.data_budget
+                    )
                 )
             )
         except (GatewayError, sqlite3.Error) as exc:
             log.warning("modem: cannot store snapshot: %s", exc)
             return
-        for kind, d in events:
+        for kind, d in [*events, *raised]:
             log.info("modem event %s %s", kind, d)
             if self.on_event is not None:
                 try:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from gateway.errors import ModemError
+from gateway.modem import radio
 from gateway.modem.at import (
     CME_SIM_BUSY,
     CME_SIM_NOT_INSERTED,
@@ -59,6 +60,7 @@ STEPS = (
     "operator",
     "signal",
     "registration",
+    "radio",
     "apn",
     "counters",
 )
@@ -98,6 +100,17 @@ class ModemInfo:
     tx_bytes: int | None = None
     rx_bytes: int | None = None
     counter_source: str = ""
+    access_technology: str | None = None
+    rsrp_dbm: float | None = None
+    rsrq_db: float | None = None
+    sinr_db: float | None = None
+    rscp_dbm: float | None = None
+    ecno_db: float | None = None
+    cell_id: int | None = None
+    tac: int | None = None
+    band: int | None = None
+    earfcn: int | None = None
+    pci: int | None = None
     failed: tuple[tuple[str, str], ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,18 +241,6 @@ def split_plmn(plmn: str) -> tuple[str, str]:
     return p[:3], p[3:]
 
 
-def parse_csq(lines: list[str]) -> tuple[int | None, int | None]:
-    """+CSQ: <rssi>,<ber> -> (csq, dBm); 99 is unknown: (None, None)."""
-    f = split_fields(_first(lines, "+CSQ", "signal"))
-    try:
-        rssi = int(f[0])
-    except ValueError as exc:
-        raise AtParseError(f"cannot parse +CSQ answer {lines!r}") from exc
-    if rssi == 99 or not 0 <= rssi <= 31:
-        return None, None
-    return rssi, -113 + 2 * rssi
-
-
 def parse_reg(lines: list[str], prefix: str) -> str:
     """+CREG/+CGREG/+CEREG: <n>,<stat>[,...] -> 'home', 'roaming', 'searching', ..."""
     f = split_fields(_first(lines, prefix, "registration"))
@@ -368,6 +369,7 @@ class Profile:
     def __init__(self, interface: str = "wwan0", sysfs_root: Path = SYSFS_NET) -> None:
         self.interface = interface
         self.sysfs_root = sysfs_root
+        self.radio_probe = radio.RadioProbe()
 
     def iccid(self, ch: AtChannel) -> str:
         """The SIM's ICCID: the vendor command first, then READ BINARY of EF_ICCID."""
@@ -552,11 +554,6 @@ def _read_operator(ch: AtChannel, _p: Profile) -> dict[str, Any]:
     return {"operator": name if fmt == 0 else "", "mcc": mcc, "mnc": mnc}
 
 
-def _read_signal(ch: AtChannel, _p: Profile) -> dict[str, Any]:
-    csq, dbm = parse_csq(ch.command("AT+CSQ"))
-    return {"csq": csq, "signal_dbm": dbm}
-
-
 def _read_registration(ch: AtChannel, _p: Profile) -> dict[str, Any]:
     # LTE (CEREG) and CS (CREG) may disagree; registered on either counts as registered.
     found: list[str] = []
@@ -600,8 +597,9 @@ _READERS: dict[str, Callable[[AtChannel, Profile], dict[str, Any]]] = {
     "imei": _read_imei,
     "msisdn": lambda ch, _p: {"msisdn": parse_cnum(ch.command("AT+CNUM"))},
     "operator": _read_operator,
-    "signal": _read_signal,
+    "signal": radio.read_csq,
     "registration": _read_registration,
+    "radio": lambda ch, p: radio.read(ch, p.name, p.radio_probe),
     "apn": _read_apn,
     "counters": _read_counters,
 }
@@ -638,6 +636,8 @@ def read_fields(
             raise
         except ModemError as exc:
             failed[step] = describe(exc)
+        if step == "radio" and step in failed:
+            fields.update(radio.EMPTY)  # no stale levels next to a failed reading
         if step == "sim_state" and fields.get("sim_state") not in (None, "ready"):
             sim_ok = False
     return fields, failed

@@ -160,15 +160,24 @@ def load_batches(conn: sqlite3.Connection, route: str, exclude: Sequence[str] = 
     """Open batches of a route (after a restart, or re-queued by `dlq replay`)."""
     skip = set(exclude)
     out = []
+    # Bodies (a pushed report's can be megabytes) are read only for the batches wanted:
+    # delivery looks for re-queued batches every few seconds, excluding those it sends.
     for r in conn.execute(
-        "SELECT id, route, item_ids, single, body, attempts, created_ns, next_at_ns, count,"
-        " retry_delay_ns, seq, first_id FROM batches WHERE route = ? ORDER BY seq",
+        "SELECT id, route, item_ids, single, body IS NOT NULL, attempts, created_ns,"
+        " next_at_ns, count, retry_delay_ns, seq, first_id FROM batches WHERE route = ?"
+        " ORDER BY seq",
         (route,),
-    ):
+    ).fetchall():
         if r[0] in skip:
             continue
+        body = None
+        if r[4]:
+            got = conn.execute("SELECT body FROM batches WHERE seq = ?", (r[10],)).fetchone()
+            if got is None:
+                continue  # done meanwhile
+            body = got[0]
         ids = batch_item_ids(r[2], r[11], r[8])
-        out.append(Batch(r[0], r[1], ids, bool(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], r[10]))
+        out.append(Batch(r[0], r[1], ids, bool(r[3]), body, r[5], r[6], r[7], r[8], r[9], r[10]))
     return out
 
 

@@ -23,32 +23,14 @@ from typing import Any
 import orjson
 
 from gateway import store as st
-from gateway.config import CdrSection
+from gateway.config import CDR_FIELDS, CdrSection
 from gateway.errors import GatewayError
 from gateway.store import Store, transaction
 
 log = logging.getLogger("gateway.cdr")
 
 # The field order of a Monogoto DATA CDR; also the CSV columns of a report.
-FIELDS = (
-    "CdrType",
-    "UniqueID",
-    "Iccid",
-    "IMSI",
-    "MSISDN",
-    "IMEI",
-    "MNO",
-    "MnoName",
-    "MCC",
-    "MNC",
-    "ThingName",
-    "ThingId",
-    "ThingsGroupId",
-    "ThingsGroupName",
-    "Timestamp",
-    "Usage",
-    "APN",
-)
+FIELDS = CDR_FIELDS
 _ALPHANUM = string.ascii_uppercase + string.ascii_lowercase + string.digits
 IDENTITY_KEYS = ("iccid", "imsi", "msisdn", "imei", "operator", "mcc", "mnc", "apn")
 
@@ -164,8 +146,9 @@ def _emit(
     return rec
 
 
-def account(conn: sqlite3.Connection, cfg: CdrSection, reading: Reading, now_ns: int) -> None:
-    """Add one counter reading to the pending usage (inside the caller's transaction)."""
+def account(conn: sqlite3.Connection, cfg: CdrSection, reading: Reading, now_ns: int) -> int:
+    """Add one counter reading to the pending usage (inside the caller's transaction);
+    returns the bytes it added, billed to the SIM of the previous reading."""
     s = load_state(conn)
     if s is None or not s.iccid:
         # The first reading ever is the baseline: what the counters held before the
@@ -174,13 +157,13 @@ def account(conn: sqlite3.Connection, cfg: CdrSection, reading: Reading, now_ns:
             reading.iccid, reading.source, reading.tx, reading.rx, 0, now_ns, dict(reading.identity)
         )
         _save_state(conn, s)
-        return
+        return 0
+    delta = 0
     if reading.source != s.source:
         # Another counter (AT ↔ kernel interface): a new baseline, no delta across the two.
         log.info("cdr: counter source %r -> %r, new baseline", s.source, reading.source)
         s.source, s.tx, s.rx = reading.source, reading.tx, reading.rx
     else:
-        delta = 0
         for now_v, before in ((reading.tx, s.tx), (reading.rx, s.rx)):
             # A counter that went down was reset (modem reboot): it counts from zero.
             delta += now_v - before if now_v >= before else now_v
@@ -193,6 +176,7 @@ def account(conn: sqlite3.Connection, cfg: CdrSection, reading: Reading, now_ns:
         s.iccid, s.pending, s.period_start_ns = reading.iccid, 0, now_ns
     s.identity = dict(reading.identity)
     _save_state(conn, s)
+    return delta
 
 
 def close_period(conn: sqlite3.Connection, cfg: CdrSection, now_ns: int) -> dict[str, Any] | None:

@@ -1,5 +1,6 @@
 """CDR reports (the CDR Manager pattern): export a period's CDRs as a zipped CSV, serve it
-behind a random token for 24 h, and announce it with a `report` notice to a webhook."""
+behind a random token for 24 h, and announce it with a `report` notice to a webhook; or
+push the notice and the zip together in one multipart POST (`delivery = "push"`)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ from typing import Any
 
 from gateway import store as st
 from gateway.config import Config, ReportConfig
-from gateway.delivery import formats, new_webhook_id
+from gateway.delivery import formats, multipart, new_webhook_id
 from gateway.errors import GatewayError
 from gateway.store import Store, transaction
 from gateway.store.db import FILE_MODE, private_dir
-from gateway.usage import cdr
+from gateway.usage import cdr, periods
 
 log = logging.getLogger("gateway.reports")
 
@@ -110,8 +111,90 @@ def _write_zip(path: Path, csv_name: str, rows: list[dict[str, Any]]) -> int:
     return path.stat().st_size
 
 
-def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int) -> Exported:
-    """Export the CDRs since this report's last run, record it, queue its notice.
+@dataclass(frozen=True, slots=True)
+class PushFailure:
+    """Why a report cannot be pushed: the dead letter's reason and a clear message."""
+
+    reason: str
+    message: str
+
+
+def push_body(notice: dict[str, Any], path: Path | None, max_bytes: int) -> bytes | PushFailure:
+    """A push's multipart body from the report file on disk (the notice alone for a
+    failed export, `path` None), or why there is none: the file is over `max_bytes`
+    (receivers refuse large bodies, and the body is held in the store and in memory
+    while it is retried), gone, or unreadable."""
+    data = None
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > max_bytes:
+                    return PushFailure(
+                        "report_too_large",
+                        f"report file {path.name} is {size} bytes, over push_max_mb"
+                        f" ({max_bytes} bytes); it stays at {path}",
+                    )
+                data = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            return PushFailure("report_missing", f"report file {path} is missing")
+        except OSError as exc:
+            return PushFailure(
+                "report_unreadable", f"cannot read report file {path}: {exc.strerror or exc}"
+            )
+        if len(data) > max_bytes:  # grew while being read
+            return PushFailure("report_too_large", f"report file {path.name} grew while read")
+    return multipart.report_body(formats.report_notice(notice), str(notice["fileName"]), data)
+
+
+def _queue(
+    conn: sqlite3.Connection,
+    rc: ReportConfig,
+    notice: dict[str, Any],
+    path: Path | None,
+    now_ns: int,
+) -> None:
+    """Queue the notice (link) or the push for the report's webhook (inside the export's
+    transaction); a push that cannot be built is dead-lettered and counted at once,
+    with the notice (its error saying why) as the letter's body."""
+    st.ensure_stats(conn, rc.webhook)
+    conn.execute(
+        "UPDATE webhook_stats SET hits = hits + 1, last_hit_ns = ? WHERE name = ?",
+        (now_ns, rc.webhook),
+    )
+    body: bytes | PushFailure = formats.report_notice(notice)
+    if rc.delivery == "push":
+        body = push_body(notice, path, int(rc.push_max_mb * 1024 * 1024))
+    if isinstance(body, PushFailure):
+        log.error("report %s: not pushed: %s", rc.name, body.message)
+        letter = formats.report_notice({**notice, "error": body.message})
+        conn.execute(
+            "INSERT INTO dead_letters(webhook, source, webhook_id, body, count, single, reason,"
+            " status, excerpt, attempts, created_ns) VALUES (?,'reports',?,?,1,1,?,NULL,?,0,?)",
+            (rc.webhook, new_webhook_id(), letter, body.reason, body.message[:300], now_ns),
+        )
+        conn.execute("UPDATE webhook_stats SET dead = dead + 1 WHERE name = ?", (rc.webhook,))
+        st.bump(conn, "report_pushes_dead", 1)
+        return
+    conn.execute(
+        "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
+        " attempts, created_ns, next_at_ns) VALUES (?,?,'reports','[]',NULL,1,1,?,0,?,0)",
+        (new_webhook_id(), rc.webhook, body, now_ns),
+    )
+
+
+def export(
+    conn: sqlite3.Connection,
+    cfg: Config,
+    rc: ReportConfig,
+    now_ns: int,
+    period: periods.Period | None = None,
+) -> Exported:
+    """Export the report's CDRs, record it, queue its notice (or push).
+
+    `since_last`: the CDRs since this report's last run. A calendar period: `period`, else
+    the oldest complete one not exported yet (the newest complete one when all are, for
+    `gateway cdr export`). The filter then selects among them.
 
     Runs on the store's writer (or any connection of its own): the report row and the
     notice's batch are written in one transaction, so the notice goes out exactly when the
@@ -123,11 +206,16 @@ def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int)
     last_end = conn.execute(
         "SELECT COALESCE(MAX(period_end_ns), 0) FROM reports WHERE name = ?", (rc.name,)
     ).fetchone()[0]
-    rows = conn.execute(
-        "SELECT id, data FROM cdrs WHERE id > ? ORDER BY id", (int(last),)
-    ).fetchall()
-    records = cdr.sound_records(r[1] for r in rows)
+    if rc.period != "since_last" and period is None:
+        period = periods.next_period(conn, rc, now_ns) or periods.latest_complete(rc.period, now_ns)
+    if rc.period == "since_last":
+        period = None
+    rows = periods.select_rows(conn, rc, int(last), period)
+    wanted = periods.selector(rc)
+    records = [r for r in cdr.sound_records(r[1] for r in rows) if wanted(r)]
     last_id = int(rows[-1][0]) if rows else int(last)
+    start_ns, end_ns = period if period is not None else (int(last_end), now_ns)
+    push = rc.delivery == "push"
     seq = int(conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM reports").fetchone()[0])
     file_name = f"tx{seq:05d}.zip"
     path = reports_dir(cfg) / file_name
@@ -144,9 +232,10 @@ def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int)
             path.with_suffix(".part").unlink(missing_ok=True)
     notice = {
         "contentType": "application/zip",
-        "httpMethod": "GET",
-        "callbackURL": "" if error else url,
-        "validUntil": "" if error else _iso_s(valid_until),
+        # Pushed, the zip is in the same request: there is nothing to fetch.
+        "httpMethod": "POST" if push else "GET",
+        "callbackURL": "" if error or push else url,
+        "validUntil": "" if error or push else _iso_s(valid_until),
         "fileName": file_name,
         "fileSizeInBytes": size,
         "numberOfLines": len(records),
@@ -162,13 +251,14 @@ def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int)
             (
                 rc.name,
                 rc.task_id,
-                token_digest(token) if not error else "",
+                # A pushed report has no link: no token opens it.
+                token_digest(token) if not (error or push) else "",
                 file_name,
                 str(path),
                 size,
                 len(records),
-                int(last_end),
-                now_ns,
+                start_ns,
+                end_ns,
                 now_ns,
                 valid_until,
                 error,
@@ -178,21 +268,12 @@ def export(conn: sqlite3.Connection, cfg: Config, rc: ReportConfig, now_ns: int)
             ),
         )
         if rc.webhook:
-            st.ensure_stats(conn, rc.webhook)
-            conn.execute(
-                "UPDATE webhook_stats SET hits = hits + 1, last_hit_ns = ? WHERE name = ?",
-                (now_ns, rc.webhook),
-            )
-            conn.execute(
-                "INSERT INTO batches(id, route, source, item_ids, first_id, count, single, body,"
-                " attempts, created_ns, next_at_ns) VALUES (?,?,'reports','[]',NULL,1,1,?,0,?,0)",
-                (new_webhook_id(), rc.webhook, formats.report_notice(notice), now_ns),
-            )
+            _queue(conn, rc, notice, None if error else path, now_ns)
     if error:
         log.error("report %s: %s (%s)", rc.name, error, path)
     else:
         log.info("report %s: %s, %d CDRs, %d bytes", rc.name, file_name, len(records), size)
-    return Exported(notice, "" if error else url, None if error else path)
+    return Exported(notice, "" if error or push else url, None if error else path)
 
 
 def prune_files(conn: sqlite3.Connection, now_ns: int) -> int:
@@ -245,6 +326,18 @@ async def run_schedule(cfg: Config, store: Store, wake: asyncio.Event | None = N
         soonest = 3600.0
         for rc in cfg.reports:
             try:
+                if rc.period != "since_last":
+                    # A calendar report follows the wall clock: its periods are UTC days
+                    # or months, and it knows from the store which ones it exported.
+                    at_ns = await asyncio.wrap_future(store.call(periods.due_ns, rc, now))
+                    wait = (at_ns - now) / 1e9
+                    if wait <= 0:
+                        await asyncio.wrap_future(store.call(export, cfg, rc, time.time_ns()))
+                        if wake is not None:
+                            wake.set()
+                        wait = 0.0  # a missed period may be next
+                    soonest = min(soonest, wait)
+                    continue
                 last_id, last_ns = await asyncio.wrap_future(store.call(_last_run, rc.name))
                 if rc.at or rc.name not in due or due[rc.name][0] != last_id:
                     wait = (next_run_ns(rc, last_ns, started, now) - now) / 1e9

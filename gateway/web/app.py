@@ -39,7 +39,7 @@ from gateway.delivery import Outcome, Sender, new_webhook_id
 from gateway.errors import GatewayError
 from gateway.ingest import IngestStats, Taker
 from gateway.store import Store
-from gateway.usage import reports
+from gateway.usage import lookup, reports
 from gateway.web import guard, metrics, openapi, status
 from gateway.web.testsend import TEST_ICCID as TEST_ICCID
 from gateway.web.testsend import test_body
@@ -249,6 +249,7 @@ class Web:
                 snap["modem"]["updated"] = status.iso(live.updated_ns)
                 if live.info is not None:
                     snap["modem"]["info"] = live.info.to_dict()
+                    snap["modem"]["signal_quality"] = status.quality_of(snap["modem"]["info"])
         return snap
 
     # -- auth ---------------------------------------------------------------------------
@@ -448,6 +449,23 @@ class Web:
             log.info("web: re-queued %d dead letter(s) of webhook %s", n, webhook)
         return _json({"replayed": n})
 
+    async def get_cdr(self, request: web.Request) -> web.StreamResponse:
+        """One CDR by UniqueID with its delivery state per CDR webhook."""
+        uid = request.match_info["unique_id"]
+        found = await self.reader.run(lookup.find, list(self.hooks.values()), uid)
+        if found is None:
+            return _error(404, f"no CDR with UniqueID {uid[:64]!r}")
+        return _json(found)
+
+    async def list_cdrs(self, request: web.Request) -> web.StreamResponse:
+        """CDRs by time and ICCID, oldest first, a page at a time (`after`)."""
+        try:
+            q = lookup.parse_query(request.query)
+        except lookup.BadQuery as exc:
+            return _error(400, str(exc))
+        items, after = await self.reader.run(lookup.search, list(self.hooks.values()), q)
+        return _json({"cdrs": items, "next_after": after})
+
     async def test_webhook(self, request: web.Request) -> web.StreamResponse:
         hook = self.hooks.get(request.match_info["name"])
         if hook is None:
@@ -536,6 +554,8 @@ class Web:
         r.add_get("/api/dead-letters", self.list_dead_letters)
         r.add_post("/api/dead-letters", self.replay_dead_letters)
         r.add_post("/api/webhooks/{name}/test", self.test_webhook)
+        r.add_get("/api/cdrs", self.list_cdrs)
+        r.add_get("/api/cdrs/{unique_id}", self.get_cdr)
         r.add_get(reports.DOWNLOAD_PREFIX + "{token}", self.download)
         return app
 

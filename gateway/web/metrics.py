@@ -152,6 +152,7 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
 
     yield from _webhooks(s["webhooks"])
     yield from _modem(s.get("modem"))
+    yield from _data_budget(s.get("data_budget"))
     c = CounterMetricFamily("gateway_cdrs_emitted", "Usage CDRs built (rows in the cdrs table).")
     c.add_metric([], s["cdrs"]["count"])
     yield c
@@ -214,6 +215,7 @@ def _modem(m: dict[str, Any] | None) -> Iterator[Metric]:
     )
     yield from _gauge("gateway_modem_signal_dbm", "Signal strength (dBm).", info.get("signal_dbm"))
     yield from _gauge("gateway_modem_signal_csq", "AT+CSQ rssi (0-31).", info.get("csq"))
+    yield from _radio(info)
     registered = info.get("registration") in ("home", "roaming")
     yield from _gauge("gateway_modem_registered", "1 while registered.", registered)
     for key, name, doc in (
@@ -226,6 +228,56 @@ def _modem(m: dict[str, Any] | None) -> Iterator[Metric]:
             yield c
     yield from _gauge(
         "gateway_modem_bytes_today", "Bytes (tx + rx) since local midnight.", m.get("bytes_today")
+    )
+
+
+# (modem info key, metric name, help) of the radio levels; no sample while unknown.
+RADIO_GAUGES = (
+    ("rsrp_dbm", "gateway_modem_rsrp_dbm", "LTE reference signal received power (dBm)."),
+    ("rsrq_db", "gateway_modem_rsrq_db", "LTE reference signal received quality (dB)."),
+    ("sinr_db", "gateway_modem_sinr_db", "LTE signal to interference and noise ratio (dB)."),
+    ("rscp_dbm", "gateway_modem_rscp_dbm", "UMTS received signal code power (dBm)."),
+    ("ecno_db", "gateway_modem_ecno_db", "UMTS Ec/No (dB)."),
+)
+
+
+def _radio(info: dict[str, Any]) -> Iterator[Metric]:
+    for key, name, doc in RADIO_GAUGES:
+        value = info.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            yield from _gauge(name, doc, value)
+    tech = info.get("access_technology")
+    if isinstance(tech, str) and tech:
+        yield from _gauge(
+            "gateway_modem_access_technology",
+            "The radio access technology in use (value 1).",
+            1,
+            technology=tech,
+        )
+
+
+def _data_budget(d: dict[str, Any] | None) -> Iterator[Metric]:
+    if not d:
+        return
+    yield from _gauge(
+        "gateway_data_cycle_used_bytes",
+        "Modem bytes (tx + rx) counted in the current billing cycle.",
+        d["used_bytes"],
+    )
+    yield from _gauge(
+        "gateway_data_budget_bytes",
+        "modem.data_budget_mb in bytes (absent: no budget).",
+        d["budget_bytes"],
+    )
+    yield from _gauge(
+        "gateway_data_cycle_start_timestamp_seconds",
+        "Start of the current billing cycle, Unix time.",
+        _timestamp(d["cycle_start"]),
+    )
+    yield from _gauge(
+        "gateway_data_cycle_end_timestamp_seconds",
+        "End of the current billing cycle (start of the next), Unix time.",
+        _timestamp(d["cycle_end"]),
     )
 
 

@@ -80,6 +80,7 @@ _STATUS = {
         "reports",
         "rates",
         "throughput",
+        "data_budget",
     ],
     "properties": {
         "gateway": {
@@ -203,8 +204,39 @@ _STATUS = {
                 "state": {"type": "string"},
                 "updated": {"type": "string"},
                 "last_error": {"type": "string"},
-                "info": {"type": ["object", "null"], "description": "identity and counters"},
+                "info": {
+                    "type": ["object", "null"],
+                    "description": "identity, counters and radio: access_technology (gsm, umts,"
+                    " lte, lte-m, nb-iot, 5g-nr), rsrp_dbm, rsrq_db, sinr_db, rscp_dbm, ecno_db,"
+                    " cell_id, tac, band, earfcn, pci; null when unknown",
+                },
+                "signal_quality": {
+                    "type": ["string", "null"],
+                    "enum": ["excellent", "good", "fair", "poor", None],
+                    "description": "grade from RSRP and SINR (the worse of the two);"
+                    " null without either",
+                },
                 "bytes_today": _NULLABLE_INT,
+            },
+        },
+        "data_budget": {
+            "type": ["object", "null"],
+            "description": "the billing cycle's modem data against modem.data_budget_mb;"
+            " null without [modem]",
+            "required": ["used_bytes", "budget_bytes", "percent", "cycle_start", "cycle_end"],
+            "properties": {
+                "used_bytes": {"type": "integer", "description": "tx + rx in this cycle"},
+                "budget_bytes": {
+                    "type": ["integer", "null"],
+                    "description": "null: no data_budget_mb",
+                },
+                "percent": {
+                    "type": ["number", "null"],
+                    "description": "of the budget, rounded down to 0.1",
+                },
+                "cycle_start": {"type": "string", "description": "ISO 8601 UTC"},
+                "cycle_end": {"type": "string", "description": "the next cycle's start"},
+                "iccid": {"type": "string", "description": "the SIM counted"},
             },
         },
         "cdrs": {
@@ -297,6 +329,52 @@ _DEAD_LETTER = {
 }
 
 
+_CDR_DELIVERY = {
+    "type": "object",
+    "required": ["webhook", "state"],
+    "properties": {
+        "webhook": {"type": "string"},
+        "state": {"type": "string", "enum": ["pending", "delivered", "dead_lettered", "filtered"]},
+        "webhook_id": {"type": "string", "description": "the open batch holding it (pending)"},
+        "attempts": {"type": "integer", "description": "failed attempts so far (pending)"},
+        "dead_letter_id": {"type": "integer", "description": "the dead letter holding it"},
+        "reason": {"type": "string", "description": "why it was dead-lettered"},
+    },
+}
+
+_CDR = {
+    "type": "object",
+    "required": ["id", "unique_id", "ts_ms", "time", "iccid", "usage", "cdr", "delivery"],
+    "properties": {
+        "id": {"type": "integer"},
+        "unique_id": {"type": "string"},
+        "ts_ms": {"type": "integer"},
+        "time": {"type": "string", "description": "the CDR's Timestamp, ISO 8601 UTC"},
+        "iccid": {"type": "string"},
+        "usage": {"type": "integer"},
+        "cdr": {
+            "type": ["object", "null"],
+            "description": "the Monogoto DATA CDR; null when its stored JSON is damaged",
+        },
+        "delivery": {
+            "type": "array",
+            "description": "one entry per webhook with source = 'cdrs'",
+            "items": _CDR_DELIVERY,
+        },
+    },
+}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -319,7 +397,7 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "edge-gateway API",
             "version": __version__,
-            "description": "Status, dead letters and webhook tests of one gateway. With"
+            "description": "Status, dead letters, CDRs and webhook tests of one gateway. With"
             " web.token set, send `Authorization: Bearer <token>` (or the login cookie)."
             " Every POST takes a JSON body (Content-Type: application/json), whatever the"
             " token; a Host header that names another site is answered 421.",
@@ -452,6 +530,79 @@ def document() -> dict[str, Any]:
                         "401": _UNAUTHORIZED,
                         "404": _json(_ERROR, "no such webhook in the configuration"),
                         **_POST_REFUSALS,
+                    },
+                }
+            },
+            "/api/cdrs": {
+                "get": {
+                    "operationId": "listCdrs",
+                    "summary": "CDRs oldest first, a page at a time, with their delivery state",
+                    "parameters": [
+                        _query(
+                            "since",
+                            {
+                                "anyOf": [
+                                    {"type": "integer", "minimum": 0, "maximum": 10**15 - 1},
+                                    {"type": "string", "format": "date"},
+                                ]
+                            },
+                            "Timestamp at or after: epoch ms or an ISO 8601 date (a date-time"
+                            " such as 2026-03-01T12:00:00Z is taken too; UTC unless it says)",
+                        ),
+                        _query(
+                            "iccid",
+                            {"type": "string", "pattern": "^[0-9A-Fa-f]{1,22}$"},
+                            "only this SIM's CDRs",
+                        ),
+                        _query(
+                            "after",
+                            {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                            "the previous page's next_after",
+                        ),
+                        _query(
+                            "limit",
+                            {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "CDRs per page (100 unless given)",
+                        ),
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["cdrs", "next_after"],
+                                "properties": {
+                                    "cdrs": {"type": "array", "items": _CDR},
+                                    "next_after": {
+                                        "type": ["integer", "null"],
+                                        "description": "`after` for the next page; null: none",
+                                    },
+                                },
+                            },
+                            "a page of CDRs",
+                        ),
+                        "400": _json(_ERROR, "bad query parameter"),
+                        "401": _UNAUTHORIZED,
+                        "421": _MISDIRECTED,
+                    },
+                }
+            },
+            "/api/cdrs/{unique_id}": {
+                "get": {
+                    "operationId": "getCdr",
+                    "summary": "One CDR by its UniqueID, with its delivery state per webhook",
+                    "parameters": [
+                        {
+                            "name": "unique_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(_CDR, "the CDR"),
+                        "401": _UNAUTHORIZED,
+                        "404": _json(_ERROR, "no CDR with that UniqueID"),
+                        "421": _MISDIRECTED,
                     },
                 }
             },

@@ -13,6 +13,8 @@ import orjson
 
 from gateway import store as store_mod
 from gateway.config import Config
+from gateway.modem.radio import signal_quality
+from gateway.usage import budget
 
 # Less than this is a full disk: SQLite cannot add a page to its WAL.
 FULL_BELOW_BYTES = 256 * 1024
@@ -154,16 +156,25 @@ def bytes_since(conn: sqlite3.Connection, since_ns: int) -> int | None:
     return total
 
 
+def quality_of(info: Any) -> str | None:
+    """The plain-words signal grade of a modem reading (None when it has no RSRP/SINR)."""
+    if not isinstance(info, dict):
+        return None
+    return signal_quality(info.get("rsrp_dbm"), info.get("sinr_db"))
+
+
 def modem_rows(conn: sqlite3.Connection, cfg: Config | None, now_ns: int) -> dict[str, Any]:
     """The newest modem snapshot and today's bytes (local day of the gateway host)."""
     row = conn.execute(
         "SELECT ts_ns, state, data FROM modem_snapshots ORDER BY id DESC LIMIT 1"
     ).fetchone()
+    info = orjson.loads(row[2]) if row else None
     return {
         "configured": cfg.modem is not None if cfg else row is not None,
         "state": row[1] if row else "",
         "updated": iso(row[0]) if row else "",
-        "info": orjson.loads(row[2]) if row else None,
+        "info": info,
+        "signal_quality": quality_of(info),
         "bytes_today": bytes_since(conn, local_midnight_ns(now_ns)),
     }
 
@@ -220,6 +231,15 @@ def report_rows(
             (limit,),
         )
     ]
+
+
+def data_budget(
+    conn: sqlite3.Connection, cfg: Config | None, now_ns: int, tables: set[str]
+) -> dict[str, Any] | None:
+    """The billing cycle's data use against modem.data_budget_mb; None without [modem]."""
+    if cfg is None or cfg.modem is None or not {"cdrs", "cdr_state"} <= tables:
+        return None
+    return budget.cycle_snapshot(conn, cfg.modem, now_ns)
 
 
 def storage(conn: sqlite3.Connection, state_dir: Path, min_free_bytes: int) -> dict[str, Any]:
@@ -305,6 +325,7 @@ def snapshot(
         },
         "events": c["events_recorded"],
         "reports": report_rows(conn, now_ns) if "reports" in tables else [],
+        "data_budget": data_budget(conn, cfg, now_ns, tables),
     }
     if cfg is not None:
         reserve = int(cfg.gateway.min_free_mb * 1024 * 1024)

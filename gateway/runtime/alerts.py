@@ -311,23 +311,36 @@ async def run(alerts: Alerts, store: Store, taker: Taker, reader: st.Reader) -> 
         log.warning("cannot read the pipeline alert state: %s", exc)
     next_lag = 0.0
     while True:
-        alerts.on_ingest(taker)
-        watched = alerts.lag_watched()
-        if watched and time.monotonic() >= next_lag:
-            next_lag = time.monotonic() + LAG_CHECK_S
-            try:
-                lags, backlogs = await reader.run(_lags, watched, time.time_ns())
-            except (sqlite3.Error, GatewayError) as exc:
-                log.warning("cannot read the delivery lag: %s", exc)
-            else:
-                alerts.on_lags(lags, backlogs)
-        for kind, data in alerts.poll():
-            log.warning("%s: %s", kind, orjson.dumps(data).decode())
-            await _record(store, kind, data)
-        state = alerts.changed_state()
-        if state is not None:
-            await _record_state(store, state)
+        try:
+            next_lag = await _tick(alerts, store, taker, reader, next_lag)
+        except Exception:
+            # A fault of the gateway's own: it must not stop ingest or delivery.
+            log.exception("pipeline events: looking at the pipeline failed; trying again")
+            await asyncio.sleep(5.0)
         await asyncio.sleep(TICK_S)
+
+
+async def _tick(
+    alerts: Alerts, store: Store, taker: Taker, reader: st.Reader, next_lag: float
+) -> float:
+    """One look at the ingest and the webhooks; returns when to read the lag next."""
+    alerts.on_ingest(taker)
+    watched = alerts.lag_watched()
+    if watched and time.monotonic() >= next_lag:
+        next_lag = time.monotonic() + LAG_CHECK_S
+        try:
+            lags, backlogs = await reader.run(_lags, watched, time.time_ns())
+        except (sqlite3.Error, GatewayError) as exc:
+            log.warning("cannot read the delivery lag: %s", exc)
+        else:
+            alerts.on_lags(lags, backlogs)
+    for kind, data in alerts.poll():
+        log.warning("%s: %s", kind, orjson.dumps(data).decode())
+        await _record(store, kind, data)
+    state = alerts.changed_state()
+    if state is not None:
+        await _record_state(store, state)
+    return next_lag
 
 
 def _lags(

@@ -169,5 +169,8 @@ async def run(
             await asyncio.wrap_future(store.call(st.add_heartbeat, data))
         except (sqlite3.Error, GatewayError, OSError) as exc:
             log.warning("cannot record a heartbeat: %s", exc)
+        except Exception:
+            # A fault of the gateway's own: it must not stop ingest or delivery.
+            log.exception("cannot build a heartbeat")
         due += interval
         await asyncio.sleep(max(0.0, due - time.monotonic()))

@@ -75,7 +75,10 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         )
 
         def on_result(name: str, outcome: delivery.Outcome) -> None:
-            alerts.on_result(name, outcome)
+            try:
+                alerts.on_result(name, outcome)
+            except Exception:  # counting must never cost a batch its delivery
+                log.exception("pipeline events: counting a request's result failed")
             if site is not None:
                 site.on_result(name, outcome)
 

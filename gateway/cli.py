@@ -289,10 +289,22 @@ def _print_status(snap: dict[str, Any]) -> None:
     b = snap["buffer"]
     if b.get("max_bytes"):
         print(
-            f"buffer   {(b['bytes'] + b['dead_letter_bytes']) / 1e6:.1f} MB of"
-            f" {b['max_bytes'] / 1e6:.0f} MB ({b['dead_letter_bytes'] / 1e6:.1f} MB dead letters)"
+            f"buffer   {(b['bytes'] + b['dead_letter_bytes'] + b['retained_bytes']) / 1e6:.1f}"
+            f" MB of {b['max_bytes'] / 1e6:.0f} MB ({b['dead_letter_bytes'] / 1e6:.1f} MB dead"
+            f" letters, {b['retained_bytes'] / 1e6:.1f} MB CDRs, events, snapshots, reports)"
         )
     print(f"dead     {snap['dead_letters']} letter(s), {snap['dead_letters_evicted']} evicted")
+    tables = snap.get("tables")
+    if tables:
+        pruned = snap.get("retention", {}).get("pruned", {})
+        print(
+            "tables   "
+            + "  ".join(
+                f"{name}={t['rows']} ({t['bytes'] / 1e6:.1f} MB"
+                + (f", {pruned[name]} pruned)" if pruned.get(name) else ")")
+                for name, t in tables.items()
+            )
+        )
     disk = snap.get("storage")
     if disk:
         free = f"{disk['free_bytes'] / 1e6:.1f} MB free" if "free_bytes" in disk else "?"

@@ -22,7 +22,7 @@ from gateway.errors import ConfigError
 from gateway.store import Incoming, Store, dead_letters, transaction
 from gateway.store.db import PAGE_SIZE
 from gateway.store.dead_letters import DEAD_LETTER_BYTES
-from gateway.store.schema import MIGRATIONS
+from gateway.store.schema import MIGRATIONS, SCHEMA_VERSION
 from tests.conftest import Broker, db_rows, gateway_cmd, publish, wait_for, write_config
 
 ICCID = "8981100000000000012"
@@ -362,8 +362,10 @@ def test_a_schema_10_store_keeps_its_dead_letters_and_rewrites_none_of_their_pag
 
     with Store.open(tmp_path) as store:
         wal = db.with_name("gateway.db-wal").stat().st_size
-        assert store.run_sync(lambda c: st.get_meta(c, "schema_version")) == "11"
-        assert (wal - 32) // (24 + PAGE_SIZE) < 20, f"{wal} bytes of WAL"
+        assert store.run_sync(lambda c: st.get_meta(c, "schema_version")) == str(SCHEMA_VERSION)
+        # Schema 12's table and triggers are in it too: still far below the 400 pages
+        # the dead letters take.
+        assert (wal - 32) // (24 + PAGE_SIZE) < 40, f"{wal} bytes of WAL"
         assert store.dead_letter_bytes == expected > 200 * 2000
         listed = store.run_sync(st.list_dead_letters, None, 1000)
         assert len(listed) == 201

@@ -18,9 +18,9 @@ from gateway.config.secrets import is_secret_name, is_secret_value, url_secrets
 
 
 def warnings(cfg: Config) -> list[str]:
-    """Every warning for `cfg`, transport first, then report links, then the config
-    file's mode."""
-    out = transport_warnings(cfg)
+    """Every warning for `cfg`, transport first, then private keys, then report links,
+    then the config file's mode."""
+    out = transport_warnings(cfg) + key_warnings(cfg)
     out += report_link_warnings(cfg)
     if cfg.path is not None:
         note = file_warning(cfg.path)
@@ -122,6 +122,25 @@ def report_link_warnings(cfg: Config) -> list[str]:
         " NAT a cellular gateway usually sits behind (set delivery = 'push', or a"
         " public_url the receiver can reach)"
     ]
+
+
+def key_warnings(cfg: Config) -> list[str]:
+    """Private key files (mqtt.key_file, web.tls_key) that every user can read, with the
+    chmod that fixes each."""
+    out = []
+    for key, value in (("mqtt.key_file", cfg.mqtt.key_file), ("web.tls_key", cfg.web.tls_key)):
+        if not value:
+            continue
+        try:
+            mode = stat.S_IMODE(Path(value).stat().st_mode)
+        except OSError:
+            continue
+        if mode & stat.S_IROTH:
+            out.append(
+                f"{key}: {value} is a private key every user can read (mode {mode:04o}):"
+                f" run chmod 0600 {shlex.quote(value)}"
+            )
+    return out
 
 
 def _credentials(w: WebhookConfig) -> str:

@@ -349,6 +349,7 @@ def parse(
         min_free_mb=float_value(0, None),
         dead_letter_max_mb=float_value(0, None, above=True),
         dead_letter_max_age=duration_or_off,
+        retention_days=float_value(1, 3650),
         heartbeat_s=_heartbeat,
         flap_interval_s=_flap_interval,
     )

@@ -54,6 +54,9 @@ class GatewaySection:
     # out, the size limit is 64 MB, or a quarter of a max_buffer_mb not above that.
     dead_letter_max_mb: float = 64.0
     dead_letter_max_age: float = 30 * 86400.0  # seconds; 0: no age limit
+    # CDRs, events, modem snapshots and reports older than this are deleted, unless a
+    # webhook or report has not taken them yet (see store.retention).
+    retention_days: float = 35.0
     # Seconds between gateway_heartbeat events; 0: none (see runtime.heartbeat).
     heartbeat_s: float = 0.0
     # At most one event of each kind of a pair (broker_disconnected/_connected,

@@ -41,6 +41,8 @@ async def run(
         for w in webhooks
     ]
     store.set_packet_routes(r.cfg.name for r in routes if r.cfg.source == "packets")
+    for source in ("cdrs", "events"):
+        store.set_consumers(source, (r.cfg.name for r in routes if r.cfg.source == source))
     orphans = await asyncio.wrap_future(store.call(st.orphan_batches, [r.cfg.name for r in routes]))
     for name, batches, records in orphans:
         log.warning(

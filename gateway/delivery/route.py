@@ -485,6 +485,9 @@ class Route:
             attempts += 1
             if self.on_result is not None:
                 self.on_result(self.cfg.name, outcome)
+            if outcome.redirects:
+                # Joins the next commit: a count lost in a crash costs nothing else.
+                self.store.defer(st.count_redirects, self.cfg.name, outcome.redirects)
             verdict = classify(policy, outcome)
             if verdict == "ok":
                 self.finishing.add(batch.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import email.utils
 import gzip
 import logging
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway import __version__
-from gateway.config import RetryPolicy, WebhookConfig, mask_urls
-from gateway.delivery import formats, multipart, signing
+from gateway.config import RetryPolicy, WebhookConfig, mask_url, mask_urls
+from gateway.delivery import formats, multipart, redirects, signing
 
 log = logging.getLogger("gateway.delivery")
 
@@ -42,6 +43,7 @@ class Outcome:
     excerpt: str = ""
     retry_after_s: float | None = None
     latency_s: float = 0.0
+    redirects: int = 0  # 307/308 hops followed on the way to this answer
 
     @property
     def ok(self) -> bool:
@@ -105,6 +107,8 @@ class Sender:
             self.ssl = ssl.create_default_context(cafile=cfg.ca_file)
         self.timeout = aiohttp.ClientTimeout(total=cfg.retry.timeout_s)
         self.base_headers = self._base_headers()
+        # Left behind when a redirect leads to another origin.
+        self.auth_headers = redirects.auth_header_names(cfg)
 
     def _base_headers(self) -> dict[str, str]:
         h = {"Content-Type": formats.CONTENT_TYPE, "User-Agent": f"edge-gateway/{__version__}"}
@@ -139,41 +143,87 @@ class Sender:
         return h
 
     async def post(self, body: bytes, webhook_id: str) -> Outcome:
-        """One attempt; never raises for network or HTTP errors."""
+        """One attempt, following 307/308 redirects (see redirects); never raises for
+        network or HTTP errors."""
         headers = self.headers(body, webhook_id)
         data = gzip.compress(body, compresslevel=5) if self.cfg.gzip else body
         began = time.monotonic()
+        url = self.cfg.url
+        seen = {url}
+        hops = 0
         try:
-            async with self.session.post(
-                self.cfg.url,
-                data=data,
-                headers=headers,
-                ssl=self.ssl,
-                timeout=self.timeout,
-                allow_redirects=False,
-            ) as resp:
-                raw = await resp.content.read(MAX_RESPONSE_READ)
-                excerpt = raw[:EXCERPT_BYTES].decode("utf-8", "replace")
-                latency = time.monotonic() - began
-                if 200 <= resp.status < 300:
-                    return Outcome(resp.status, "", excerpt, latency_s=latency)
-                return Outcome(
-                    resp.status,
-                    f"HTTP {resp.status}",
-                    excerpt,
-                    parse_retry_after(resp.headers.get("Retry-After")),
-                    latency,
-                )
+            while True:
+                outcome, location = await self._attempt(url, data, headers, began)
+                status = outcome.status
+                if status in redirects.MOVED:
+                    text = redirects.moved_message(status, location)
+                    return dataclasses.replace(outcome, error=text, excerpt=text, redirects=hops)
+                if status not in redirects.FOLLOWED:
+                    return dataclasses.replace(outcome, redirects=hops)
+                hop = redirects.resolve(url, status, location)
+                error = hop.error
+                if not error and hops >= redirects.MAX_REDIRECTS:
+                    error = (
+                        f"more than {redirects.MAX_REDIRECTS} redirects"
+                        f" (the next to {mask_url(hop.url)})"
+                    )
+                elif not error and hop.url in seen:
+                    error = f"redirect loop: HTTP {status} back to {mask_url(hop.url)}"
+                if error:
+                    return dataclasses.replace(
+                        outcome, error=error, excerpt=error, retry_after_s=None, redirects=hops
+                    )
+                if redirects.origin(hop.url) != redirects.origin(url):
+                    # As browsers do: the new origin never sees the old one's credentials.
+                    headers = redirects.without(headers, self.auth_headers)
+                url = hop.url
+                seen.add(url)
+                hops += 1
         except TimeoutError:
             return Outcome(
                 None,
                 f"no response within {self.cfg.retry.timeout_s:g} s",
                 latency_s=time.monotonic() - began,
+                redirects=hops,
             )
         except aiohttp.ClientError as exc:
-            return Outcome(None, _error_text(exc), latency_s=time.monotonic() - began)
+            return Outcome(
+                None, _error_text(exc), latency_s=time.monotonic() - began, redirects=hops
+            )
         except (OSError, ValueError) as exc:
-            return Outcome(None, _error_text(exc), latency_s=time.monotonic() - began)
+            return Outcome(
+                None, _error_text(exc), latency_s=time.monotonic() - began, redirects=hops
+            )
+
+    async def _attempt(
+        self, url: str, data: bytes, headers: dict[str, str], began: float
+    ) -> tuple[Outcome, str | None]:
+        """One POST to `url`: what it came to, and its Location header (redirects)."""
+        async with self.session.post(
+            url,
+            data=data,
+            headers=headers,
+            ssl=self.ssl,
+            timeout=self.timeout,
+            allow_redirects=False,
+        ) as resp:
+            location = resp.headers.get("Location")
+            if resp.status in redirects.FOLLOWED or resp.status in redirects.MOVED:
+                # A redirect's body says nothing the gateway uses.
+                latency = time.monotonic() - began
+                return Outcome(resp.status, f"HTTP {resp.status}", latency_s=latency), location
+            raw = await resp.content.read(MAX_RESPONSE_READ)
+            excerpt = raw[:EXCERPT_BYTES].decode("utf-8", "replace")
+            latency = time.monotonic() - began
+            if 200 <= resp.status < 300:
+                return Outcome(resp.status, "", excerpt, latency_s=latency), location
+            return Outcome(
+                resp.status,
+                f"HTTP {resp.status}",
+                excerpt,
+                parse_retry_after(resp.headers.get("Retry-After")),
+                latency,
+            ), location
 
 
 def _error_text(exc: Exception) -> str:

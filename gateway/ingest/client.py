@@ -173,6 +173,10 @@ def send_pubacks(client: mqtt.Client, mids: list[int]) -> None:
         client.ack(mid, 1)
 
 
+# Reads of a non-blocking socket that found nothing yet: not errors.
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
 class BufferedSocket:
     """The broker connection with a read buffer: paho reads a packet in three or more
     recv() calls (the type byte, each byte of the length, then the rest), each a syscall
@@ -187,18 +191,27 @@ class BufferedSocket:
     network thread ending."""
 
     def __init__(
-        self, sock: Any, size: int = 65536, on_fault: Callable[[Exception], None] | None = None
+        self,
+        sock: Any,
+        size: int = 65536,
+        on_fault: Callable[[Exception], None] | None = None,
+        on_error: Callable[[OSError], None] | None = None,
     ) -> None:
         self._sock = sock
         self._size = size
         self._buf = b""
         self._pos = 0
         self._on_fault = on_fault
+        self._on_error = on_error
 
     def recv(self, n: int) -> bytes:
         try:
             return self._recv(n)
-        except OSError:
+        except OSError as exc:
+            # Told what ended the connection (a TLS alert such as "certificate required"),
+            # which paho reports as an unspecified error; not a read that would block.
+            if self._on_error is not None and not isinstance(exc, _WOULD_BLOCK):
+                self._on_error(exc)
             raise
         except Exception as exc:
             if self._on_fault is not None:
@@ -247,6 +260,9 @@ class _Client(mqtt.Client):
     any arguments, so that a paho whose own calls to them changed still works."""
 
     MAX_PACKETS_PER_READ = 1000  # then paho's loop writes queued PUBACKs before reading on
+    # What last failed on the broker connection's socket ("" since it connected): paho
+    # reports a TLS alert as an unspecified error (see tls_problem).
+    last_socket_error = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -307,10 +323,19 @@ class _Client(mqtt.Client):
         self.buffered_reads = False  # the next connection reads the plain socket
         self._fast_path_failed("buffered reads", exc)
 
+    def _socket_failed(self, exc: OSError) -> None:
+        self.last_socket_error = f"{type(exc).__name__}: {exc}"
+
     def _create_socket(self, *args: Any, **kwargs: Any) -> Any:
-        sock = super()._create_socket(*args, **kwargs)
+        try:
+            sock = super()._create_socket(*args, **kwargs)
+        except OSError as exc:
+            # The TLS handshake happens here: its alerts say why paho could not connect.
+            self._socket_failed(exc)
+            raise
+        self.last_socket_error = ""
         if self.buffered_reads and isinstance(sock, socket.socket):
-            return BufferedSocket(sock, on_fault=self._buffer_failed)
+            return BufferedSocket(sock, on_fault=self._buffer_failed, on_error=self._socket_failed)
         return sock
 
     def loop_forever(self, *args: Any, **kwargs: Any) -> Any:
@@ -387,6 +412,25 @@ class _Client(mqtt.Client):
         return message
 
     _NO_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+
+
+def tls_problem(cfg: MqttSection, error: str) -> str:
+    """What a failed TLS connection asks the operator to do, from the socket's error;
+    "" when it is not about certificates."""
+    low = error.lower()
+    if "certificate required" in low or "certificate_required" in low:
+        if not cfg.cert_file:
+            return (
+                "the broker requires a client certificate: set mqtt.cert_file and"
+                " mqtt.key_file (AWS IoT Core and Azure IoT Hub need one)"
+            )
+        return f"the broker did not get the client certificate mqtt.cert_file ({error})"
+    if "alert" in low and ("certificate" in low or "unknown ca" in low or "unknown_ca" in low):
+        what = f"the client certificate {cfg.cert_file}" if cfg.cert_file else "the connection"
+        return f"the broker refused {what} ({error}): check mqtt.cert_file and the broker's CA"
+    if "certificate verify failed" in low:
+        return f"the broker's certificate is not trusted ({error}): check mqtt.ca_file"
+    return ""
 
 
 def new_client(cfg: MqttSection, client_id: str, *, clean: bool) -> mqtt.Client:

@@ -174,8 +174,18 @@ class Ingest:
             client.unsubscribe(self.stale)
         client.subscribe([(t, self.cfg.qos) for t in self.cfg.subscriptions()])
 
-    def _on_connect_fail(self, _c: mqtt.Client, _u: object) -> None:
+    def _socket_problem(self, client: mqtt.Client) -> str:
+        """Why the connection's socket failed, in the operator's terms ("" unknown)."""
+        error = str(getattr(client, "last_socket_error", ""))
+        if not error:
+            return ""
+        return client_mod.tls_problem(self.cfg, error) or error
+
+    def _on_connect_fail(self, client: mqtt.Client, _u: object) -> None:
         self.stats.last_error = f"cannot connect to {self.cfg.host}:{self.cfg.port}"
+        problem = self._socket_problem(client)
+        if problem:
+            self.stats.last_error += f": {problem}"
         log.warning("%s%s; retrying", self._who, self.stats.last_error)
         self.first_attempt.set()
 
@@ -200,16 +210,19 @@ class Ingest:
         self.unsubscribed.set()
 
     def _on_disconnect(
-        self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None
+        self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None
     ) -> None:
         self.stats.connected = False
         self.stats.subscribed = False
         if not self._stop.is_set():
-            self.stats.last_error = f"disconnected: {rc}"
-            self.stats.last_disconnect_reason = disconnect_reason(_f, rc)
+            problem = self._socket_problem(client)
+            why = f"{rc}: {problem}" if problem else str(rc)
+            self.stats.last_error = f"disconnected: {why}"
+            reason = disconnect_reason(_f, rc)
+            self.stats.last_disconnect_reason = f"{reason}: {problem}" if problem else reason
             self.stats.last_disconnect_ns = time.time_ns()
             self.stats.disconnects += 1
-            log.warning("%sdisconnected from broker: %s", self._who, rc)
+            log.warning("%sdisconnected from broker: %s", self._who, why)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         if not self._accepting:

@@ -14,6 +14,7 @@ bottom up:
 - pacing: when the writer commits (commit delay, broker cap, trickle)
 - buffer: admitting, writing, evicting and releasing packets
 - batches: delivery's bookkeeping (routes, batches, webhook_stats)
+- retention: the side tables' age limit and the bytes they hold
 - schema: the migrations
 - settings: StoreSettings, the store's part of the configuration
 - writer: the Store, its thread and group commit
@@ -22,6 +23,7 @@ bottom up:
 from gateway.store.batches import (
     advance_cursor,
     complete_batch,
+    count_redirects,
     create_batches,
     dead_letter,
     ensure_route,
@@ -52,6 +54,7 @@ from gateway.store.pacing import (
 )
 from gateway.store.packets import fetch_packets, packet_span, packets_by_ids
 from gateway.store.records import REJECT_REASONS, Batch, Incoming, PacketRow, Reject, Replay
+from gateway.store.retention import RETAINED_TABLES, retained_bytes, table_sizes
 from gateway.store.schema import MIGRATION_TIMEOUT_S, migrate
 from gateway.store.settings import StoreSettings
 from gateway.store.writer import Store
@@ -62,6 +65,7 @@ __all__ = [
     "HEARTBEAT",
     "MIGRATION_TIMEOUT_S",
     "REJECT_REASONS",
+    "RETAINED_TABLES",
     "TAKE_PARTS",
     "TRICKLE_PACKETS",
     "Batch",
@@ -81,6 +85,7 @@ __all__ = [
     "commit_delay_slow_ms",
     "complete_batch",
     "connect",
+    "count_redirects",
     "counters",
     "create_batches",
     "dead_letter",
@@ -102,7 +107,9 @@ __all__ = [
     "record_failure",
     "replay_dead_letters",
     "requeue_dead_letters",
+    "retained_bytes",
     "set_disabled",
     "set_meta",
+    "table_sizes",
     "transaction",
 ]

@@ -272,6 +272,11 @@ def dead_letter(
         store.release_packets(conn)
 
 
+def count_redirects(conn: sqlite3.Connection, route: str, hops: int) -> None:
+    """Count redirects (307, 308) followed on the way to a webhook's answers."""
+    conn.execute("UPDATE webhook_stats SET redirects = redirects + ? WHERE name = ?", (hops, route))
+
+
 def set_disabled(conn: sqlite3.Connection, route: str, reason: str) -> None:
     """Mark a webhook disabled (410 Gone) until the gateway restarts, and say so."""
     with transaction(conn):

@@ -52,10 +52,12 @@ class Buffer(Redelivery):
     on_full: str  # "backpressure" or "drop_oldest"
     min_free_bytes: int
     _page_size: int
-    # Payload bytes of the unreleased packets, and the bytes the dead letters hold: both
-    # count toward max_buffer_bytes.
+    # Payload bytes of the unreleased packets, the bytes the dead letters hold, and those
+    # of the retained tables (CDRs, events, modem snapshots, reports; read every
+    # DEAD_LETTER_TEND_S, see retention): all count toward max_buffer_bytes.
     buffer_bytes: int
     dead_letter_bytes: int
+    retained_bytes: int
     # Transactions that wrote, since start (see Store.__init__).
     commits: int
     # Packets taken from the queue but not written (buffer full, disk short, write
@@ -84,7 +86,12 @@ class Buffer(Redelivery):
 
     @property
     def full(self) -> bool:
-        return self.buffer_bytes + self.dead_letter_bytes >= self.max_buffer_bytes
+        return self.used_bytes >= self.max_buffer_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """What counts toward max_buffer_bytes: packets, dead letters, retained tables."""
+        return self.buffer_bytes + self.dead_letter_bytes + self.retained_bytes
 
     def set_packet_routes(self, names: Iterable[str]) -> None:
         """The webhooks that consume packets; a packet is kept until all of them are done."""
@@ -139,7 +146,7 @@ class Buffer(Redelivery):
         """The packets to write now; the rest are held in memory (not acknowledged, so the
         broker keeps them) while the buffer is full or the disk is short of space."""
         incoming_bytes = sum(len(p.payload) for p in packets if not p.too_large)
-        used = self.buffer_bytes + self.dead_letter_bytes
+        used = self.used_bytes
         if used + incoming_bytes > self.max_buffer_bytes and self.on_full == "backpressure":
             # Stop acknowledging: keep them in memory (bounded by the broker's receive
             # maximum) and try again when delivery (or a dead letters' eviction) frees space.
@@ -240,7 +247,7 @@ class Buffer(Redelivery):
                     ),
                 )
             added = sum(r[3] for r in store_rows)
-            used = self.buffer_bytes + self.dead_letter_bytes + added
+            used = self.used_bytes + added
             if self.on_full == "drop_oldest" and used > self.max_buffer_bytes:
                 excess = used - self.max_buffer_bytes
                 evicted = self._evict_oldest(excess, first)
@@ -332,7 +339,7 @@ class Buffer(Redelivery):
 
     def _watch_buffer(self) -> None:
         """Record an event when the buffer passes 80 % full, and when it is below 70 % again."""
-        used = self.buffer_bytes + self.dead_letter_bytes
+        used = self.used_bytes
         level = used / self.max_buffer_bytes if self.max_buffer_bytes else 0.0
         high = level >= 0.8 if not self._buffer_high else level >= 0.7
         if high == self._buffer_high:
@@ -341,15 +348,26 @@ class Buffer(Redelivery):
         data = {
             "bytes": self.buffer_bytes,
             "dead_letter_bytes": self.dead_letter_bytes,
+            "retained_bytes": self.retained_bytes,
             "max_bytes": self.max_buffer_bytes,
         }
         log.warning(
-            "buffer %s: %d of %d bytes (%d in dead letters)",
+            "buffer %s: %d of %d bytes (%d in dead letters, %d in CDRs, events, snapshots"
+            " and reports)",
             "above 80 %" if high else "back below 70 %",
             used,
             self.max_buffer_bytes,
             self.dead_letter_bytes,
+            self.retained_bytes,
         )
+        if high and self.retained_bytes * 2 > self.max_buffer_bytes:
+            # Delivery cannot free these: only retention (or a larger buffer) does.
+            log.error(
+                "CDRs, events, modem snapshots and reports hold %d of the %d bytes of"
+                " gateway.max_buffer_mb: raise max_buffer_mb or lower gateway.retention_days",
+                self.retained_bytes,
+                self.max_buffer_bytes,
+            )
         with contextlib.suppress(sqlite3.Error):
             add_event(self.conn, "buffer_high" if high else "buffer_ok", data)
 

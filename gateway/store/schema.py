@@ -18,12 +18,13 @@ from gateway.store.counting import COUNTED, DEAD_BYTES, RELEASED
 from gateway.store.db import get_meta, set_meta, transaction
 from gateway.store.dead_letters import DEAD_LETTER_BYTES
 from gateway.store.redelivery import LAST_EPOCH
+from gateway.store.retention import RETAINED_TABLES, size_expression
 from gateway.store.tables import PACKET_TABLES
 
 log = logging.getLogger("gateway.store")
 
 # The schema this gateway reads and writes; a store with a higher one is refused.
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 # The longest a migration is expected to take (schema 4 copies the packet table, which
 # with a large backlog on an SD card can outlast the unit's TimeoutStartSec): migrate
@@ -310,6 +311,35 @@ def _migrate_v11(db: sqlite_utils.Database) -> None:
         )
 
 
+def _migrate_v12(db: sqlite_utils.Database) -> None:
+    # The rows and bytes of each table under retention (see retention.size_expression),
+    # counted once here and then kept by triggers, as the dead letters' bytes are: they
+    # count toward max_buffer_mb, and `gateway status` shows them without a scan.
+    db.execute(
+        "CREATE TABLE table_sizes (name TEXT PRIMARY KEY, rows INTEGER NOT NULL,"
+        " bytes INTEGER NOT NULL)"
+    )
+    # The page size is the store's for good (only a VACUUM could change it).
+    page = int(db.execute("PRAGMA page_size").fetchone()[0])
+    for table in RETAINED_TABLES:
+        size = size_expression(table, page)
+        db.execute(
+            "INSERT INTO table_sizes(name, rows, bytes)"
+            f" SELECT ?, COUNT(*), COALESCE(SUM({size.format(table)}), 0) FROM {table}",
+            (table,),
+        )
+        add = f"rows = rows + 1, bytes = bytes + {size.format('NEW')}"
+        remove = f"rows = rows - 1, bytes = bytes - {size.format('OLD')}"
+        change = f"bytes = bytes - {size.format('OLD')} + {size.format('NEW')}"
+        for event, sets in (("INSERT", add), ("DELETE", remove), ("UPDATE", change)):
+            db.execute(
+                f"CREATE TRIGGER {table}_size_{event.lower()} AFTER {event} ON {table}"
+                f" BEGIN UPDATE table_sizes SET {sets} WHERE name = '{table}'; END"
+            )
+    # Redirects (307, 308) followed on the way to a webhook's answers.
+    db.execute("ALTER TABLE webhook_stats ADD COLUMN redirects INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
@@ -322,6 +352,7 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     9: _migrate_v9,
     10: _migrate_v10,
     11: _migrate_v11,
+    12: _migrate_v12,
 }
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.store.pacing import DELAY_ENOUGH_PACKETS, commit_delay_ms, commit_delay_slow_ms
+from gateway.store.retention import RETENTION_CHECK_S
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -28,6 +29,12 @@ class StoreSettings:
     redelivery_window: int = 0  # 0: worked out from the others
     dead_letter_max_bytes: int = 64 << 20
     dead_letter_max_age_s: float = 30 * 86400.0
+    # CDRs, events, modem snapshots and reports older than this go (0: kept for ever);
+    # looked at every retention_check_s (see retention.RETENTION_CHECK_S).
+    retention_s: float = 35 * 86400.0
+    retention_check_s: float = RETENTION_CHECK_S
+    # The configured report names, whose exports keep the CDRs they have not taken.
+    reports: tuple[str, ...] | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> StoreSettings:
@@ -47,4 +54,6 @@ class StoreSettings:
             sessions=cfg.mqtt.ingest_processes,
             dead_letter_max_bytes=int(g.dead_letter_max_mb * 1024 * 1024),
             dead_letter_max_age_s=g.dead_letter_max_age,
+            retention_s=g.retention_days * 86400.0,
+            reports=tuple(r.name for r in cfg.reports),
         )

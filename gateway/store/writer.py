@@ -3,8 +3,9 @@
 Every write goes through one thread (`Store.call`, `Store.submit_packet`), so SQLite never
 sees two writers and the asyncio loop never blocks on disk. Packets are committed before
 the ingest is told to acknowledge them (on_committed). The class is put together from
-its parts: Pacing (when to commit), Buffer (the packets, with Redelivery) and
-DeadLetters (their limits); this module holds the thread, its queue and the commits.
+its parts: Pacing (when to commit), Buffer (the packets, with Redelivery),
+DeadLetters (their limits) and Retention (the side tables' age and size); this
+module holds the thread, its queue and the commits.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gateway.store.db import connect, scalar
 from gateway.store.dead_letters import DeadLetters, dead_letter_bytes
 from gateway.store.pacing import _STOP, MAX_GROUP_CALLS, Pacing, _Call, _Cap, _sort, _urgent
 from gateway.store.records import Incoming
+from gateway.store.retention import Retention, retained_bytes
 from gateway.store.schema import migrate
 from gateway.store.settings import StoreSettings
 
@@ -48,7 +50,7 @@ def _hand_out(results: list[tuple[_Call, Any, BaseException | None]]) -> None:
             c.future.set_exception(error)
 
 
-class Store(Pacing, Buffer, DeadLetters):
+class Store(Pacing, Buffer, DeadLetters, Retention):
     """The gateway's one SQLite database, written by one thread."""
 
     def __init__(
@@ -97,6 +99,13 @@ class Store(Pacing, Buffer, DeadLetters):
         self.dead_letter_max_age_s = s.dead_letter_max_age_s
         self.dead_letter_bytes = dead_letter_bytes(self.conn)
         self._tend_at = 0.0
+        # CDRs, events, modem snapshots and reports count toward max_buffer_bytes too, and
+        # go after retention_s (see retention); looked at in the dead letters' turns.
+        self.retained_bytes = retained_bytes(self.conn)
+        self.retention_s = s.retention_s
+        self.retention_check_s = s.retention_check_s
+        self._retention_at = 0.0
+        self._consumers = {} if s.reports is None else {"reports": s.reports}
         # Why packets are not being acknowledged right now ("" when they are): a failed
         # write (disk full, read-only file system), or the disk reserve reached.
         self.write_error = ""
@@ -258,10 +267,13 @@ class Store(Pacing, Buffer, DeadLetters):
             else:
                 self._run_calls(calls)
                 # Delivery's completions free the buffer without a packet commit: a
-                # buffer back below 70 % says so then, not at the next packet.
-                self._watch_buffer()
+                # buffer back below 70 % says so then, not at the next packet. (Only
+                # that way: a buffer filling up is seen at the packet commits.)
+                if self._buffer_high:
+                    self._watch_buffer()
             if time.monotonic() >= self._tend_at and not stop:
                 self._tend_dead_letters()
+                self._tend_retention()
             if stop:
                 # Drain anything that raced with close so no caller waits forever.
                 while True:

@@ -37,6 +37,7 @@ WEBHOOK_FIGURES = (
     ("hits", "gateway_webhook_hits", "counter", "Records matched by the webhook's route."),
     ("delivered", "gateway_webhook_delivered", "counter", "Records accepted by the receiver."),
     ("retried", "gateway_webhook_retried", "counter", "Failed requests scheduled for a retry."),
+    ("redirects", "gateway_webhook_redirects", "counter", "307/308 redirects followed."),
     ("queue_depth", "gateway_webhook_queue_depth", "gauge", "Records waiting or in flight."),
     ("in_flight", "gateway_webhook_in_flight", "gauge", "Records in open batches."),
     (
@@ -124,6 +125,7 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
         "Bytes dead letters hold; they count toward gateway.max_buffer_mb.",
         s["buffer"]["dead_letter_bytes"],
     )
+    yield from _tables(s)
     c = CounterMetricFamily(
         "gateway_dead_letters_evicted",
         "Oldest dead letters deleted past gateway.dead_letter_max_mb or dead_letter_max_age.",
@@ -156,6 +158,33 @@ def families(s: dict[str, Any]) -> Iterator[Metric]:
     c = CounterMetricFamily("gateway_cdrs_emitted", "Usage CDRs built (rows in the cdrs table).")
     c.add_metric([], s["cdrs"]["count"])
     yield c
+
+
+def _tables(s: dict[str, Any]) -> Iterator[Metric]:
+    """Each table that counts toward max_buffer_mb, and what retention deleted."""
+    yield from _gauge(
+        "gateway_retained_bytes",
+        "Bytes CDRs, events, modem snapshots and reports hold; they count toward"
+        " gateway.max_buffer_mb.",
+        s["buffer"]["retained_bytes"],
+    )
+    rows = GaugeMetricFamily("gateway_table_rows", "Rows of a stored table.", labels=["table"])
+    size = GaugeMetricFamily(
+        "gateway_table_bytes", "Bytes a table counts toward max_buffer_mb.", labels=["table"]
+    )
+    for name, t in s["tables"].items():
+        rows.add_metric([name], t["rows"])
+        size.add_metric([name], t["bytes"])
+    yield rows
+    yield size
+    pruned = CounterMetricFamily(
+        "gateway_retention_pruned",
+        "Rows deleted past gateway.retention_days, by table.",
+        labels=["table"],
+    )
+    for name, n in s["retention"]["pruned"].items():
+        pruned.add_metric([name], n)
+    yield pruned
 
 
 def _webhooks(rows: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -35,6 +35,7 @@ _WEBHOOK_ROW = {
         "last_error",
         "disabled",
         "disabled_reason",
+        "redirects",
         "oldest_pending_s",
     ],
     "properties": {
@@ -56,6 +57,7 @@ _WEBHOOK_ROW = {
         "last_error": {"type": "string", "description": "HTTP status and response excerpt"},
         "disabled": {"type": "boolean"},
         "disabled_reason": {"type": "string"},
+        "redirects": {"type": "integer", "description": "307/308 redirects followed"},
         "oldest_pending_s": {
             "type": "number",
             "minimum": 0,
@@ -63,6 +65,12 @@ _WEBHOOK_ROW = {
             " 0 when nothing is pending",
         },
     },
+}
+
+_TABLE_SIZE = {
+    "type": "object",
+    "required": ["rows", "bytes"],
+    "properties": {"rows": {"type": "integer"}, "bytes": {"type": "integer"}},
 }
 
 _STATUS = {
@@ -174,13 +182,43 @@ _STATUS = {
         },
         "buffer": {
             "type": "object",
-            "required": ["bytes", "max_bytes", "dead_letter_bytes"],
+            "required": ["bytes", "max_bytes", "dead_letter_bytes", "retained_bytes"],
             "properties": {
                 "bytes": {"type": "integer"},
                 "max_bytes": _NULLABLE_INT,
                 "dead_letter_bytes": {
                     "type": "integer",
                     "description": "what dead letters hold; part of max_bytes",
+                },
+                "retained_bytes": {
+                    "type": "integer",
+                    "description": "what CDRs, events, modem snapshots and reports hold;"
+                    " part of max_bytes",
+                },
+            },
+        },
+        "tables": {
+            "type": "object",
+            "description": "rows and bytes of each table that counts toward max_bytes",
+            "required": [
+                "packets",
+                "dead_letters",
+                "cdrs",
+                "events",
+                "modem_snapshots",
+                "reports",
+            ],
+            "additionalProperties": _TABLE_SIZE,
+        },
+        "retention": {
+            "type": "object",
+            "required": ["days", "pruned"],
+            "properties": {
+                "days": {"type": ["number", "null"], "description": "gateway.retention_days"},
+                "pruned": {
+                    "type": "object",
+                    "description": "rows deleted past retention_days, by table",
+                    "additionalProperties": {"type": "integer"},
                 },
             },
         },

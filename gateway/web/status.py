@@ -31,12 +31,15 @@ def iso(ns: int | None) -> str:
 
 def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str, Any]]:
     """Per-webhook stats: hits, requests, delivered, last hit/success/error, queue, dead."""
+    # A store `gateway status` reads before the gateway migrated it has no redirects.
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(webhook_stats)")}
+    redirects = "redirects" if "redirects" in cols else "0"
     stats = {
         r[0]: r
         for r in conn.execute(
             "SELECT name, hits, requests_ok, requests_failed, retried, delivered, dead,"
             " last_hit_ns, last_success_ns, last_error_ns, last_error_status, last_error, disabled,"
-            " disabled_reason FROM webhook_stats"
+            f" disabled_reason, {redirects} FROM webhook_stats"
         )
     }
     names = [w.name for w in cfg.webhooks] if cfg else sorted(stats)
@@ -83,6 +86,7 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
                 "last_error": (s[11] or "") if s else "",
                 "disabled": bool(s[12]) if s else False,
                 "disabled_reason": (s[13] or "") if s else "",
+                "redirects": int(s[14]) if s else 0,
             }
         )
     return rows
@@ -242,6 +246,31 @@ def data_budget(
     return budget.cycle_snapshot(conn, cfg.modem, now_ns)
 
 
+def table_rows(
+    conn: sqlite3.Connection, pending: int, buffered: int, dead: int
+) -> dict[str, dict[str, int]]:
+    """Rows and bytes of each table that counts toward max_buffer_mb: packets not yet
+    released (payload bytes), dead letters and the retained tables (as counted, see
+    store.retention)."""
+    out = {
+        "packets": {"rows": pending, "bytes": buffered},
+        "dead_letters": {"rows": dead, "bytes": store_mod.dead_letter_bytes(conn)},
+    }
+    sizes = store_mod.table_sizes(conn)
+    for t in store_mod.RETAINED_TABLES:
+        rows, size = sizes.get(t, (0, 0))
+        out[t] = {"rows": rows, "bytes": size}
+    return out
+
+
+def retention(c: dict[str, int], cfg: Config | None) -> dict[str, Any]:
+    """gateway.retention_days and the rows it deleted, per table, since the store began."""
+    return {
+        "days": cfg.gateway.retention_days if cfg else None,
+        "pruned": {t: c.get(f"retention_pruned_{t}", 0) for t in store_mod.RETAINED_TABLES},
+    }
+
+
 def storage(conn: sqlite3.Connection, state_dir: Path, min_free_bytes: int) -> dict[str, Any]:
     """The store's file system as the gateway sees it, and the last failed-write period.
 
@@ -289,6 +318,7 @@ def snapshot(
         "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM packets"
     ).fetchone()
     dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+    tables_out = table_rows(conn, int(pending), int(buffered), int(dead))
     out: dict[str, Any] = {
         "packets": {
             "received": c["packets_received"],
@@ -304,6 +334,8 @@ def snapshot(
             "bytes": int(buffered),
             # Dead letters count toward max_bytes as well as the packets' bytes.
             "dead_letter_bytes": store_mod.dead_letter_bytes(conn),
+            # ... and so do CDRs, events, modem snapshots and reports (see `tables`).
+            "retained_bytes": sum(tables_out[t]["bytes"] for t in store_mod.RETAINED_TABLES),
             "max_bytes": int(cfg.gateway.max_buffer_mb * 1024 * 1024) if cfg else None,
         },
         "dead_letters": int(dead),
@@ -326,6 +358,8 @@ def snapshot(
         "events": c["events_recorded"],
         "reports": report_rows(conn, now_ns) if "reports" in tables else [],
         "data_budget": data_budget(conn, cfg, now_ns, tables),
+        "tables": tables_out,
+        "retention": retention(c, cfg),
     }
     if cfg is not None:
         reserve = int(cfg.gateway.min_free_mb * 1024 * 1024)

@@ -1,4 +1,4 @@
-"""python -m firmware_sim {fleet,sink,modem,broker} …"""
+"""python -m firmware_sim {fleet,sink,modem,modem-control,broker} …"""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ COMMANDS = {
     "fleet": "firmware_sim.devices",
     "sink": "firmware_sim.sink",
     "modem": "firmware_sim.modem",
+    "modem-control": "firmware_sim.control",
     "broker": "firmware_sim.broker",
 }
 

@@ -20,29 +20,32 @@ Fault switches (``--fault NAME``, repeatable, or at runtime):
     silence     input is read and ignored; nothing is sent
     garbage     bursts of garbage bytes between and inside answers and at random moments
     disconnect  the port goes away (pty closed, TCP listener closed); off plugs it back in
-Actions: reset_counters (counters to 0), reboot (counters to 0, echo on, boot URCs).
+    unregistered, unregistered_until_reset, hung, unresponsive: cleared by a radio cycle,
+                a reset or a power cycle as firmware_sim.modem_power describes
+Actions: reset_counters (counters to 0), reboot (counters to 0, echo on, boot URCs, at once
+and without dropping the port), power_cycle (the port goes away for --reboot-s, as after
+AT+CFUN=1,1; see firmware_sim.modem_power).
 
 Runtime control of the subprocess form: ``--control HOST:PORT`` listens for text commands,
 one per line, each answered with ``ok``, ``error: …`` or (``state``) a JSON line:
-    fault NAME on|off · reset_counters · reboot · traffic TX RX · swap_sim ICCID [IMSI]
-    registration home|roaming|searching|denied|not_registered · csq N · state
+    fault NAME on|off · reset_counters · reboot · power_cycle · traffic TX RX
+    swap_sim ICCID [IMSI] · registration home|roaming|searching|denied|not_registered
+    csq N · state
     radio rat gsm|umts|lte|lte-m|nb-iot|5g-nr · radio rsrp|rsrq|sinr|rscp|ecno N (pins it)
     radio cell_id|tac HEX · radio band|earfcn|pci N · radio on|off (answer radio commands)
+From a shell: ``python -m firmware_sim modem-control HOST:PORT COMMAND …``.
 In-process (tests): ``ModemEmulator(...).start_pty()`` / ``.start_tcp()`` and the methods of
 the same names.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import random
 import select
-import signal
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -53,10 +56,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from firmware_sim.modem_power import POWER_FAULTS, Power
 from firmware_sim.radio import RadioSim
 
 VENDORS = ("generic", "quectel", "ublox", "simcom", "telit", "huawei")
-FAULTS = ("no_sim", "sim_busy", "slow", "silence", "garbage", "disconnect")
+FAULTS = ("no_sim", "sim_busy", "slow", "silence", "garbage", "disconnect", *POWER_FAULTS)
 REG_STATES = {
     "not_registered": 0,
     "home": 1,
@@ -126,6 +130,7 @@ class ModemEmulator:
         slow_s: float = 2.0,
         link: Path | str | None = None,
         faults: tuple[str, ...] = (),
+        reboot_s: float = 0.5,
     ) -> None:
         if vendor not in SPECS:
             raise ValueError(f"unknown vendor {vendor!r}; choose from {', '.join(VENDORS)}")
@@ -151,6 +156,9 @@ class ModemEmulator:
         self._lock = threading.RLock()
         self._tx = float(counter_start)
         self._rx = float(counter_start)
+        # Bytes counted since start, across counter resets: what a carrier would bill.
+        self.counted = 0.0
+        self.power = Power(self, reboot_s)
         self._accrued_at = time.monotonic()
         self._session_start = time.monotonic()
         self._out: list[tuple[float, bytes]] = []
@@ -238,6 +246,10 @@ class ModemEmulator:
         for name in list(self.faults):
             self.set_fault(name, False)
 
+    def power_cycle(self) -> None:
+        """Power off and on: the port goes away for reboot_s, then the modem boots."""
+        self._in_thread(self.power.power_cycle)
+
     def reset_counters(self) -> None:
         """Byte counters back to zero, as after a modem reboot."""
         with self._lock:
@@ -263,6 +275,7 @@ class ModemEmulator:
             self._accrue()
             self._tx += tx
             self._rx += rx
+            self.counted += tx + rx
 
     def counters(self) -> tuple[int, int]:
         """The current (tx, rx) byte counters."""
@@ -305,6 +318,7 @@ class ModemEmulator:
                 "faults": sorted(self.faults),
                 "echo": self.echo,
                 "cmee": self.cmee,
+                **self.power.state(),
                 "tx_bytes": tx,
                 "rx_bytes": rx,
                 "identity": asdict(self.identity),
@@ -324,6 +338,8 @@ class ModemEmulator:
                 self.reset_counters()
             elif cmd == "reboot" and not args:
                 self.reboot()
+            elif cmd == "power_cycle" and not args:
+                self.power_cycle()
             elif cmd == "traffic" and len(args) == 2:
                 self.add_traffic(int(args[0]), int(args[1]))
             elif cmd == "swap_sim" and len(args) in (1, 2):
@@ -376,6 +392,10 @@ class ModemEmulator:
                     self._plug()
             elif name == "no_sim":
                 self._emit(b"\r\n+CPIN: NOT INSERTED\r\n" if on else b"\r\n+CPIN: READY\r\n")
+            elif name.startswith("unregistered"):
+                stat = self._stat()
+                cereg = self.radio.cereg_urc(stat, self._registered())
+                self._emit(f"\r\n+CREG: {stat}\r\n\r\n{cereg}\r\n".encode())
 
     # -- transport (serving thread) -------------------------------------------------------
 
@@ -456,6 +476,9 @@ class ModemEmulator:
                     wait = min(wait, max(0.0, self._out[0][0] - now))
                 if self.urcs_enabled:
                     wait = min(wait, max(0.0, self._next_urc - now))
+                due = self.power.next_due()
+                if due is not None:
+                    wait = min(wait, max(0.0, due - now))
             rlist = [self._wake_r]
             for fd in (self._master, self._listener, self._client):
                 if fd is not None:
@@ -507,7 +530,7 @@ class ModemEmulator:
 
     def _received(self, data: bytes) -> None:
         with self._lock:
-            if "silence" in self.faults:
+            if "silence" in self.faults or not self.power.hears():
                 return
             if self.echo:
                 self._emit(data)
@@ -521,11 +544,15 @@ class ModemEmulator:
                 raw = bytes(self._inbuf[:i])
                 del self._inbuf[: i + 1]
                 line = raw.decode("latin-1").replace("\n", "").strip()
-                if line.upper().startswith("AT"):
+                if not line.upper().startswith("AT"):
+                    continue
+                if self.power.mute():
+                    self.power.heard_while_hung(line)
+                else:
                     self._command(line)
 
     def _emit(self, data: bytes, delay: float = 0.0) -> None:
-        if "silence" in self.faults:
+        if "silence" in self.faults or self.power.mute():
             return
         due = time.monotonic() + delay
         if self._out:
@@ -535,7 +562,8 @@ class ModemEmulator:
     def _tick(self, now: float) -> None:
         while self._out and self._out[0][0] <= now:
             self._send(self._out.pop(0)[1])
-        if "silence" in self.faults:
+        self.power.tick(now)
+        if "silence" in self.faults or self.power.mute():
             return
         if self.urcs_enabled and now >= self._next_urc:
             self._next_urc = now + self._urc_gap()
@@ -585,12 +613,13 @@ class ModemEmulator:
         return None
 
     def _registered(self) -> bool:
-        return self._sim_error() != 10 and self.identity.registration in ("home", "roaming")
+        return self._stat() in (REG_STATES["home"], REG_STATES["roaming"])
 
     def _stat(self) -> int:
         if self._sim_error() == 10:
             return 0
-        return REG_STATES[self.identity.registration]
+        forced = self.power.stat()
+        return forced if forced is not None else REG_STATES[self.identity.registration]
 
     def _accrue(self) -> None:
         now = time.monotonic()
@@ -599,6 +628,7 @@ class ModemEmulator:
         if self._registered():
             self._tx += self.tx_rate * dt
             self._rx += self.rx_rate * dt
+            self.counted += (self.tx_rate + self.rx_rate) * dt
 
     def _cme(self, code: int) -> str:
         if self.cmee == 0:
@@ -687,8 +717,9 @@ class ModemEmulator:
             return [ident.imei], "OK"
         if u == "AT+CGSN=1":
             return [f'+CGSN: "{ident.imei}"'], "OK"
-        if u == "AT+CFUN?":
-            return ["+CFUN: 1"], "OK"
+        power = self.power.answer(u)
+        if power is not None:
+            return power
         if u == "AT+CPIN?":
             return ([], self._cme(sim)) if sim else (["+CPIN: READY"], "OK")
         if u == "AT+CIMI":
@@ -776,135 +807,14 @@ class ModemEmulator:
         return None
 
 
-# -- the subprocess form -----------------------------------------------------------------
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host or "127.0.0.1", int(port)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m firmware_sim modem", description="AT-command cellular modem emulator"
-    )
-    p.add_argument("--vendor", choices=VENDORS, default="quectel")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--pty", action="store_true", help="serve on a new pty, print its path")
-    where.add_argument(
-        "--tcp", type=_hostport, metavar="HOST:PORT", help="serve on TCP, print the socket:// URL"
-    )
-    p.add_argument("--link", type=Path, help="keep a symlink here pointing at the pty")
-    p.add_argument(
-        "--control",
-        type=_hostport,
-        metavar="HOST:PORT",
-        help="listen for runtime control commands here",
-    )
-    d = Identity()
-    p.add_argument("--iccid", default=d.iccid)
-    p.add_argument("--imsi", default=d.imsi)
-    p.add_argument("--imei", default=d.imei)
-    p.add_argument("--msisdn", default=d.msisdn, help="empty: AT+CNUM answers no number")
-    p.add_argument("--operator", default=d.operator)
-    p.add_argument("--plmn", default=d.plmn, help="MCC+MNC, e.g. 44010 or 310410")
-    p.add_argument("--apn", default=d.apn)
-    p.add_argument("--csq", type=int, default=d.csq)
-    p.add_argument("--registration", choices=list(REG_STATES), default=d.registration)
-    p.add_argument("--tx-rate", type=float, default=200.0, help="bytes/s sent while registered")
-    p.add_argument("--rx-rate", type=float, default=800.0, help="bytes/s received")
-    p.add_argument("--counter-start", type=int, default=0)
-    p.add_argument("--no-urcs", action="store_true", help="no random URCs")
-    p.add_argument("--urc-interval", type=float, default=1.0, help="mean seconds between URCs")
-    p.add_argument("--seed", type=int, default=None, help="seed for URCs and garbage")
-    p.add_argument("--slow-s", type=float, default=2.0, help="answer delay of the slow fault")
-    p.add_argument("--fault", action="append", default=[], choices=FAULTS)
-    p.add_argument(
-        "--radio",
-        action="append",
-        default=[],
-        metavar="SETTING",
-        help='a radio setting as on the control port, e.g. "rat lte-m" or "rsrp -95"',
-    )
-    return p
-
-
-class _ControlHandler(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        emu: ModemEmulator = self.server.emulator  # type: ignore[attr-defined]
-        for raw in self.rfile:
-            reply = emu.control(raw.decode("utf-8", "replace"))
-            self.wfile.write(reply.encode() + b"\n")
-            self.wfile.flush()
-
-
-class _ControlServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+# -- the subprocess form (firmware_sim.modem_cli) -------------------------------------------
 
 
 def main(argv: list[str]) -> int:
-    """Run the emulator until SIGTERM/SIGINT; the first stdout line is the port to open."""
-    args = _parser().parse_args(argv)
-    ident = Identity(
-        iccid=args.iccid,
-        imsi=args.imsi,
-        imei=args.imei,
-        msisdn=args.msisdn,
-        operator=args.operator,
-        plmn=args.plmn,
-        apn=args.apn,
-        csq=args.csq,
-        registration=args.registration,
-    )
-    emu = ModemEmulator(
-        args.vendor,
-        identity=ident,
-        urcs=not args.no_urcs,
-        seed=args.seed,
-        urc_interval=args.urc_interval,
-        tx_rate=args.tx_rate,
-        rx_rate=args.rx_rate,
-        counter_start=args.counter_start,
-        slow_s=args.slow_s,
-        link=args.link,
-        faults=tuple(args.fault),
-    )
-    for setting in args.radio:
-        reply = emu.control(f"radio {setting}")
-        if reply != "ok":
-            print(f"modem emulator: --radio {setting!r}: {reply}", file=sys.stderr)
-            return 2
-    stop = threading.Event()
+    """``python -m firmware_sim modem …``: see firmware_sim.modem_cli."""
+    from firmware_sim.modem_cli import main as cli_main
 
-    def on_signal(_sig: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    control: _ControlServer | None = None
-    try:
-        url = emu.start_tcp(*args.tcp) if args.tcp else emu.start_pty()
-        if args.control:
-            control = _ControlServer(args.control, _ControlHandler)
-            control.emulator = emu  # type: ignore[attr-defined]
-            threading.Thread(target=control.serve_forever, args=(0.2,), daemon=True).start()
-            host, port = control.socket.getsockname()[:2]
-            print(f"control: {host}:{port}", file=sys.stderr, flush=True)
-        print(url, flush=True)
-        while not stop.wait(0.5):
-            pass
-    except OSError as exc:
-        print(f"modem emulator: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if control is not None:
-            control.shutdown()
-            control.server_close()
-        emu.stop()
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     with_config(ms)
     ms.add_argument("--since", default="1h", help="ISO date/time (UTC), epoch ms, or an age")
     ms.add_argument("--json", action="store_true")
+    mr = msub.add_parser(
+        "reset",
+        help="one recovery step now (counted toward modem.recovery.max_resets_per_hour)",
+    )
+    with_config(mr)
+    mr.add_argument(
+        "--step",
+        choices=["radio_cycle", "reset"],
+        default="reset",
+        help="radio_cycle: AT+CFUN=0 then 1; reset (default): the profile's reset command",
+    )
 
     demo = sub.add_parser("demo", help="run broker, fleet, sink and gateway locally")
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
@@ -329,6 +340,8 @@ def _print_status(snap: dict[str, Any]) -> None:
         radio = summary(i, m.get("signal_quality"))
         if radio:
             print(f"radio    {radio}")
+    if m and m.get("recovery"):
+        print(_recovery_line(m["recovery"]))
     if snap.get("data_budget"):
         print(_data_budget_line(snap["data_budget"]))
     c = snap["cdrs"]
@@ -346,6 +359,27 @@ def _print_status(snap: dict[str, Any]) -> None:
     print()
     for line in _webhook_table(hooks):
         print(line)
+
+
+def _recovery_line(r: dict[str, Any]) -> str:
+    """`gateway status`'s line for the modem recovery ladder."""
+    if r.get("enabled") is False:
+        head = "off"
+    elif r["state"] == "gave_up":
+        head = f"gave up until {status_mod.iso(int(r['resume_at'] * 1e9))}"
+    elif r["state"] == "recovering":
+        head = f"recovering ({r['problem']})"
+    else:
+        head = "idle"
+    last = r.get("last")
+    if last:
+        when = status_mod.iso(int(last.get("at", 0) * 1e9)) or "?"
+        outcome = f", {last['outcome']}" if last.get("outcome") else ""
+        head += f"; last step {last.get('step')} at {when}{outcome}"
+    limit = r.get("max_resets_per_hour")
+    used = f"{r['resets_last_hour']} of {limit}" if limit is not None else r["resets_last_hour"]
+    totals = " ".join(f"{k}={v}" for k, v in r["totals"].items())
+    return f"recovery {head}; resets this hour {used}; total {totals}"
 
 
 def _modem_signal(args: argparse.Namespace) -> int:
@@ -393,6 +427,12 @@ def _cmd(args: argparse.Namespace) -> int:
         return 0
     if args.command == "modem" and args.modem_command == "signal":
         return _modem_signal(args)
+    if args.command == "modem" and args.modem_command == "reset":
+        from gateway.modem import reset
+
+        cfg = _load(args)
+        _require_store_owner(cfg, args)
+        return reset.command(cfg, args.step)
     if args.command == "modem":
         from gateway.modem import info
 

@@ -113,6 +113,31 @@ BAD_CASES = [
         '[mqtt]\nhost = "h"\n[modme]\nport = "/dev/ttyUSB2"\n',
         "modme: unknown key (did you mean 'modem'?)",
     ),
+    (
+        '[mqtt]\nhost = "h"\n[modem]\n[modem.recovery]\nunregistered_s = 0\n',
+        "modem.recovery.unregistered_s: must be greater than 0, got 0",
+    ),
+    (
+        '[mqtt]\nhost = "h"\n[modem]\n[modem.recovery]\nmax_resets_per_hour = 100\n',
+        "modem.recovery.max_resets_per_hour: must be 0-60, got 100",
+    ),
+    (
+        '[mqtt]\nhost = "h"\n[modem]\n[modem.recovery]\nmax_reset_per_hour = 1\n',
+        "modem.recovery.max_reset_per_hour: unknown key (did you mean 'max_resets_per_hour'?)",
+    ),
+    (
+        '[mqtt]\nhost = "h"\n[modem]\nrecovery = true\n',
+        "modem.recovery: must be a table, got True",
+    ),
+    (
+        '[mqtt]\nhost = "h"\n[modem]\n[modem.recovery]\npower_cycle_command = "uhubctl \'-a"\n',
+        "modem.recovery.power_cycle_command: is not a valid command line (No closing quotation)",
+    ),
+    (
+        '[mqtt]\nhost = "h"\n[modem]\n[modem.recovery]\n'
+        'power_cycle_command = "uhubctl -a cycle > /tmp/log"\n',
+        "modem.recovery.power_cycle_command: runs without a shell",
+    ),
 ]
 
 
@@ -338,3 +363,32 @@ def test_random_webhook_tables_never_raise_anything_but_config_error(hooks: list
         config.parse({"mqtt": {"host": "h"}, "webhooks": hooks}, {})
     except ConfigError as exc:
         assert exc.problems
+
+
+def test_modem_recovery_is_on_with_defaults_whenever_modem_is_set() -> None:
+    cfg = config.parse({"mqtt": {"host": "h"}, "modem": {}}, {})
+    assert cfg.modem is not None
+    rec = cfg.modem.recovery
+    assert (rec.enabled, rec.unregistered_s, rec.unresponsive_s, rec.max_resets_per_hour) == (
+        True,
+        300.0,
+        120.0,
+        2,
+    )
+    assert rec.power_cycle_command == ""
+    cfg = config.parse(
+        {
+            "mqtt": {"host": "h"},
+            "modem": {
+                "port": "/dev/gateway-modem",
+                "recovery": {
+                    "enabled": False,
+                    "power_cycle_command": "sh -c 'uhubctl -a cycle > /run/x'",
+                },
+            },
+        },
+        {},
+    )
+    assert cfg.modem is not None
+    assert cfg.modem.port == "/dev/gateway-modem"
+    assert not cfg.modem.recovery.enabled

@@ -253,6 +253,8 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
                 > 0
             )
         )
+        recovery = browser.find_element(By.ID, "modem-recovery").text
+        assert recovery == "idle; 0 of 2 resets this hour"
         cdr_text = browser.find_element(By.ID, "cdrs").text
         assert "CDR-TESTTESTTESTTESTTEST" in cdr_text
         assert "<i>Test Mobile</i>" in cdr_text

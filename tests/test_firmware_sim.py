@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import json
 import os
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -512,3 +514,150 @@ def test_sink_cli_records_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert " POST /x 200 monoz sig=ok " in out
     assert "requests=1 ok=1" in err
     assert json.loads(record.read_text())["signature_ok"] is True
+
+
+# -- the modem's radio, reboots, power cycles and the faults they clear --------------------
+
+
+def _at(url: str, timeout: float = 1.0) -> Any:
+    from gateway.modem.at import AtChannel
+
+    ch = AtChannel.open(url, timeout=timeout)
+    ch.init()
+    return ch
+
+
+def _registration(ch: Any) -> str:
+    return str(ch.command("AT+CEREG?")[0].split(",")[1])
+
+
+def test_emulated_radio_cycle_clears_lost_registration_and_stops_counting_while_off() -> None:
+    from firmware_sim.modem import ModemEmulator
+
+    with ModemEmulator("quectel", urcs=False) as emu:
+        ch = _at(emu.start_tcp())
+        try:
+            emu.set_fault("unregistered")
+            assert _registration(ch) == "2"  # searching, and staying so
+            emu.add_traffic(10, 10)
+            assert _registration(ch) == "2"
+            ch.command("AT+CFUN=0")
+            assert ch.command("AT+CFUN?") == ["+CFUN: 0"]
+            assert _registration(ch) == "0"
+            before = emu.counters()
+            emu.tx_rate = emu.rx_rate = 1e6
+            time.sleep(0.05)
+            assert emu.counters() == before  # radio off: no traffic
+            ch.command("AT+CFUN=1")
+            assert _registration(ch) == "1"
+            assert emu.state()["faults"] == []
+            emu.set_fault("unregistered_until_reset")
+            ch.command("AT+CFUN=0")
+            ch.command("AT+CFUN=1")
+            assert _registration(ch) == "2"  # a radio cycle does not clear this one
+        finally:
+            ch.close()
+
+
+@pytest.mark.parametrize("command", ["AT+CFUN=1,1", "AT#REBOOT"])
+def test_emulated_reset_drops_the_tcp_port_and_boots_with_echo_on_and_zero_counters(
+    command: str,
+) -> None:
+    from firmware_sim.modem import ModemEmulator
+    from gateway.modem.at import PortError
+
+    with ModemEmulator(
+        "telit", urcs=False, counter_start=5000, reboot_s=1.0, faults=("unregistered_until_reset",)
+    ) as emu:
+        url = emu.start_tcp()
+        ch = _at(url)
+        ch.command("AT+CMEE=2")
+        ch.command(command, bare=True)
+        with pytest.raises(PortError):
+            ch.wait_boot(5)  # the port goes away under the open channel
+        state = emu.state()
+        ch.close()
+        assert state["booting"]
+        assert (state["tx_bytes"], state["rx_bytes"], state["reboots"]) == (0, 0, 1)
+        host, port = url.removeprefix("socket://").rsplit(":", 1)
+
+        def back() -> socket.socket | None:
+            try:
+                return socket.create_connection((host, int(port)), timeout=5)
+            except OSError:
+                return None
+
+        # A plain socket: AtChannel.open flushes what is waiting, as a host does.
+        with wait_for(back, 5, "the port to listen again") as raw:  # type: ignore[union-attr]
+            seen = b""
+            while b"RDY" not in seen:
+                chunk = raw.recv(4096)
+                assert chunk, f"closed before RDY: {seen!r}"
+                seen += chunk
+        assert emu.echo
+        assert emu.cmee == 0
+        ch = _at(url)
+        try:
+            assert ch.command("AT+CMEE?") == ["+CMEE: 1"]
+            assert _registration(ch) == "1"  # the reset cleared the fault
+        finally:
+            ch.close()
+
+
+def test_hung_modem_obeys_only_a_reset_and_unresponsive_only_a_power_cycle_from_a_shell(
+    tmp_path: Path,
+) -> None:
+    from firmware_sim.control import ControlServer
+    from firmware_sim.modem import ModemEmulator
+    from gateway.modem.at import AtTimeout
+
+    link = tmp_path / "ttyModem"
+    with ModemEmulator("quectel", urcs=False, link=link, reboot_s=0.2) as emu:
+        emu.start_pty()
+        server = ControlServer(("127.0.0.1", 0), emu)
+        threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()
+        control = f"127.0.0.1:{server.server_address[1]}"
+        try:
+            ch = _at(str(link), timeout=0.3)
+            emu.set_fault("hung")
+            with pytest.raises(AtTimeout):
+                ch.command("AT")  # no answer, no echo
+            with pytest.raises(AtTimeout):
+                ch.command("AT+CFUN=0")
+            assert emu.power.cfun == 1  # nothing but a reset is obeyed
+            with contextlib.suppress(Exception):
+                ch.command("AT+CFUN=1,1", bare=True)
+            ch.close()
+            wait_for(lambda: emu.state()["reboots"] == 1 and link.exists(), 5, "the reboot")
+            wait_for(lambda: not emu.power.booting, 5, "the boot")
+            ch = _at(str(link), timeout=0.3)
+            emu.set_fault("unresponsive")
+            with contextlib.suppress(Exception):
+                ch.command("AT+CFUN=1,1", bare=True)
+            ch.close()
+            assert emu.state()["reboots"] == 1  # not even a reset is heard
+            run = subprocess.run(
+                [sys.executable, "-m", "firmware_sim", "modem-control", control, "power_cycle"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert (run.returncode, run.stdout.strip()) == (0, "ok")
+            assert emu.state()["power_cycles"] == 1
+            wait_for(lambda: not emu.power.booting and link.exists(), 5, "the power cycle")
+            ch = _at(str(link), timeout=0.3)
+            assert _registration(ch) == "1"
+            ch.close()
+            bad = subprocess.run(
+                [sys.executable, "-m", "firmware_sim", "modem-control", control, "explode"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert bad.returncode == 1
+            assert bad.stdout.startswith("error: unknown command")
+        finally:
+            server.shutdown()
+            server.server_close()

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+import shlex
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -51,6 +52,7 @@ from gateway.config.schema import (
     GatewaySection,
     ModemSection,
     MqttSection,
+    RecoverySection,
     ReportConfig,
     RetryPolicy,
     SigningConfig,
@@ -401,10 +403,12 @@ def parse(
 
     modem = None
     if "modem" in raw:
+        modem_raw = dict(r.table("", "modem", raw["modem"]))
+        recovery = _read_recovery(r, modem_raw.pop("recovery", {}))
         modem = r.read(
             ModemSection,
             "modem",
-            r.table("", "modem", raw["modem"]),
+            modem_raw,
             port=nonempty,
             baudrate=int_value(300, 4_000_000),
             profile=choice("auto", "generic", "quectel", "ublox", "simcom", "telit", "huawei"),
@@ -413,6 +417,8 @@ def parse(
             data_budget_mb=_data_budget_mb,
             billing_day=_billing_day,
         )
+        if modem is not None and recovery is not None:
+            modem = dataclasses.replace(modem, recovery=recovery)
 
     cdr = r.read(
         CdrSection,
@@ -532,6 +538,42 @@ def _billing_day(value: Any) -> int:
         # A cycle starting on the 29th-31st would have no start in a shorter month.
         raise Bad("must be 1-28 (the 29th-31st do not exist in every month)")
     return value
+
+
+def _read_recovery(r: Reader, raw: Any) -> RecoverySection | None:
+    """[modem.recovery]; the power-cycle command must split into a program and arguments."""
+    rec = r.read(
+        RecoverySection,
+        "modem.recovery",
+        r.table("modem", "recovery", raw),
+        unregistered_s=float_value(0, 7 * 86400, above=True),
+        unresponsive_s=float_value(0, 7 * 86400, above=True),
+        settle_s=float_value(0, 3600, above=True),
+        max_resets_per_hour=int_value(0, 60),
+        power_cycle_timeout_s=float_value(0, 3600, above=True),
+    )
+    if rec is not None and rec.power_cycle_command.strip():
+        try:
+            argv = shlex.split(rec.power_cycle_command)
+        except ValueError as exc:
+            r.fail(
+                "modem.recovery.power_cycle_command",
+                f"is not a valid command line ({exc})",
+                rec.power_cycle_command,
+            )
+            return None
+        shell = Path(argv[0]).name in ("sh", "bash", "dash") if argv else False
+        if not shell and any(ch in rec.power_cycle_command for ch in "|;&<>`$"):
+            # It runs as a process, never through a shell: a pipe or a redirection
+            # would reach the program as a literal argument.
+            r.fail(
+                "modem.recovery.power_cycle_command",
+                "runs without a shell: shell syntax (| ; & < > ` $) would be passed as"
+                " arguments; wrap it in a script or give sh -c '...' explicitly",
+                rec.power_cycle_command,
+            )
+            return None
+    return rec
 
 
 def _host_names(value: Any) -> tuple[str, ...]:

@@ -109,6 +109,21 @@ class MqttSection:
 
 
 @dataclass(frozen=True, slots=True)
+class RecoverySection:
+    """[modem.recovery]: what the poller does about a modem that stays off the network or
+    stops answering (see gateway.modem.recovery)."""
+
+    enabled: bool = True
+    unregistered_s: float = 300.0
+    unresponsive_s: float = 120.0
+    # How long a step has to bring the modem back (a reset: to answer again and register).
+    settle_s: float = 60.0
+    max_resets_per_hour: int = 2
+    power_cycle_command: str = ""
+    power_cycle_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class ModemSection:
     port: str = "/dev/ttyUSB2"
     baudrate: int = 115200
@@ -120,6 +135,7 @@ class ModemSection:
     data_budget_mb: float = 0.0
     # The day of the month (UTC) a billing cycle starts; 1-28, so it exists every month.
     billing_day: int = 1
+    recovery: RecoverySection = RecoverySection()
 
 
 @dataclass(frozen=True, slots=True)

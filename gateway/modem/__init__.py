@@ -1,4 +1,5 @@
-"""The cellular modem: AT channel, vendor profiles, poller and `modem info`."""
+"""The cellular modem: AT channel, vendor profiles, poller, recovery ladder, and the
+`modem info` and `modem reset` commands."""
 
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ collects every line that is not a known URC. URCs go to ``AtChannel.urcs`` and `
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import logging
 import re
 import threading
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 import serial
 
@@ -62,6 +64,10 @@ class AtParseError(ModemError):
 
 class PortError(ModemError):
     """The serial port cannot be opened, read or written (unplugged, wrong URL, closed)."""
+
+
+class PortBusy(PortError):
+    """Another process holds the port's exclusive lock (a running gateway's poller)."""
 
 
 # 3GPP TS 27.007 §9.2: numeric +CME ERROR codes and their verbose (AT+CMEE=2) texts.
@@ -334,13 +340,31 @@ class AtChannel:
         baudrate: int = 115200,
         timeout: float = 5.0,
         on_urc: Callable[[str], None] | None = None,
+        exclusive: bool = False,
     ) -> AtChannel:
-        """Open a pyserial URL (a tty, a pty path, socket://, rfc2217://) as an AT channel."""
+        """Open a pyserial URL (a tty, a pty path, socket://, rfc2217://) as an AT channel.
+
+        exclusive: hold an flock on a tty while it is open (socket:// ignores it); opening
+        one another process holds so raises PortBusy."""
         try:
             port = serial.serial_for_url(
-                url, baudrate=baudrate, timeout=READ_SLICE_S, write_timeout=timeout
+                url,
+                baudrate=baudrate,
+                timeout=READ_SLICE_S,
+                write_timeout=timeout,
+                do_not_open=True,
+                exclusive=exclusive or None,
             )
         except (serial.SerialException, OSError, ValueError) as exc:
+            raise PortError(f"cannot open modem port {url}: {exc}") from exc
+        try:
+            port.open()
+        except (serial.SerialException, OSError, ValueError) as exc:
+            # pyserial leaves a half-open port (a socket:// one whose peer went away during
+            # open) to the garbage collector; close what it holds now.
+            _discard(port)
+            if exclusive and getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise PortBusy(f"modem port {url} is in use by another process") from exc
             raise PortError(f"cannot open modem port {url}: {exc}") from exc
         ch = cls(port, name=url, timeout=timeout, on_urc=on_urc)
         try:
@@ -370,10 +394,7 @@ class AtChannel:
         if self._closed:
             return
         self._closed = True
-        try:
-            self.port.close()
-        except (serial.SerialException, OSError):
-            pass
+        _discard(self.port)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -427,6 +448,25 @@ class AtChannel:
         with self._lock:
             try:
                 return self._drain()
+            finally:
+                if self._closing:
+                    self._close_port()
+
+    def wait_boot(self, seconds: float) -> bool:
+        """Listen without sending for up to `seconds`: True once the modem announces a
+        (re)boot (RDY, ^SYSSTART), False when it does not; PortError when the port goes
+        away, as a rebooting USB modem's does."""
+        with self._lock:
+            try:
+                self._check_open()
+                deadline = time.monotonic() + seconds
+                while (line := self._next_line(deadline)) is not None:
+                    kind, text = classify(line, None)
+                    if kind is Kind.URC:
+                        self._urc(text)
+                        if text.upper() in _BOOT_URCS:
+                            return True
+                return False
             finally:
                 if self._closing:
                     self._close_port()
@@ -533,6 +573,18 @@ class AtChannel:
             return self.port.read(max(1, min(waiting, 4096)))
         except (serial.SerialException, OSError, ValueError, TypeError) as exc:
             raise PortError(f"cannot read modem port {self.name}: {exc}") from exc
+
+
+def _discard(port: Any) -> None:
+    """Close a port, and the socket a socket:// port holds: pyserial skips closing it when
+    shutdown() fails (the peer already gone) or when open() failed half-way, and leaves
+    it to the garbage collector."""
+    sock = getattr(port, "_socket", None)
+    with contextlib.suppress(serial.SerialException, OSError, AttributeError):
+        port.close()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 def values(lines: list[str], prefix: str) -> list[str]:

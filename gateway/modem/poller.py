@@ -3,7 +3,8 @@
 Serial I/O runs in worker threads; SQLite writes go through the store's writer thread.
 Every modem fault (unplugged or silent port, no SIM, SIM busy, garbage) is a state, logged
 once when it begins, and retried with capped, jittered backoff: ``run`` only ever ends by
-cancellation.
+cancellation. A modem that stays off the network or silent is acted on after each poll by
+the recovery ladder (gateway.modem.recovery), whose steps the poller takes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import orjson
 
 from gateway.config import CdrSection, ModemSection
 from gateway.errors import GatewayError, ModemError
+from gateway.modem import recovery
 from gateway.modem.at import AtChannel, AtTimeout, PortError, describe, split_fields
 from gateway.modem.profiles import (
     REGISTERED,
@@ -32,6 +34,7 @@ from gateway.modem.profiles import (
     ModemInfo,
     Profile,
     detect,
+    make_profile,
     merge,
     read_fields,
 )
@@ -190,12 +193,20 @@ class _Poller:
         # A connect still running in a worker thread when run() ends must not leak its port.
         self._ch_lock = threading.Lock()
         self._stopping = False
+        self.ladder: recovery.Ladder | None = None
 
     async def run(self) -> None:
         try:
             self.known_iccid = await asyncio.wrap_future(self.store.call(last_iccid))
         except (GatewayError, sqlite3.Error) as exc:
             log.warning("modem: cannot read the last known ICCID: %s", exc)
+        if self.cfg.recovery.enabled:
+            saved: dict[str, Any] = {}
+            try:
+                saved = await asyncio.wrap_future(self.store.call(recovery.load_saved))
+            except (GatewayError, sqlite3.Error) as exc:
+                log.warning("modem: cannot read the recovery ladder's state: %s", exc)
+            self.ladder = recovery.Ladder(self.cfg.recovery, saved, time.time())
         try:
             while True:
                 delay = await self._step()
@@ -208,6 +219,12 @@ class _Poller:
     # -- one poll -----------------------------------------------------------------------
 
     async def _step(self) -> float:
+        delay = await self._poll()
+        if self.ladder is not None:
+            delay = min(delay, await self._recover())
+        return delay
+
+    async def _poll(self) -> float:
         self.last_step = time.monotonic()
         try:
             if self.ch is None:
@@ -241,6 +258,122 @@ class _Poller:
             return self.cfg.poll_interval_s
         return self._retry()
 
+    # -- the recovery ladder ------------------------------------------------------------------
+
+    async def _recover(self) -> float:
+        """Take the ladder's step if one is due; seconds until the next may be."""
+        ladder = self.ladder
+        assert ladder is not None
+        st = self.state
+        info = st.info
+        registration = None
+        if info is not None and info.registration and "registration" not in dict(info.failed):
+            registration = info.registration
+        problem = recovery.problem_of(st.state, registration)
+        step = ladder.observe(problem, time.monotonic(), time.time())
+        if step == "recovered":
+            log.info("modem %s: back after the recovery ladder", self.cfg.port)
+            try:
+                await asyncio.shield(
+                    asyncio.wrap_future(self.store.call(recovery.record_recovered, time.time_ns()))
+                )
+            except (GatewayError, sqlite3.Error) as exc:
+                log.warning("modem: cannot store the recovery ladder's state: %s", exc)
+        elif step is not None:
+            reason = recovery.describe_problem(
+                ladder.problem,
+                ladder.threshold(ladder.problem),
+                registration,
+                self.state.last_error or self.state.state,
+            )
+            if step == "gave_up":
+                reason = f"every step taken; {reason}"
+            await self._take(step, reason)
+            # A look soon after the step shows whether it worked.
+            return min(self.base, ladder.wait_s(time.monotonic(), time.time()))
+        return ladder.wait_s(time.monotonic(), time.time())
+
+    async def _take(self, step: str, reason: str) -> None:
+        """Record a step, then take it; a step the budget does not allow gives up instead."""
+        ladder = self.ladder
+        assert ladder is not None
+        port = self.cfg.port
+        try:
+            step, data, budget = await recovery.store_step(
+                self.store, ladder, step, reason, port, self.cfg.recovery.max_resets_per_hour
+            )
+        except (GatewayError, sqlite3.Error) as exc:
+            # Unrecorded, a step could repeat after a restart without limit: not taken.
+            log.warning("modem %s: cannot record recovery step %s: %s", port, step, exc)
+            return
+        ladder.taken(step, time.monotonic(), time.time(), budget)
+        log.warning(
+            "modem %s: recovery step %s (attempt %d): %s",
+            port,
+            step,
+            ladder.attempt,
+            data["reason"],
+        )
+        if self.on_event is not None:
+            try:
+                self.on_event("modem_recovery", data)
+            except Exception:
+                log.exception("modem: event callback failed for modem_recovery")
+        error = await self._run_step(step)
+        if error:
+            log.warning("modem %s: recovery step %s: %s", port, step, error)
+
+    async def _run_step(self, step: str) -> str:
+        """Take one step; '' or what went wrong (the ladder's next step follows anyway)."""
+        rcfg = self.cfg.recovery
+        deadline = time.monotonic() + rcfg.settle_s
+        if step == "gave_up":
+            return ""
+        if step == "reopen":
+            self._drop_channel()
+            self.failures = 0
+            try:
+                await asyncio.to_thread(self._connect)
+            except ModemError as exc:
+                return describe(exc)
+            self.info = None
+            return ""
+        if step == "radio_cycle":
+            ch = self.ch
+            if ch is None:
+                return "modem port is not open"
+            self.dirty.set()  # identity and registration are read again afterwards
+            try:
+                await asyncio.to_thread(recovery.radio_cycle, ch, self.cfg.command_timeout_s)
+            except ModemError as exc:
+                self._drop_channel()
+                return describe(exc)
+            return ""
+        if step == "power_cycle":
+            self._drop_channel()
+            error = await asyncio.to_thread(
+                recovery.power_cycle, rcfg.power_cycle_command, rcfg.power_cycle_timeout_s
+            )
+            if error:
+                return error
+        else:
+            error = await asyncio.to_thread(self._send_reset, deadline)
+            if error:
+                return error
+        self.info = None
+        return await asyncio.to_thread(
+            recovery.wait_back, self._connect, deadline, lambda: self._stopping
+        )
+
+    def _send_reset(self, deadline: float) -> str:
+        """Worker thread: the profile's reset command on the open port (or a fresh one)."""
+        profile = self.profile
+        if profile is None:
+            profile = make_profile(self.cfg.profile if self.cfg.profile != "auto" else "generic")
+        with self._ch_lock:
+            ch, self.ch = self.ch, None
+        return recovery.reset(ch, self.cfg, profile.reset_command, deadline)
+
     def _retry(self) -> float:
         self.failures += 1
         return backoff(self.failures, self.base, self.cap, self.rng)
@@ -251,6 +384,8 @@ class _Poller:
             baudrate=self.cfg.baudrate,
             timeout=self.cfg.command_timeout_s,
             on_urc=self._on_urc,
+            # `gateway modem reset` must not talk to the modem in the middle of a poll.
+            exclusive=True,
         )
         try:
             ch.init()

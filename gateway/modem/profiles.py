@@ -365,6 +365,8 @@ class Profile:
     name: ClassVar[str] = "generic"
     # (command, answer prefix) tried before the AT+CRSM fallback.
     iccid_command: ClassVar[tuple[str, str] | None] = None
+    # Reboots the modem (3GPP TS 27.007 +CFUN=<fun>,<rst>: full functionality after a reset).
+    reset_command: ClassVar[str] = "AT+CFUN=1,1"
 
     def __init__(self, interface: str = "wwan0", sysfs_root: Path = SYSFS_NET) -> None:
         self.interface = interface
@@ -418,6 +420,8 @@ class Ublox(Profile):
 
     name = "ublox"
     iccid_command = ("AT+CCID", "+CCID")
+    # SARA-R4/R5 take no <rst> in AT+CFUN=1,1; 16 resets the module and the SIM.
+    reset_command = "AT+CFUN=16"
 
     def __init__(self, interface: str = "wwan0", sysfs_root: Path = SYSFS_NET) -> None:
         super().__init__(interface, sysfs_root)
@@ -441,6 +445,7 @@ class Simcom(Profile):
 
     name = "simcom"
     iccid_command = ("AT+CICCID", "+ICCID")
+    reset_command = "AT+CRESET"
 
 
 class Telit(Profile):
@@ -448,6 +453,7 @@ class Telit(Profile):
 
     name = "telit"
     iccid_command = ("AT#CCID", "#CCID")
+    reset_command = "AT#REBOOT"
 
     def counters(self, ch: AtChannel) -> Counters:
         """#GDATAVOL: <cid>,<tot>,<sent>,<recv> summed over contexts."""
@@ -459,6 +465,7 @@ class Huawei(Profile):
 
     name = "huawei"
     iccid_command = ("AT^ICCID?", "^ICCID")
+    reset_command = "AT^RESET"
 
     def counters(self, ch: AtChannel) -> Counters:
         """^DSFLOWQRY totals (hex)."""

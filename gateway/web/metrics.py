@@ -258,6 +258,21 @@ def _modem(m: dict[str, Any] | None) -> Iterator[Metric]:
     yield from _gauge(
         "gateway_modem_bytes_today", "Bytes (tx + rx) since local midnight.", m.get("bytes_today")
     )
+    rec = m.get("recovery")
+    if rec:
+        c = CounterMetricFamily(
+            "gateway_modem_recoveries",
+            "Recovery ladder steps taken (manual ones too), by step.",
+            labels=["step"],
+        )
+        for step, n in rec["totals"].items():
+            c.add_metric([step], n)
+        yield c
+        yield from _gauge(
+            "gateway_modem_recovery_resets_last_hour",
+            "Radio cycles and resets in the last hour (modem.recovery.max_resets_per_hour).",
+            rec["resets_last_hour"],
+        )
 
 
 # (modem info key, metric name, help) of the radio levels; no sample while unknown.

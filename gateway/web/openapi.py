@@ -73,6 +73,25 @@ _TABLE_SIZE = {
     "properties": {"rows": {"type": "integer"}, "bytes": {"type": "integer"}},
 }
 
+_RECOVERY = {
+    "type": "object",
+    "description": "the modem recovery ladder ([modem.recovery])",
+    "required": ["state", "resets_last_hour", "last", "totals"],
+    "properties": {
+        "enabled": {"type": ["boolean", "null"]},
+        "state": {"type": "string", "enum": ["idle", "recovering", "gave_up"]},
+        "problem": {"type": "string", "description": "unregistered, unresponsive or ''"},
+        "resume_at": {"type": ["number", "null"], "description": "gave up until (Unix s)"},
+        "resets_last_hour": {"type": "integer"},
+        "max_resets_per_hour": _NULLABLE_INT,
+        "last": {
+            "type": ["object", "null"],
+            "description": "the newest step: step, reason, attempt, at (Unix s), outcome",
+        },
+        "totals": {"type": "object", "additionalProperties": {"type": "integer"}},
+    },
+}
+
 _STATUS = {
     "type": "object",
     "required": [
@@ -255,6 +274,7 @@ _STATUS = {
                     " null without either",
                 },
                 "bytes_today": _NULLABLE_INT,
+                "recovery": _RECOVERY,
             },
         },
         "data_budget": {

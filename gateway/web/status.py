@@ -13,6 +13,7 @@ import orjson
 
 from gateway import store as store_mod
 from gateway.config import Config
+from gateway.modem import recovery
 from gateway.modem.radio import signal_quality
 from gateway.usage import budget
 
@@ -180,6 +181,9 @@ def modem_rows(conn: sqlite3.Connection, cfg: Config | None, now_ns: int) -> dic
         "info": info,
         "signal_quality": quality_of(info),
         "bytes_today": bytes_since(conn, local_midnight_ns(now_ns)),
+        "recovery": recovery.status(
+            conn, cfg.modem.recovery if cfg and cfg.modem else None, now_ns / 1e9
+        ),
     }
 
 

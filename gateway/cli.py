@@ -238,6 +238,7 @@ WEBHOOK_COLUMNS = (
     ("failed", "requests_failed"),
     ("retried", "retried"),
     ("queue", "queue_depth"),
+    ("delivery", "oldest_pending_s"),
     ("dead_letters", "dead_letters"),
     ("last_hit", "last_hit"),
     ("last_success", "last_success"),
@@ -254,6 +255,8 @@ def _webhook_table(hooks: list[dict[str, Any]]) -> list[str]:
         for _title, key in WEBHOOK_COLUMNS:
             if key == "disabled":
                 value = "disabled" if h["disabled"] else "ok"
+            elif key == "oldest_pending_s":
+                value = status_mod.behind_text(h.get(key) or 0.0)
             elif key == "last_error":
                 value = h["last_error"].replace("\n", " ")[:80]
                 if value and h["last_error_at"]:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from gateway.usage import reports
+from gateway.web import status
 from tests.conftest import ROOT, Broker, db_rows, free_port, wait_for, write_config
 from tests.receiver import Receiver, Reply
 
@@ -221,6 +222,12 @@ def test_the_dashboard_shows_live_figures_and_replays_dead_letters_in_chromium(
         assert not browser.find_elements(By.CSS_SELECTOR, "#webhooks td.last-error b")
         assert int(cell("flaky", "dead")) > 0
         assert cell("flaky", "state") == "dead letters"
+        # Delivery lag: nothing pending; an old record reads as the CLI says it.
+        assert cell("cloud", "behind") == "up to date"
+        for seconds in (11520, 45, 0):
+            text = browser.execute_script("return behind(arguments[0]);", seconds)
+            assert text == status.behind_text(seconds)
+        assert browser.execute_script("return behind(11520);") == "behind by 3 h 12 min"
         assert browser.find_element(By.ID, "received").text == "60"
         # The MQTT tag's tooltip names the session and its counts.
         mqtt_title = browser.find_element(By.ID, "mqtt").get_attribute("title")

@@ -182,6 +182,8 @@ def _read_webhook(r: Reader, path: str, raw: dict[str, Any]) -> WebhookConfig | 
         id_field=choice("ICCID", "Topic"),
         iccid_as=choice("auto", "string"),
         concurrency=int_value(1, 256),
+        lag_alert_s=duration_or_off,
+        failing_after=int_value(0, 1_000_000),
     )
     if w is None or any(v is None for v in sub.values()):
         return None
@@ -350,6 +352,8 @@ def parse(
         dead_letter_max_mb=float_value(0, None, above=True),
         dead_letter_max_age=duration_or_off,
         retention_days=float_value(1, 3650),
+        heartbeat_s=_heartbeat,
+        flap_interval_s=_flap_interval,
     )
     if g is not None:
         g = _dead_letter_limit(r, g, raw.get("gateway", {}))
@@ -491,6 +495,25 @@ def parse(
         web=web,
         path=Path(source) if source else None,
     )
+
+
+# The shortest gateway.heartbeat_s: a fleet's receiver takes one event per site each
+# time, and the heartbeat reads the store.
+MIN_HEARTBEAT_S = 10.0
+
+
+def _heartbeat(value: Any) -> float:
+    seconds = duration_or_off(value)
+    if 0 < seconds < MIN_HEARTBEAT_S:
+        raise Bad(f"must be at least {MIN_HEARTBEAT_S:g} s, or 0 for no heartbeat")
+    return seconds
+
+
+def _flap_interval(value: Any) -> float:
+    seconds = duration(value)
+    if not 1 <= seconds <= 86400:
+        raise Bad("must be between 1 s and 1 day")
+    return seconds
 
 
 def _data_budget_mb(value: Any) -> float:

@@ -57,6 +57,11 @@ class GatewaySection:
     # CDRs, events, modem snapshots and reports older than this are deleted, unless a
     # webhook or report has not taken them yet (see store.retention).
     retention_days: float = 35.0
+    # Seconds between gateway_heartbeat events; 0: none (see runtime.heartbeat).
+    heartbeat_s: float = 0.0
+    # At most one event of each kind of a pair (broker_disconnected/_connected,
+    # webhook_failing/_recovered) per this many seconds (see runtime.alerts).
+    flap_interval_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +230,10 @@ class WebhookConfig:
     # Even on loopback at 5,000/s, 4 fell behind where 16 kept closer (README, Live).
     concurrency: int = 16
     ca_file: str = ""
+    # webhook_lagging once its oldest pending record is older than this; 0: off.
+    lag_alert_s: float = 0.0
+    # webhook_failing after this many failed attempts in a row; 0: off.
+    failing_after: int = 5
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,7 @@ class _Process:
         return dataclasses.replace(
             s,
             connects=b.connects + s.connects,
+            disconnects=b.disconnects + s.disconnects,
             received=b.received + s.received,
             acked=b.acked + s.acked,
             bad_topics=b.bad_topics + s.bad_topics,
@@ -203,6 +204,7 @@ class IngestPool:
     def stats(self) -> IngestStats:
         """All processes together: connected only when every one is."""
         each = [p.totals() for p in self.procs]
+        latest = max(each, key=lambda s: s.last_disconnect_ns)
         return IngestStats(
             connected=all(s.connected for s in each),
             subscribed=all(s.subscribed for s in each),
@@ -217,6 +219,9 @@ class IngestPool:
             last_packet_ns=max(s.last_packet_ns for s in each),
             last_connect_ns=max(s.last_connect_ns for s in each),
             bad_topics=sum(s.bad_topics for s in each),
+            disconnects=sum(s.disconnects for s in each),
+            last_disconnect_ns=latest.last_disconnect_ns,
+            last_disconnect_reason=latest.last_disconnect_reason,
         )
 
     @property

@@ -180,6 +180,7 @@ def process_main(fd: int) -> int:
             st.connected,
             st.subscribed,
             st.connects,
+            st.disconnects,
             st.last_error,
             ingest.first_attempt.is_set(),
         )

@@ -75,6 +75,21 @@ class IngestStats:
     last_connect_ns: int = 0
     # Packets whose topic was not valid UTF-8, stored with U+FFFD in its place.
     bad_topics: int = 0
+    # Connections lost (not counting a stop), the last one's time and paho's reason:
+    # the gateway raises broker_disconnected/_connected from these (runtime.alerts),
+    # so paho's thread only sets three fields.
+    disconnects: int = 0
+    last_disconnect_ns: int = 0
+    last_disconnect_reason: str = ""
+
+
+def disconnect_reason(flags: object, rc: object) -> str:
+    """A lost connection as an operator reads it: paho reports a connection that just
+    dropped (socket closed, keepalive missed) as "Unspecified error"."""
+    if getattr(flags, "is_disconnect_packet_from_server", False):
+        return f"the broker sent DISCONNECT: {rc}"
+    text = str(rc)
+    return "connection lost" if text in ("", "Unspecified error", "Success") else text
 
 
 class Ingest:
@@ -203,6 +218,10 @@ class Ingest:
             problem = self._socket_problem(client)
             why = f"{rc}: {problem}" if problem else str(rc)
             self.stats.last_error = f"disconnected: {why}"
+            reason = disconnect_reason(_f, rc)
+            self.stats.last_disconnect_reason = f"{reason}: {problem}" if problem else reason
+            self.stats.last_disconnect_ns = time.time_ns()
+            self.stats.disconnects += 1
             log.warning("%sdisconnected from broker: %s", self._who, why)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:

@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from gateway import __version__, delivery, ingest
 from gateway import store as st
 from gateway.config import Config, WebhookConfig
-from gateway.runtime import sdnotify
+from gateway.runtime import alerts as alerts_mod
+from gateway.runtime import heartbeat, sdnotify
 from gateway.runtime.supervisor import Supervisor
 from gateway.store import Store, StoreSettings, commit_delay_ms, commit_delay_slow_ms
 from gateway.usage import cdr, reports
@@ -23,6 +25,7 @@ log = logging.getLogger("gateway.service")
 async def run(cfg: Config, sd: Supervisor | None = None) -> None:
     """Run until cancelled; on the way out commit and acknowledge what was taken."""
     loop = asyncio.get_running_loop()
+    started_mono = time.monotonic()
     wake = asyncio.Event()
     sd = sd or Supervisor(cfg)  # systemd: READY/STATUS/WATCHDOG, SIGHUP reload
     async with contextlib.AsyncExitStack() as stack:
@@ -62,6 +65,22 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
         )
         _record(store, "gateway_started")
         stack.callback(_record, store, "gateway_stopped")
+        # Pipeline events and the heartbeat read the store through a reader of their own.
+        reader = st.Reader(store.path)
+        stack.callback(reader.close)
+        alerts = alerts_mod.Alerts(
+            lambda: sd.cfg.webhooks,
+            cfg.gateway.flap_interval_s,
+            f"{cfg.mqtt.host}:{cfg.mqtt.port}",
+        )
+
+        def on_result(name: str, outcome: delivery.Outcome) -> None:
+            try:
+                alerts.on_result(name, outcome)
+            except Exception:  # counting must never cost a batch its delivery
+                log.exception("pipeline events: counting a request's result failed")
+            if site is not None:
+                site.on_result(name, outcome)
 
         def start_delivery(hooks: Sequence[WebhookConfig]) -> Coroutine[Any, Any, None]:
             if site is not None:
@@ -75,7 +94,7 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
                 http,
                 cfg.mqtt.payload_encoding,
                 wake,
-                on_result=site.on_result if site is not None else None,
+                on_result=on_result,
             )
 
         async with asyncio.TaskGroup() as tg:
@@ -92,6 +111,12 @@ async def run(cfg: Config, sd: Supervisor | None = None) -> None:
             if cfg.reports:
                 tg.create_task(reports.run_schedule(cfg, store, wake), name="reports")
             tg.create_task(sd.run(store, taker), name="systemd")  # systemd: notify, watchdog
+            tg.create_task(alerts_mod.run(alerts, store, taker, reader), name="alerts")
+            if cfg.gateway.heartbeat_s:
+                tg.create_task(
+                    heartbeat.run(cfg, lambda: sd.cfg.webhooks, store, reader, taker, started_mono),
+                    name="heartbeat",
+                )
     log.info("gateway stopped")
 
 

@@ -43,7 +43,8 @@ from gateway.store.dead_letters import (
     replay_dead_letters,
     requeue_dead_letters,
 )
-from gateway.store.events import add_event
+from gateway.store.events import HEARTBEAT, add_event, add_heartbeat
+from gateway.store.lag import backlog, lags, oldest_pending_s
 from gateway.store.pacing import (
     CAP_MIN_PACKETS,
     TAKE_PARTS,
@@ -61,6 +62,7 @@ from gateway.store.writer import Store
 __all__ = [
     "CAP_MIN_PACKETS",
     "DEAD_LETTER_PREFIX_BYTES",
+    "HEARTBEAT",
     "MIGRATION_TIMEOUT_S",
     "REJECT_REASONS",
     "RETAINED_TABLES",
@@ -75,7 +77,9 @@ __all__ = [
     "Store",
     "StoreSettings",
     "add_event",
+    "add_heartbeat",
     "advance_cursor",
+    "backlog",
     "bump",
     "commit_delay_ms",
     "commit_delay_slow_ms",
@@ -91,9 +95,11 @@ __all__ = [
     "ensure_stats",
     "fetch_packets",
     "get_meta",
+    "lags",
     "list_dead_letters",
     "load_batches",
     "migrate",
+    "oldest_pending_s",
     "orphan_batches",
     "packet_span",
     "packets_by_ids",

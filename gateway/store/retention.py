@@ -227,6 +227,13 @@ def prune(
                 ts, cutoff = "ts_ns", cutoff_ns
             elif table == "events":
                 bound = _taken(conn, "events", consumers.get("events"))
+                # The events table has no AUTOINCREMENT: without its newest row the next
+                # event would take that id again, at or below the cursor of every events
+                # webhook that took the row, and no webhook would ever send it.
+                newest = conn.execute("SELECT MAX(id) FROM events").fetchone()[0]
+                if newest is not None:
+                    keep = int(newest) - 1
+                    bound = keep if bound is None else min(bound, keep)
                 ts, cutoff = "ts_ns", cutoff_ns
             else:
                 bound = _taken(conn, "cdrs", consumers.get("cdrs"))

@@ -266,6 +266,11 @@ class Store(Pacing, Buffer, DeadLetters, Retention):
                 self._release_pending(len(packets) - len(self._held))
             else:
                 self._run_calls(calls)
+                # Delivery's completions free the buffer without a packet commit: a
+                # buffer back below 70 % says so then, not at the next packet. (Only
+                # that way: a buffer filling up is seen at the packet commits.)
+                if self._buffer_high:
+                    self._watch_buffer()
             if time.monotonic() >= self._tend_at and not stop:
                 self._tend_dead_letters()
                 self._tend_retention()

@@ -40,6 +40,12 @@ WEBHOOK_FIGURES = (
     ("redirects", "gateway_webhook_redirects", "counter", "307/308 redirects followed."),
     ("queue_depth", "gateway_webhook_queue_depth", "gauge", "Records waiting or in flight."),
     ("in_flight", "gateway_webhook_in_flight", "gauge", "Records in open batches."),
+    (
+        "oldest_pending_s",
+        "gateway_webhook_oldest_pending_seconds",
+        "gauge",
+        "Age of the oldest record not yet delivered (0: nothing pending).",
+    ),
     ("dead_letters", "gateway_webhook_dead_letters", "gauge", "Rows in the dead-letter table."),
     (
         "dead_lettered",

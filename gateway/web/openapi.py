@@ -36,6 +36,7 @@ _WEBHOOK_ROW = {
         "disabled",
         "disabled_reason",
         "redirects",
+        "oldest_pending_s",
     ],
     "properties": {
         "name": {"type": "string"},
@@ -57,6 +58,12 @@ _WEBHOOK_ROW = {
         "disabled": {"type": "boolean"},
         "disabled_reason": {"type": "string"},
         "redirects": {"type": "integer", "description": "307/308 redirects followed"},
+        "oldest_pending_s": {
+            "type": "number",
+            "minimum": 0,
+            "description": "age in seconds of the oldest record not yet delivered;"
+            " 0 when nothing is pending",
+        },
     },
 }
 

@@ -93,6 +93,34 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
     return rows
 
 
+def with_lag(
+    conn: sqlite3.Connection, rows: list[dict[str, Any]], now_ns: int
+) -> list[dict[str, Any]]:
+    """Each webhook row with `oldest_pending_s`: the age of its oldest record not yet
+    delivered, 0 when nothing is pending (store.lag: lookups by id, no scan)."""
+    for r in rows:
+        try:
+            r["oldest_pending_s"] = store_mod.oldest_pending_s(conn, r["name"], now_ns)
+        except sqlite3.OperationalError:  # a store older than schema 9 has no routes view
+            r["oldest_pending_s"] = 0.0
+    return rows
+
+
+def behind_text(seconds: float) -> str:
+    """A webhook's lag as `gateway status` and the dashboard say it: "behind by 3 h 12 min",
+    or "up to date" when nothing is pending."""
+    if seconds <= 0:
+        return "up to date"
+    s = max(1, int(seconds))
+    if s < 60:
+        return f"behind by {s} s"
+    if s < 3600:
+        return f"behind by {s // 60} min"
+    if s < 86400:
+        return f"behind by {s // 3600} h {s % 3600 // 60} min"
+    return f"behind by {s // 86400} d {s % 86400 // 3600} h"
+
+
 def _tables(conn: sqlite3.Connection) -> set[str]:
     # A store written by an older gateway may lack the newer tables until it is migrated.
     return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -320,7 +348,7 @@ def snapshot(
             **{r: c.get(f"rejected_{r}", 0) for r in store_mod.REJECT_REASONS},
         },
         "dead_letters_evicted": c["dead_letters_evicted"],
-        "webhooks": webhook_rows(conn, cfg),
+        "webhooks": with_lag(conn, webhook_rows(conn, cfg), now_ns),
         "modem": modem_rows(conn, cfg, now_ns) if "modem_snapshots" in tables else None,
         "cdrs": {
             **(cdr_rows(conn) if "cdrs" in tables else {"count": 0, "latest": []}),

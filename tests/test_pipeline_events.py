@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from firmware_sim.modem import ModemEmulator
 from gateway import __version__, config
 from gateway.errors import ConfigError
 from gateway.runtime.alerts import Alerts, Pair
@@ -27,10 +28,12 @@ from tests.conftest import (
     publish,
     register_session,
     until,
+    wait_for,
     wait_port,
     write_config,
 )
 from tests.receiver import Receiver, Reply
+from tests.test_data_budget import status_of
 
 TOPIC = "devices/8981100000000000012/up"
 
@@ -393,3 +396,72 @@ def test_pipeline_settings_default_to_off_and_take_durations() -> None:
     assert cfg.gateway.heartbeat_s == 300
     assert cfg.gateway.flap_interval_s == 120
     assert cfg.webhooks[0].lag_alert_s == 3600
+
+
+def test_a_heartbeat_carries_the_radio_its_grade_and_the_data_used_this_cycle(
+    mosquitto: Broker, tmp_path: Path, gateway_proc: Any
+) -> None:
+    emu = ModemEmulator("quectel", urcs=False, seed=5)
+    for s in ("rat lte-m", "rsrp -95", "rsrq -11", "sinr 25"):
+        assert emu.control(f"radio {s}") == "ok"
+    rx = Receiver().start()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        cfg = write_config(
+            tmp_path / "gw.toml",
+            mosquitto.port,
+            tmp_path / "state",
+            web=f'listen = "127.0.0.1:{port}"',
+            gateway_extra="heartbeat_s = 10",
+            extra=f"""
+[modem]
+port = "{emu.start_pty()}"
+poll_interval_s = 0.2
+data_budget_mb = 0.01
+
+[cdr]
+interval_s = 1
+"""
+            + events_hook(rx.url),
+        )
+        gw = gateway_proc(cfg)
+        gw.start()
+
+        def reading() -> bool:
+            s = status_of(base)
+            return bool(s and (s["modem"]["info"] or {}).get("rsrp_dbm") == -95.0)
+
+        wait_for(reading, 20, "the modem's first reading with its radio")
+        emu.add_traffic(1000, 2000)
+
+        def counted() -> bool:
+            s = status_of(base)
+            return bool(s and s["data_budget"]["used_bytes"] == 3000)
+
+        wait_for(counted, 20, "3000 bytes this cycle")
+
+        def beat() -> dict[str, Any] | None:
+            for e in reversed(events(rx, "gateway_heartbeat")):
+                if e["data"].get("data_cycle", {}).get("used_bytes") == 3000:
+                    return e["data"]  # type: ignore[no-any-return]
+            return None
+
+        wait_for(beat, 30, "a heartbeat that has the 3000 bytes")
+        data = beat()
+        assert data is not None
+        m = data["modem"]
+        assert (m["state"], m["access_technology"], m["rsrp_dbm"], m["sinr_db"]) == (
+            "ok",
+            "lte-m",
+            -95.0,
+            25.0,
+        )
+        assert m["rsrq_db"] == -11.0
+        assert m["signal_quality"] == "fair"  # RSRP -95 fair, SINR 25 excellent: the worse
+        cycle = data["data_cycle"]
+        assert (cycle["budget_bytes"], cycle["percent"]) == (10486, 28.6)
+        assert cycle["cycle_start"] < cycle["cycle_end"]
+    finally:
+        rx.stop()
+        emu.stop()

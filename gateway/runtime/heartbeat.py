@@ -25,7 +25,9 @@ from gateway import store as st
 from gateway.config import Config, WebhookConfig
 from gateway.errors import GatewayError
 from gateway.ingest import IngestStats, Taker
+from gateway.modem import poller, radio
 from gateway.store import Store
+from gateway.usage import budget
 
 log = logging.getLogger("gateway.heartbeat")
 
@@ -55,6 +57,8 @@ class HeartbeatParts:
     free_bytes: int | None
     # The modem poller's state (None without a [modem] section): state, info.
     modem: dict[str, Any] | None
+    # The billing cycle's data use (usage.budget.cycle_snapshot; None without [modem]).
+    data_cycle: dict[str, Any] | None = None
 
 
 def build(p: HeartbeatParts) -> dict[str, Any]:
@@ -86,6 +90,16 @@ def build(p: HeartbeatParts) -> dict[str, Any]:
             "operator": info.get("operator", ""),
             "csq": info.get("csq"),
             "signal_dbm": info.get("signal_dbm"),
+            "access_technology": info.get("access_technology"),
+            "rsrp_dbm": info.get("rsrp_dbm"),
+            "rsrq_db": info.get("rsrq_db"),
+            "sinr_db": info.get("sinr_db"),
+            "signal_quality": radio.signal_quality(info.get("rsrp_dbm"), info.get("sinr_db")),
+        }
+    if p.data_cycle is not None:
+        data["data_cycle"] = {
+            k: p.data_cycle.get(k)
+            for k in ("used_bytes", "budget_bytes", "percent", "cycle_start", "cycle_end")
         }
     return data
 
@@ -131,12 +145,12 @@ async def parts(
 ) -> HeartbeatParts:
     """Gather a heartbeat's parts: the store through the read-only reader, the rest
     from memory."""
-    figures, dead = await reader.run(_store_figures, list(hooks), time.time_ns())
-    modem = None
+    now_ns = time.time_ns()
+    figures, dead = await reader.run(_store_figures, list(hooks), now_ns)
+    modem = data_cycle = None
     if cfg.modem is not None:
-        from gateway.modem import poller
-
         modem = poller.STATE.as_dict()
+        data_cycle = await reader.run(budget.cycle_snapshot, cfg.modem, now_ns)
     return HeartbeatParts(
         version=__version__,
         uptime_s=time.monotonic() - started_mono,
@@ -145,6 +159,7 @@ async def parts(
         dead_letters=dead,
         free_bytes=await asyncio.to_thread(_free_bytes, cfg.gateway.state_dir),
         modem=modem,
+        data_cycle=data_cycle,
     )
 
 

@@ -25,7 +25,6 @@ from gateway import store as st
 from gateway.config import Config, WebhookConfig
 from gateway.errors import GatewayError
 from gateway.ingest import IngestStats, Taker
-from gateway.modem import poller, radio
 from gateway.store import Store
 from gateway.usage import budget
 
@@ -83,6 +82,9 @@ def build(p: HeartbeatParts) -> dict[str, Any]:
     if p.free_bytes is not None:
         data["disk_free_bytes"] = p.free_bytes
     if p.modem is not None:
+        # Imported with [modem] only: a gateway without one never loads the modem code.
+        from gateway.modem import radio
+
         info = p.modem.get("info") or {}
         data["modem"] = {
             "state": p.modem.get("state", ""),
@@ -149,6 +151,8 @@ async def parts(
     figures, dead = await reader.run(_store_figures, list(hooks), now_ns)
     modem = data_cycle = None
     if cfg.modem is not None:
+        from gateway.modem import poller
+
         modem = poller.STATE.as_dict()
         data_cycle = await reader.run(budget.cycle_snapshot, cfg.modem, now_ns)
     return HeartbeatParts(

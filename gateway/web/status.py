@@ -13,8 +13,6 @@ import orjson
 
 from gateway import store as store_mod
 from gateway.config import Config
-from gateway.modem import recovery
-from gateway.modem.radio import signal_quality
 from gateway.usage import budget
 
 # Less than this is a full disk: SQLite cannot add a page to its WAL.
@@ -165,6 +163,10 @@ def quality_of(info: Any) -> str | None:
     """The plain-words signal grade of a modem reading (None when it has no RSRP/SINR)."""
     if not isinstance(info, dict):
         return None
+    # The modem code is loaded only where a modem is read: a gateway without one (and
+    # its memory) never pays for it.
+    from gateway.modem.radio import signal_quality
+
     return signal_quality(info.get("rsrp_dbm"), info.get("sinr_db"))
 
 
@@ -174,6 +176,8 @@ def modem_rows(conn: sqlite3.Connection, cfg: Config | None, now_ns: int) -> dic
         "SELECT ts_ns, state, data FROM modem_snapshots ORDER BY id DESC LIMIT 1"
     ).fetchone()
     info = orjson.loads(row[2]) if row else None
+    from gateway.modem import recovery
+
     return {
         "configured": cfg.modem is not None if cfg else row is not None,
         "state": row[1] if row else "",

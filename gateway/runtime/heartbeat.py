@@ -109,11 +109,7 @@ def build(p: HeartbeatParts) -> dict[str, Any]:
 def _store_figures(
     conn: sqlite3.Connection, hooks: Sequence[WebhookConfig], now_ns: int
 ) -> tuple[list[WebhookFigures], int]:
-    dead = dict(
-        conn.execute(
-            "SELECT webhook, COUNT(*) FROM dead_letters WHERE webhook != '' GROUP BY webhook"
-        )
-    )
+    dead = st.dead_letter_counts(conn)
     disabled = dict(conn.execute("SELECT name, disabled FROM webhook_stats"))
     figures = [
         WebhookFigures(
@@ -121,7 +117,7 @@ def _store_figures(
             w.source,
             st.backlog(conn, w.name),
             st.oldest_pending_s(conn, w.name, now_ns),
-            int(dead.get(w.name, 0)),
+            dead.get(w.name, 0),
             bool(disabled.get(w.name, 0)),
         )
         for w in hooks

@@ -38,6 +38,7 @@ from gateway.store.db import Reader, connect, dumps, get_meta, set_meta, transac
 from gateway.store.dead_letters import (
     DEAD_LETTER_PREFIX_BYTES,
     dead_letter_bytes,
+    dead_letter_counts,
     list_dead_letters,
     purge_dead_letters,
     replay_dead_letters,
@@ -90,6 +91,7 @@ __all__ = [
     "create_batches",
     "dead_letter",
     "dead_letter_bytes",
+    "dead_letter_counts",
     "dumps",
     "ensure_route",
     "ensure_stats",

@@ -160,6 +160,16 @@ def dead_letter_bytes(conn: sqlite3.Connection) -> int:
     return _mark(conn, DEAD_BYTES)
 
 
+def dead_letter_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """How many dead letters each webhook has (letters of no webhook left out)."""
+    return {
+        str(name): int(n)
+        for name, n in conn.execute(
+            "SELECT webhook, COUNT(*) FROM dead_letters WHERE webhook != '' GROUP BY webhook"
+        )
+    }
+
+
 def evict_dead_letters(
     conn: sqlite3.Connection, max_bytes: int, before_ns: int, limit: int
 ) -> tuple[int, int]:

@@ -43,11 +43,7 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
     }
     names = [w.name for w in cfg.webhooks] if cfg else sorted(stats)
     sources = {w.name: w.source for w in cfg.webhooks} if cfg else {}
-    dead = dict(
-        conn.execute(
-            "SELECT webhook, COUNT(*) FROM dead_letters WHERE webhook != '' GROUP BY webhook"
-        )
-    )
+    dead = store_mod.dead_letter_counts(conn)
     in_batches = dict(
         conn.execute("SELECT route, COALESCE(SUM(count), 0) FROM batches GROUP BY route")
     )
@@ -75,7 +71,7 @@ def webhook_rows(conn: sqlite3.Connection, cfg: Config | None) -> list[dict[str,
                 "retried": s[4] if s else 0,
                 "delivered": s[5] if s else 0,
                 "dead_lettered": s[6] if s else 0,
-                "dead_letters": int(dead.get(name, 0)),
+                "dead_letters": dead.get(name, 0),
                 "queue_depth": int(waiting) + int(in_batches.get(name, 0)),
                 "in_flight": int(in_batches.get(name, 0)),
                 "last_hit": iso(s[7]) if s else "",

@@ -11,13 +11,11 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
-import orjson
-
 from gateway.store.buffer import Buffer
 from gateway.store.counting import _bump
 from gateway.store.db import dumps, transaction
 from gateway.store.events import add_event
-from gateway.store.records import REJECT_REASONS, Batch, Reject
+from gateway.store.records import REJECT_REASONS, Batch, Reject, batch_item_ids
 
 # The columns of a new webhook_stats row, and the zeros it starts with (all but name).
 _STATS_COLUMNS = "name, hits, requests_ok, requests_failed, retried, delivered, dead, disabled"
@@ -143,17 +141,6 @@ def orphan_batches(
 
 def _consecutive(ids: Sequence[int]) -> bool:
     return bool(ids) and ids[-1] - ids[0] == len(ids) - 1
-
-
-def batch_item_ids(item_ids: str | None, first_id: int | None, count: int) -> tuple[int, ...]:
-    """A batch row's record ids. Consecutive ones (a webhook without a filter) are kept as
-    first_id and count only, with item_ids NULL: a JSON list of ten 7-digit ids is 80
-    bytes of a 150-byte row, and about ten rows are added and deleted per commit at
-    1,000 packets/s. A batch with a body and no records (a report notice, a replayed
-    dead letter) has item_ids '[]'."""
-    if item_ids is None:
-        return tuple(range(first_id, first_id + count)) if first_id is not None else ()
-    return tuple(orjson.loads(item_ids)) if item_ids else ()
 
 
 def load_batches(conn: sqlite3.Connection, route: str, exclude: Sequence[str] = ()) -> list[Batch]:

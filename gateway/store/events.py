@@ -11,6 +11,7 @@ import orjson
 
 from gateway.store.counting import _bump
 from gateway.store.db import dumps, get_meta, set_meta, transaction
+from gateway.store.records import batch_item_ids
 
 # The events table keeps the newest this many (but any an events webhook has not taken).
 KEEP_EVENTS = 10_000
@@ -72,12 +73,7 @@ def add_heartbeat(conn: sqlite3.Connection, data: dict[str, Any]) -> int:
         for item_ids, first_id, count in conn.execute(
             "SELECT item_ids, first_id, count FROM batches WHERE source = 'events'"
         ):
-            # As batches.batch_item_ids reads them (that module imports this one).
-            if item_ids is None:
-                if first_id is not None:
-                    held.update(range(int(first_id), int(first_id) + int(count or 0)))
-            elif item_ids:
-                held.update(int(i) for i in orjson.loads(item_ids))
+            held.update(batch_item_ids(item_ids, first_id, int(count or 0)))
         stay = [int(i) for i in kept if int(i) in held]
         for i in kept:
             if int(i) not in held:

@@ -9,6 +9,8 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
+import orjson
+
 
 @dataclass(slots=True)
 class Incoming:
@@ -101,3 +103,14 @@ class Replay:
     requeued: int
     # Oversize packets whose letters keep only a prefix of the payload: left as they are.
     skipped: tuple[int, ...] = ()
+
+
+def batch_item_ids(item_ids: str | None, first_id: int | None, count: int) -> tuple[int, ...]:
+    """A batch row's record ids. Consecutive ones (a webhook without a filter) are kept as
+    first_id and count only, with item_ids NULL: a JSON list of ten 7-digit ids is 80
+    bytes of a 150-byte row, and about ten rows are added and deleted per commit at
+    1,000 packets/s. A batch with a body and no records (a report notice, a replayed
+    dead letter) has item_ids '[]'."""
+    if item_ids is None:
+        return tuple(range(first_id, first_id + count)) if first_id is not None else ()
+    return tuple(orjson.loads(item_ids)) if item_ids else ()

@@ -240,7 +240,7 @@ def _migrate_v7(db: sqlite_utils.Database) -> None:
 
 def _migrate_v8(db: sqlite_utils.Database) -> None:
     # Nothing to change: from schema 8 on, a batch of consecutive ids keeps them as
-    # first_id and count with item_ids NULL (see batch_item_ids), which an older gateway
+    # first_id and count with item_ids NULL (see records.batch_item_ids), which an older gateway
     # would read as a batch of no records. The version keeps it from opening the store.
     del db
 

@@ -25,7 +25,7 @@ import orjson
 from gateway.config import WebhookConfig
 from gateway.delivery import formats
 from gateway.delivery.conditions import Filter, lookup
-from gateway.store.batches import batch_item_ids
+from gateway.store.records import batch_item_ids
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
